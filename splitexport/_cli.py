@@ -1,0 +1,210 @@
+"""The ``splitexport`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ._errors import SplitExportError
+from ._manifest import LossSpec, OptimizerSpec
+
+EXIT_ERROR = 2
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-shape must be comma-separated integers, got {text!r}") from None
+    if len(dims) < 2 or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input-shape needs a batch and at least one more positive dim: {text!r}")
+    return dims
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="model file: state dict (+ --arch), TorchScript, .pt2, or pickle")
+    p.add_argument("--input-shape", type=_shape, required=True, help="example input shape with batch, e.g. 1,1,8,8")
+    p.add_argument("--arch", help="package.module:factory that builds the model (for a state dict)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole nn.Module (runs code)")
+
+
+def _optimizer_args(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    d = OptimizerSpec()
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=d.name if defaults else None)
+    p.add_argument("--lr", type=float, default=d.lr if defaults else None)
+    p.add_argument("--momentum", type=float, default=d.momentum if defaults else None)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay if defaults else None)
+
+
+def _optimizer_from(args: argparse.Namespace, base: OptimizerSpec) -> OptimizerSpec:
+    update = {
+        k: v
+        for k, v in {"name": args.optimizer, "lr": args.lr, "momentum": args.momentum,
+                     "weight_decay": args.weight_decay}.items()
+        if v is not None
+    }
+    try:
+        return OptimizerSpec.model_validate({**base.model_dump(), **update})
+    except ValueError as exc:
+        raise SplitExportError(f"invalid optimizer settings: {exc}") from exc
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from ._loading import load_model
+    from ._partition import list_cut_points
+
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    points = list_cut_points(loaded.module, torch.zeros(args.input_shape))
+    print(f"{args.model} ({loaded.kind}), input {list(args.input_shape)}: {len(points)} valid cut points")
+    header = f"{'cut after':<22} {'output shape':<18} {'bytes/sample':>12} {'params A':>10} {'params B':>10} {'FLOPs A':>11} {'FLOPs B':>11}"
+    print(header)
+    print("-" * len(header))
+    for p in points:
+        shape = "x".join(str(d) for d in p.output_shape[1:])
+        print(f"{p.name:<22} {shape:<18} {p.bytes_per_sample:>12} {p.params_before:>10} {p.params_after:>10} "
+              f"{p.flops_before:>11} {p.flops_after:>11}")
+    print("(A = before the cut, B = after it; FLOPs are forward FLOPs per sample)")
+
+
+def cmd_partition(args: argparse.Namespace) -> None:
+    from ._bundle import write_bundle
+    from ._loading import load_model
+    from ._manifest import SourceSpec
+    from ._partition import partition
+
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    part = partition(loaded.module, args.cut, torch.zeros(args.input_shape))
+    bundle = write_bundle(
+        part,
+        args.output,
+        source=SourceSpec(file_name=args.model.name, sha256=loaded.sha256, kind=loaded.kind, arch=loaded.arch),
+        loss=LossSpec(kind=args.loss),
+        optimizer=_optimizer_from(args, OptimizerSpec()),
+        force=args.force,
+    )
+    print(f"wrote {bundle.path} ({part.split} split)")
+    for seg in bundle.manifest.segments:
+        print(f"  {seg.name} [{seg.role}] {seg.input.shape} -> {seg.output.shape}, {seg.parameters} params, "
+              f"modules {', '.join(seg.modules)}")
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from ._bundle import load_bundle
+    from ._simulate import simulate
+
+    bundle = load_bundle(args.bundle)
+    simulate(
+        bundle,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        optimizer=_optimizer_from(args, bundle.manifest.optimizer),
+        device_runtime=args.device_runtime,
+        out_dir=args.out,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job on the built-in default: ResNet-style CNN on digits, cut A|B|C, split vs monolithic."""
+    from . import models
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model_path = out / "resnet_cnn.pt"
+    torch.save(models.resnet_cnn().state_dict(), model_path)
+    print(f"saved a fresh ResNet-style CNN state dict to {model_path}")
+    common = ["--arch", "splitexport.models:resnet_cnn", "--input-shape", "1,1,8,8"]
+    run(["inspect", str(model_path), *common])
+    run(["partition", str(model_path), "--cut", "layer1", "--cut", "layer3", *common, "-o", str(out / "bundle"),
+         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--force"])
+    run(["simulate", str(out / "bundle"), "--dataset", "digits", "--epochs", str(args.epochs), "--out", str(out)])
+
+
+_EXPORTERS: dict[str, tuple[str, str]] = {
+    "onnx": ("splitexport.export._onnx", "run_export_onnx"),
+    "tfjs": ("splitexport.export._tfjs", "run_export_tfjs"),
+    "tflite": ("splitexport.export._tflite", "run_export_tflite"),
+}
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import importlib
+
+    module_name, func = _EXPORTERS[args.format]
+    handler: Callable[[Path, argparse.Namespace], None] = getattr(importlib.import_module(module_name), func)
+    handler(args.bundle, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitexport", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list every valid cut point of a model")
+    _model_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("partition", help="cut a model into a split bundle")
+    _model_args(p)
+    p.add_argument("--cut", action="append", required=True, help="cut after this layer (repeat: A|B|C)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
+    p.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    _optimizer_args(p, defaults=True)
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("simulate", help="train a bundle split in process beside a monolithic run")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-runtime", choices=["torch", "onnx"], default="torch",
+                   help="run device segments in torch or in ONNX Runtime training sessions")
+    p.add_argument("--out", type=Path, default=Path("splitexport-results"), help="where the plot and metrics go")
+    p.add_argument("--no-progress", action="store_true")
+    _optimizer_args(p, defaults=False)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("export", help="export the device segments of a bundle for phones")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--format", choices=sorted(_EXPORTERS), required=True)
+    p.add_argument("--ort-format", action="store_true", help="(onnx) also write .ort files for mobile builds")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="(onnx) device optimizer")
+    p.add_argument("--lr", type=float, default=None, help="device learning rate (default: the bundle's)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="the main job on the built-in default model and dataset")
+    p.add_argument("--out", type=Path, default=Path("splitexport-demo"))
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def run(argv: Sequence[str]) -> None:
+    """Run one command; errors propagate as :class:`SplitExportError`."""
+    args = build_parser().parse_args(list(argv))
+    args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except SplitExportError as exc:
+        print(f"splitexport: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("splitexport: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

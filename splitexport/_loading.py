@@ -1,0 +1,192 @@
+"""Loading ``model.pt`` safely, with the kind of file detected automatically.
+
+Kinds: a state dict (needs ``arch="package.module:factory"``, loaded with
+``weights_only=True``), a TorchScript archive, a ``torch.export`` program
+(``.pt2``), or a whole pickled ``nn.Module`` (only with ``trust_pickle=True``:
+unpickling runs code from the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from ._errors import ModelLoadError, UnsafePickleError, UntraceableModelError
+
+ModelKind = Literal["state_dict", "torchscript", "exported_program", "pickle"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to trace, with where it came from."""
+
+    module: nn.Module
+    kind: ModelKind
+    sha256: str
+    path: Path
+    arch: str | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def detect_kind(path: Path) -> Literal["torchscript", "exported_program", "torch_save"]:
+    """Tell a TorchScript archive, a torch.export program and a ``torch.save`` file apart."""
+    if not zipfile.is_zipfile(path):
+        return "torch_save"  # legacy (non-zip) torch.save format
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
+        return "exported_program"
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    return "torch_save"
+
+
+def resolve_factory(arch: str) -> Callable[[], nn.Module]:
+    """Import ``package.module:factory`` (a class or a function returning an ``nn.Module``)."""
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelLoadError(f"--arch must look like 'package.module:factory', got {arch!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import {module_name!r} for --arch {arch!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelLoadError(f"{module_name!r} has no callable {attr!r} (from --arch {arch!r})")
+    return factory  # type: ignore[no-any-return]
+
+
+def _as_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return obj
+    return None
+
+
+def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load a model file of any supported kind into an ``nn.Module`` that can be traced."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {str(path)!r} does not exist")
+    digest = sha256_file(path)
+    kind = detect_kind(path)
+    if kind == "torchscript":
+        try:
+            ts = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"{path} looks like a TorchScript archive but failed to load: {exc}") from exc
+        return LoadedModel(torchscript_to_fx(ts), "torchscript", digest, path)
+    if kind == "exported_program":
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path} looks like a torch.export program but failed to load: {exc}") from exc
+        return LoadedModel(ep.module(), "exported_program", digest, path)
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise UnsafePickleError(
+                f"{path} holds pickled Python objects, not just tensors, and unpickling runs code from the "
+                "file, so it is refused by default. Save the weights instead "
+                "(torch.save(model.state_dict(), ...)) and pass --arch package.module:factory, or save a "
+                "TorchScript archive (torch.jit.script) or a torch.export program (.pt2). If you trust "
+                f"this file, pass --trust-pickle. (weights-only loader said: {str(exc).splitlines()[0]})"
+            ) from exc
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        if not isinstance(obj, nn.Module):
+            raise ModelLoadError(f"{path} unpickled to a {type(obj).__name__}, not an nn.Module") from exc
+        return LoadedModel(obj, "pickle", digest, path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {path} as a PyTorch file: {exc}") from exc
+
+    state = _as_state_dict(obj)
+    if state is None:
+        raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    if arch is None:
+        raise ModelLoadError(
+            f"{path} is a state dict (weights only); pass --arch package.module:factory naming the code "
+            "that builds the model, e.g. --arch splitexport.models:resnet_cnn"
+        )
+    model = resolve_factory(arch)()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"--arch {arch!r} returned a {type(model).__name__}, not an nn.Module")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"the state dict does not fit --arch {arch!r}: missing keys {list(result.missing_keys)[:5]}, "
+            f"unexpected keys {list(result.unexpected_keys)[:5]}"
+        )
+    return LoadedModel(model, "state_dict", digest, path, arch)
+
+
+def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
+    """Rebuild a TorchScript module's top-level ``forward`` as an fx graph.
+
+    Submodules called from ``forward`` stay whole (TorchScript, with their own
+    train/eval behaviour), so cuts are possible after any of them; cuts inside
+    a submodule are not.
+    """
+    graph = fx.Graph()
+    env: dict[str, Any] = {}
+    ts_graph = ts.graph
+    inputs = list(ts_graph.inputs())
+    env[inputs[0].debugName()] = ("module", "")
+    for value in inputs[1:]:
+        env[value.debugName()] = graph.placeholder(value.debugName().split(".")[0] or "x")
+
+    def arg(value: Any) -> Any:
+        return env[value.debugName()]
+
+    for node in ts_graph.nodes():
+        kind = node.kind()
+        outs = list(node.outputs())
+        if kind == "prim::Constant":
+            env[outs[0].debugName()] = outs[0].toIValue()
+        elif kind == "prim::GetAttr":
+            owner = arg(next(node.inputs()))
+            if not (isinstance(owner, tuple) and owner[0] == "module"):
+                raise UntraceableModelError(f"TorchScript attribute access on a non-module value: {node}")
+            path = f"{owner[1]}.{node.s('name')}" if owner[1] else node.s("name")
+            target = ts
+            for atom in path.split("."):
+                target = getattr(target, atom)
+            env[outs[0].debugName()] = ("module", path) if isinstance(target, nn.Module) else graph.get_attr(path)
+        elif kind == "prim::CallMethod" and node.s("name") == "forward":
+            ins = list(node.inputs())
+            owner = arg(ins[0])
+            env[outs[0].debugName()] = graph.call_module(owner[1], tuple(arg(v) for v in ins[1:]))
+        elif kind == "prim::ListConstruct":
+            env[outs[0].debugName()] = [arg(v) for v in node.inputs()]
+        elif kind.startswith("aten::"):
+            op = getattr(torch.ops.aten, kind.split("::")[1])
+            env[outs[0].debugName()] = graph.call_function(op, tuple(arg(v) for v in node.inputs()))
+        else:
+            raise UntraceableModelError(
+                f"the TorchScript forward uses {kind}, which splitexport cannot rebuild as a graph; "
+                "save the model as a state dict with --arch, or as a torch.export program (.pt2)"
+            )
+    outputs = list(ts_graph.outputs())
+    graph.output(arg(outputs[0]) if len(outputs) == 1 else tuple(arg(o) for o in outputs))
+    return fx.GraphModule(ts, graph)

@@ -1,0 +1,139 @@
+"""The bundle manifest: a versioned, validated description of a partitioned model."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ._update_rule import LossKind
+
+SCHEMA_VERSION = 1
+BATCH = "batch"
+"""The symbolic batch dimension in every tensor shape."""
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+TorchFormat = Literal["torchscript", "exported_program"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """A tensor crossing a segment boundary; the first dimension is the symbolic batch."""
+
+    name: str
+    shape: list[int | Literal["batch"]]
+    dtype: str = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _batch_first(cls, shape: list[int | str]) -> list[int | str]:
+        if not shape or shape[0] != BATCH or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
+            raise ValueError(f"shape must be ['batch', positive ints...], got {shape}")
+        return shape
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.shape[1:])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)  # type: ignore[no-any-return]
+
+
+class OptimizerSpec(_Strict):
+    """Optimizer settings shared by every segment (one optimizer per segment)."""
+
+    name: OptimizerName = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    def build(self, params: object) -> torch.optim.Optimizer:
+        """The torch optimizer these settings describe."""
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)  # type: ignore[arg-type]
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)  # type: ignore[arg-type]
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)  # type: ignore[arg-type]
+
+
+class LossSpec(_Strict):
+    """The label loss of the last segment (mean-reduced)."""
+
+    kind: LossKind = "cross_entropy"
+
+
+class SourceSpec(_Strict):
+    """The model file the bundle was cut from."""
+
+    file_name: str
+    sha256: str
+    kind: str
+    arch: str | None = None
+
+
+class SegmentSpec(_Strict):
+    """One segment: where it runs, what it takes and returns, and its files."""
+
+    name: str
+    index: int
+    role: Literal["device", "server"]
+    is_last: bool
+    modules: list[str]
+    input: TensorSpec
+    output: TensorSpec
+    parameters: int
+    torch_file: str
+    torch_format: TorchFormat
+    artifacts: dict[str, dict[str, str]] = Field(default_factory=dict)
+    """Per export format (``onnx``, ``tfjs``, ...): artifact kind -> path in the bundle."""
+
+    @property
+    def trains_with(self) -> Literal["labels", "gradient"]:
+        return "labels" if self.is_last else "gradient"
+
+
+class Manifest(_Strict):
+    """``manifest.json`` of a bundle. ``files`` maps every bundle file to its sha256."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    splitexport_version: str
+    created: str
+    source: SourceSpec
+    cuts: list[str]
+    split: Literal["single", "double", "multi"]
+    loss: LossSpec = LossSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    segments: list[SegmentSpec]
+    exports: dict[str, dict[str, object]] = Field(default_factory=dict)
+    """Options each export format was produced with."""
+    files: dict[str, str]
+
+    def segment(self, name: str) -> SegmentSpec:
+        for seg in self.segments:
+            if seg.name == name:
+                return seg
+        raise KeyError(f"bundle has no segment {name!r}; it has {[s.name for s in self.segments]}")
+
+    @property
+    def server_segments(self) -> list[SegmentSpec]:
+        return [s for s in self.segments if s.role == "server"]
+
+    @property
+    def device_segments(self) -> list[SegmentSpec]:
+        return [s for s in self.segments if s.role == "device"]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+
+def manifest_json_schema() -> dict[str, object]:
+    """The JSON schema of ``manifest.json`` (published in docs/bundle.md)."""
+    return Manifest.model_json_schema()

@@ -1,0 +1,135 @@
+"""``splitexport simulate``: split training of a bundle in process, beside a monolithic run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._bundle import Bundle
+from ._data import load_dataset
+from ._errors import SplitExportError
+from ._manifest import OptimizerSpec, SegmentSpec
+from ._plots import plot_histories
+from ._torch_segment import TorchSegment
+from ._trainer import History, MonolithicModel, SegmentRunner, SplitModel, compose, fit, max_abs_difference, named_state
+
+RunnerFactory = Callable[[Bundle, SegmentSpec, OptimizerSpec], SegmentRunner]
+
+
+def _torch_runner(bundle: Bundle, spec: SegmentSpec, optimizer: OptimizerSpec) -> SegmentRunner:
+    return TorchSegment(bundle.torch_segment(spec.name), optimizer, loss=bundle.manifest.loss.kind, input_grad=spec.index > 0)
+
+
+def _onnx_runner(bundle: Bundle, spec: SegmentSpec, optimizer: OptimizerSpec) -> SegmentRunner:
+    from device_runtime import OrtRunner  # the ONNX Runtime device runtime (optional extra)
+
+    return OrtRunner.from_bundle(bundle, spec.name, optimizer=optimizer)  # type: ignore[no-any-return]
+
+
+DEVICE_RUNTIMES: dict[str, RunnerFactory] = {"torch": _torch_runner, "onnx": _onnx_runner}
+"""How device segments run in a simulation; server segments always run in torch."""
+
+
+@dataclass
+class SimulationResult:
+    histories: list[History]
+    max_weight_difference: float
+    """Largest |split - monolithic| over the torch-trained segments' parameters and buffers."""
+    where: str
+    plot: Path | None
+    metrics: Path | None
+
+
+def simulate(
+    bundle: Bundle,
+    *,
+    dataset: str = "digits",
+    epochs: int = 3,
+    batch_size: int = 32,
+    seed: int = 0,
+    optimizer: OptimizerSpec | None = None,
+    device_runtime: str = "torch",
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> SimulationResult:
+    """Train the bundle's segments split (device runtime for A/C, torch for B) and monolithically."""
+    if device_runtime not in DEVICE_RUNTIMES:
+        raise SplitExportError(f"unknown device runtime {device_runtime!r}; choose from {sorted(DEVICE_RUNTIMES)}")
+    if epochs < 1 or batch_size < 1:
+        raise SplitExportError("--epochs and --batch-size must be at least 1")
+    manifest = bundle.manifest
+    opt = optimizer or manifest.optimizer
+    loss = manifest.loss.kind
+    data = load_dataset(dataset)
+    expected = manifest.segments[0].input.sample_shape
+    if tuple(data.x_train.shape[1:]) != expected:
+        raise SplitExportError(
+            f"dataset {dataset!r} has samples of shape {tuple(data.x_train.shape[1:])}, "
+            f"but the bundle's input is {expected}"
+        )
+    torch.manual_seed(seed)
+    runs: list[tuple[str, Callable[[], tuple[object, list[torch.nn.Module]]]]] = []
+
+    def split_run(runtime: str) -> tuple[object, list[torch.nn.Module]]:
+        runners: list[SegmentRunner] = []
+        for spec in manifest.segments:
+            make = DEVICE_RUNTIMES[runtime] if spec.role == "device" else _torch_runner
+            runners.append(make(bundle, spec, opt))
+        mods = [r.module for r in runners if isinstance(r, TorchSegment)]
+        return SplitModel(runners), mods
+
+    def mono_run() -> tuple[object, list[torch.nn.Module]]:
+        seq = compose([bundle.torch_segment(s.name) for s in manifest.segments])
+        return MonolithicModel(seq, opt, loss), list(seq)
+
+    runs.append(("split (torch)", lambda: split_run("torch")))
+    if device_runtime != "torch":
+        runs.append((f"split ({device_runtime} devices)", lambda: split_run(device_runtime)))
+    runs.append(("monolithic", mono_run))
+
+    histories: list[History] = []
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for name, build in runs:
+        model, modules = build()
+
+        def report(m: object, run: str = name) -> None:
+            if log is not None:
+                e = m  # EpochMetrics
+                log(
+                    f"{run:>24} epoch {e.epoch}: train loss {e.train_loss:.4f}  "  # type: ignore[attr-defined]
+                    f"test loss {e.test_loss:.4f}  test acc {e.test_accuracy:.4f}"  # type: ignore[attr-defined]
+                )
+
+        histories.append(
+            fit(model, data, name=name, epochs=epochs, batch_size=batch_size, seed=seed, loss=loss,  # type: ignore[arg-type]
+                progress=progress, on_epoch=report)
+        )
+        states[name] = named_state(modules)
+    mono = states["monolithic"]
+    split = states["split (torch)"]
+    diff, where = max_abs_difference(split, mono)
+    if log is not None:
+        log(f"max |split - monolithic| over all parameters and BN buffers: {diff:.3e} ({where})")
+    plot = metrics = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        title = f"{manifest.source.file_name} cut at {', '.join(manifest.cuts)} on {dataset}"
+        plot = plot_histories(histories, out / "simulate.png", title=title)
+        metrics = out / "metrics.json"
+        metrics.write_text(
+            json.dumps(
+                {"bundle": str(bundle.path), "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
+                 "seed": seed, "optimizer": opt.model_dump(mode="json"), "device_runtime": device_runtime,
+                 "max_weight_difference": diff, "where": where, "runs": [h.to_dict() for h in histories]},
+                indent=2,
+            )
+        )
+        if log is not None:
+            log(f"wrote {plot} and {metrics}")
+    return SimulationResult(histories, diff, where, plot, metrics)

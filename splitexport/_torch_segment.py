@@ -1,0 +1,78 @@
+"""Training one segment in torch by the shared update rule (used in process and by the server)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._manifest import OptimizerSpec
+from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
+
+
+class TorchSegment:
+    """A segment with its own optimizer.
+
+    ``forward`` keeps the autograd graph of the last call, so ``train_with_gradient``
+    applies the auxiliary-loss step without running the segment (and its BatchNorm
+    statistics) a second time. ``train_with_labels`` is the last segment's step.
+    Both return ``dL/d(input)`` when ``input_grad`` is set (every segment but the first).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: OptimizerSpec,
+        *,
+        loss: LossKind = "cross_entropy",
+        input_grad: bool = True,
+        rule: AuxLossRule = EXACT_RULE,
+    ) -> None:
+        self.module = module
+        self.optimizer = optimizer.build([p for p in module.parameters() if p.requires_grad])
+        self.loss_kind = loss
+        self.input_grad = input_grad
+        self.rule = rule
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.module.train()
+        x = x.detach().requires_grad_(self.input_grad)
+        return x, self.module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Train-mode forward; returns the (detached) output to send downstream."""
+        x_in, out = self._run(x)
+        self._pending = (x_in, out)
+        return out.detach()
+
+    def train_with_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        """Aux-loss step for the output of the last ``forward``; returns ``dL/d(input)``."""
+        if self._pending is None:
+            raise RuntimeError("train_with_gradient called without a preceding forward")
+        x_in, out = self._pending
+        self._pending = None
+        loss = self.rule.loss_from_grad(out, grad_out)
+        return self._step(loss, x_in)
+
+    def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
+        """Label-loss step; returns (loss, ``dL/d(input)``, detached output)."""
+        x_in, out = self._run(x)
+        loss = label_loss(out, labels, self.loss_kind)
+        grad = self._step(loss, x_in)
+        return float(loss.detach()), grad, out.detach()
+
+    def _step(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return x_in.grad.detach() if self.input_grad and x_in.grad is not None else None
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference-mode forward (BatchNorm running statistics, no dropout); changes nothing."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return self.module(x)
+        finally:
+            self.module.train(was_training)
