@@ -1,0 +1,46 @@
+# Two commands a fresh clone needs:
+#   make demo   - set up the core and run the main job on the default model and dataset
+#   make test   - set up everything (torch, ONNX Runtime training, TF, server, node deps) and run all tests
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+JS_DIR := device_runtime/js
+
+.PHONY: demo test setup setup-core lint typecheck clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=24"
+
+# torch is pinned to the local CPU wheel (any other spec downloads CUDA builds)
+$(VENV)/.core: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.all: $(VENV)/.core
+	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip check
+	touch $@
+
+$(JS_DIR)/node_modules/.installed: $(wildcard $(JS_DIR)/package*.json)
+	@if [ -f $(JS_DIR)/package.json ]; then cd $(JS_DIR) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; fi
+
+setup-core: $(VENV)/.core
+setup: $(VENV)/.all $(JS_DIR)/node_modules/.installed
+
+demo: setup-core
+	$(BIN)/splitexport demo --out splitexport-demo
+
+test: setup
+	$(BIN)/python -m pytest
+	@if [ -f $(JS_DIR)/package.json ]; then cd $(JS_DIR) && npm test; fi
+
+lint:
+	$(BIN)/ruff check splitexport server device_runtime tests benchmarks
+
+typecheck:
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) splitexport-demo splitexport-results $(JS_DIR)/node_modules

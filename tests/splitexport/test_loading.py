@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitexport import ModelLoadError, UnsafePickleError, load_model, partition
+from splitexport.models import mlp, resnet_cnn
+
+
+@pytest.fixture
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return resnet_cnn().eval()
+
+
+def _check_cuts(module: torch.nn.Module, reference: torch.nn.Module) -> None:
+    x = torch.randn(3, 1, 8, 8)
+    part = partition(module, ["layer1", "layer3"], torch.zeros(2, 1, 8, 8))
+    y = x
+    for seg in part.segments:
+        seg.module.eval()
+        y = seg.module(y)
+    assert torch.allclose(y, reference(x), atol=1e-6)
+
+
+def test_state_dict_with_arch(tmp_path: Path, model) -> None:
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, arch="splitexport.models:resnet_cnn")
+    assert loaded.kind == "state_dict" and len(loaded.sha256) == 64
+    _check_cuts(loaded.module, model)
+
+
+def test_state_dict_needs_arch(tmp_path: Path, model) -> None:
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ModelLoadError, match="--arch"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_state_dict_that_does_not_fit_arch(tmp_path: Path, model) -> None:
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        load_model(tmp_path / "m.pt", arch="splitexport.models:mlp")
+
+
+def test_torchscript_archive(tmp_path: Path, model) -> None:
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.kind == "torchscript"
+    _check_cuts(loaded.module, model)
+
+
+def test_exported_program(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), str(tmp_path / "m.pt2"))
+    loaded = load_model(tmp_path / "m.pt2")
+    assert loaded.kind == "exported_program"
+    part = partition(loaded.module, ["relu1"], torch.zeros(2, 1, 8, 8))
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(part.segments[1].module(part.segments[0].module(x)), model(x), atol=1e-6)
+
+
+def test_pickle_refused_without_trust(tmp_path: Path, model) -> None:
+    torch.save(model, tmp_path / "m.pt")
+    with pytest.raises(UnsafePickleError, match="unpickling runs code"):
+        load_model(tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", trust_pickle=True)
+    assert loaded.kind == "pickle"
+
+
+def test_missing_file_and_garbage(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError):
+        load_model(tmp_path / "junk.pt")
