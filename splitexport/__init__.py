@@ -3,7 +3,7 @@
 The public API; everything else lives in private modules.
 """
 
-from ._bundle import Bundle, load_bundle, write_bundle
+from ._bundle import Bundle, deploy_bundle, load_bundle, write_bundle
 from ._data import Dataset, load_dataset
 from ._errors import (
     BundleError,
@@ -69,6 +69,7 @@ __all__ = [
     "aux_loss",
     "aux_target",
     "compose",
+    "deploy_bundle",
     "fit",
     "label_loss",
     "list_cut_points",

@@ -124,10 +124,7 @@ class Bundle:
 
 def load_torch_segment(path: Path, fmt: TorchFormat) -> nn.Module:
     """Load a segment saved by :func:`write_bundle` (no user code, no unpickling of objects)."""
-    if fmt == "torchscript":
-        # After a few profiling runs TorchScript's executor fuses ops and re-derives
-        # gradients, which changes float rounding; keep segments computing as eager torch.
-        torch._C._set_graph_executor_optimize(False)
+    if fmt == "torchscript":  # run it under _torch_segment.eager_execution() for exact float rounding
         return torch.jit.load(str(path), map_location="cpu")
     return torch.export.load(str(path)).module()
 
@@ -247,11 +244,37 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"{digest[:16]}...; re-create the bundle with `splitexport partition`"
             )
     for seg in manifest.segments:
+        if manifest.scope == "device" and seg.role == "server":
+            continue
         listed = [seg.torch_file, *(p for arts in seg.artifacts.values() for p in arts.values())]
         for rel in listed:
             if rel not in manifest.files:
                 raise BundleIntegrityError(f"segment {seg.name} refers to {rel!r}, which has no sha256 in the manifest")
     return Bundle(path, manifest)
+
+
+def deploy_bundle(bundle: Bundle, dest: str | Path, *, force: bool = False) -> Bundle:
+    """Copy what a phone needs (device segments' files, a device-scope manifest) to ``dest``, atomically."""
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise BundleError(f"{dest} already exists; pass --force to replace it")
+    m = bundle.manifest
+    rels = [p for s in m.device_segments for p in (s.torch_file, *(v for a in s.artifacts.values() for v in a.values()))]
+    manifest = m.model_copy(update={"scope": "device", "files": {r: m.files[r] for r in rels}})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for rel in rels:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(bundle.file(rel), tmp / rel)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(dest)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

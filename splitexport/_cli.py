@@ -142,6 +142,35 @@ def cmd_export(args: argparse.Namespace) -> None:
     handler(args.bundle, args)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from server import ServerSettings, create_app
+    except ImportError as exc:
+        raise SplitExportError(f"the server needs the 'server' extra: pip install 'splitexport[server]' ({exc})") from exc
+    from ._bundle import load_bundle
+
+    load_bundle(args.bundle)  # a clear error for a bad bundle before anything listens
+    overrides = {k: v for k, v in {"bundle": args.bundle, "host": args.host, "port": args.port,
+                                   "state_dir": args.state_dir, "tokens_file": args.tokens,
+                                   "checkpoint_every": args.checkpoint_every}.items() if v is not None}
+    settings = ServerSettings(**overrides)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        raise SplitExportError(str(exc)) from exc
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from ._bundle import deploy_bundle, load_bundle
+
+    deployed = deploy_bundle(load_bundle(args.bundle), args.to, force=args.force)
+    print(f"wrote {deployed.path}: {len(deployed.manifest.files)} device files "
+          f"({', '.join(s.name for s in deployed.manifest.device_segments)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitexport", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="(onnx) device optimizer")
     p.add_argument("--lr", type=float, default=None, help="device learning rate (default: the bundle's)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="run the FastAPI server that trains the server segment")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--host", default=None, help="default 127.0.0.1; other addresses need --tokens")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--state-dir", type=Path, default=None, help="checkpoints of B and the sessions")
+    p.add_argument("--tokens", type=Path, default=None, help="file of bearer tokens, one per line")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 1)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deploy", help="copy what a phone app ships (device segments only)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--to", type=Path, required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("demo", help="the main job on the built-in default model and dataset")
     p.add_argument("--out", type=Path, default=Path("splitexport-demo"))

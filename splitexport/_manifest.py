@@ -104,6 +104,8 @@ class Manifest(_Strict):
     """``manifest.json`` of a bundle. ``files`` maps every bundle file to its sha256."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
+    scope: Literal["full", "device"] = "full"
+    """``device``: a deployed copy holding only the device segments' files."""
     splitexport_version: str
     created: str
     source: SourceSpec

@@ -9,6 +9,15 @@ from ._manifest import OptimizerSpec
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
 
 
+def eager_execution() -> torch.jit.optimized_execution:
+    """Run TorchScript segments as plain torch ops (in any thread).
+
+    After a few profiling runs TorchScript's executor fuses ops and re-derives
+    gradients, which changes float rounding; the setting is per thread.
+    """
+    return torch.jit.optimized_execution(False)
+
+
 class TorchSegment:
     """A segment with its own optimizer.
 
@@ -37,7 +46,8 @@ class TorchSegment:
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.module.train()
         x = x.detach().requires_grad_(self.input_grad)
-        return x, self.module(x)
+        with eager_execution():
+            return x, self.module(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Train-mode forward; returns the (detached) output to send downstream."""
@@ -63,7 +73,8 @@ class TorchSegment:
 
     def _step(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with eager_execution():
+            loss.backward()
         self.optimizer.step()
         return x_in.grad.detach() if self.input_grad and x_in.grad is not None else None
 
@@ -73,6 +84,7 @@ class TorchSegment:
         was_training = self.module.training
         self.module.eval()
         try:
-            return self.module(x)
+            with eager_execution():
+                return self.module(x)
         finally:
             self.module.train(was_training)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ._data import Dataset, batch_indices
 from ._manifest import OptimizerSpec
-from ._torch_segment import TorchSegment
+from ._torch_segment import TorchSegment, eager_execution
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
 
 
@@ -79,10 +79,11 @@ class MonolithicModel:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
         self.module.train()
-        out = self.module(x)
-        loss = label_loss(out, y, self.loss_kind)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with eager_execution():
+            out = self.module(x)
+            loss = label_loss(out, y, self.loss_kind)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
         return float(loss.detach()), out.detach()
 
@@ -90,7 +91,8 @@ class MonolithicModel:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.module.eval()
         try:
-            return self.module(x)
+            with eager_execution():
+                return self.module(x)
         finally:
             self.module.train()
 

@@ -1,0 +1,5 @@
+import sys
+
+from ._train import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""HTTP client for the splitexport server: segment B as a :class:`SegmentRunner`.
+
+Retries with exponential backoff on connection errors, 503 and 5xx; resumes a
+session after a server restart (re-sending a forward the server lost), so no
+step is lost or applied twice. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+MEDIA_TYPE = "application/vnd.safetensors"
+
+
+class ServerError(RuntimeError):
+    """The server refused a call (4xx) or stayed unreachable through every retry."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        super().__init__(f"{status} {err.get('code', '')}: {err.get('message', body)}")
+        self.status = status
+        self.code = err.get("code", "")
+        self.details = err
+
+
+class ServerClient:
+    """A session-less HTTP client with retries."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_wait_s: float = 120.0,
+        backoff_s: float = 0.1,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.max_wait_s = max_wait_s
+        self.backoff_s = backoff_s
+        self.retries = 0
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, *, tensors: bytes | None = None) -> httpx.Response:
+        """Send one call, retrying transport failures, 503 and 5xx until ``max_wait_s`` has passed."""
+        deadline = time.monotonic() + self.max_wait_s
+        delay = self.backoff_s
+        while True:
+            try:
+                headers = {"Content-Type": MEDIA_TYPE} if tensors is not None else None
+                response = self.http.request(method, path, content=tensors, headers=headers)
+                if response.status_code < 500:
+                    if response.status_code >= 400:
+                        raise ServerError(response.status_code, _json(response))
+                    return response
+                failure: Exception = ServerError(response.status_code, _json(response))
+            except httpx.TransportError as exc:
+                failure = exc
+            if time.monotonic() + delay > deadline:
+                raise ServerError(503, {"error": {"code": "unreachable", "message": str(failure)}}) from failure
+            self.retries += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def open_session(self) -> dict[str, Any]:
+        return self.request("POST", "/v1/sessions").json()  # type: ignore[no-any-return]
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/sessions/{session_id}").json()  # type: ignore[no-any-return]
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+        return body if isinstance(body, dict) else {"error": {"message": str(body)}}
+    except ValueError:
+        return {"error": {"message": response.text[:200]}}
+
+
+def encode(tensors: dict[str, np.ndarray], fp16: bool = False) -> bytes:
+    """safetensors bytes; arrays are made C-contiguous (safetensors writes the raw buffer)."""
+    arrays = {k: np.ascontiguousarray(v.astype(np.float16) if fp16 and v.dtype == np.float32 else v)
+              for k, v in tensors.items()}
+    return st_save(arrays)
+
+
+def decode(data: bytes) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in st_load(data).items()}
+
+
+class RemoteSegment:
+    """The server's segment B, driven step by step over HTTP."""
+
+    def __init__(self, client: ServerClient, session_id: str | None = None, *, fp16: bool = False) -> None:
+        self.client = client
+        info = client.session(session_id) if session_id else client.open_session()
+        self.session_id: str = info["session_id"]
+        self.step: int = int(info["next_step"])
+        self.fp16 = fp16
+        self._forward_body: bytes | None = None
+
+    def _path(self, call: str) -> str:
+        return f"/v1/sessions/{self.session_id}/steps/{self.step}/{call}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._forward_body = encode({"activation": x.detach().numpy()}, self.fp16)
+        return decode(self.client.request("POST", self._path("forward"), tensors=self._forward_body).content)["output"]
+
+    def train_with_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        body = encode({"grad": grad_out.detach().numpy()}, self.fp16)
+        try:
+            response = self.client.request("POST", self._path("backward"), tensors=body)
+        except ServerError as exc:
+            lost = exc.status == 409 and exc.details.get("expected") == "forward" \
+                and exc.details.get("next_step") == self.step and self._forward_body is not None
+            if not lost:
+                raise
+            # the server restarted between our forward and backward: same forward again, then backward
+            self.client.request("POST", self._path("forward"), tensors=self._forward_body)
+            response = self.client.request("POST", self._path("backward"), tensors=body)
+        self.step += 1
+        self._forward_body = None
+        return decode(response.content)["grad"]
+
+    def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
+        body = encode({"activation": x.detach().numpy(), "labels": labels.detach().numpy()}, self.fp16)
+        out = decode(self.client.request("POST", self._path("train"), tensors=body).content)
+        self.step += 1
+        return float(out["loss"][0]), out["grad"], out["output"]
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        body = encode({"activation": x.detach().numpy()}, self.fp16)
+        path = f"/v1/sessions/{self.session_id}/evaluate"
+        return decode(self.client.request("POST", path, tensors=body).content)["output"]

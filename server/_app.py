@@ -1,0 +1,56 @@
+"""The FastAPI application that trains segment B."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ._errors import APIError
+from ._settings import ServerSettings
+from ._state import ServerState
+from .routers import artifacts, health, sessions
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """Build the app; B is loaded from the bundle alone and restored from ``state_dir`` if present."""
+    if not settings.token_set() and not settings.is_loopback():
+        raise ValueError(
+            f"refusing to listen on {settings.host} without bearer tokens: pass --tokens FILE or set "
+            "SPLITEXPORT_TOKENS, or bind to 127.0.0.1"
+        )
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.checkpoint()
+
+    app = FastAPI(title="splitexport server", version="1", lifespan=lifespan,
+                  description="Trains the server segment of a split bundle. See docs/protocol.md.")
+    app.state.server = state
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):  # type: ignore[no-untyped-def]
+        state.counters["requests"] += 1
+        response = await call_next(request)
+        if response.status_code >= 400:
+            state.counters["errors"] += 1
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": {"code": "invalid_request", "message": str(exc.errors()[:3])}}, status_code=422)
+
+    app.include_router(health.router)
+    app.include_router(artifacts.router)
+    app.include_router(sessions.router)
+    return app

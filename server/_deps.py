@@ -1,0 +1,77 @@
+"""Typed FastAPI dependencies: the shared state, the caller's session, the tensor body."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, Header, Request
+
+from ._errors import APIError
+from ._state import ServerState, Session
+from ._wire import ACCEPTED_MEDIA_TYPES, decode
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server  # type: ignore[no-any-return]
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "bad_authorization", "use 'Authorization: Bearer <token>'")
+    return token.strip()
+
+
+def caller(state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
+    """The caller's token hash (401 for a missing or wrong token)."""
+    return state.check_token(token)
+
+
+Caller = Annotated[str, Depends(caller)]
+
+
+def current_session(session_id: str, state: State, token_hash: Caller) -> Session:
+    return state.session(session_id, token_hash)
+
+
+CurrentSession = Annotated[Session, Depends(current_session)]
+
+
+class TensorBody:
+    """The request's safetensors body, size-checked before it is read in full."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], sha256: str, size: int) -> None:
+        self.arrays = arrays
+        self.sha256 = sha256
+        self.size = size
+
+
+async def tensor_body(request: Request, state: State) -> TensorBody:
+    media = request.headers.get("content-type", "").split(";")[0].strip()
+    if media not in ACCEPTED_MEDIA_TYPES:
+        raise APIError(415, "unsupported_media_type", f"send {ACCEPTED_MEDIA_TYPES[0]}, got {media or 'none'!r}")
+    limit = state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit}", limit=limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes", limit=limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if declared is not None and declared.isdigit() and int(declared) != size:
+        raise APIError(400, "truncated_body", f"got {size} of {declared} declared bytes")
+    state.counters["bytes_in"] += size
+    return TensorBody(decode(body), hashlib.sha256(body).hexdigest(), size)
+
+
+Body = Annotated[TensorBody, Depends(tensor_body)]

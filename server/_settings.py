@@ -1,0 +1,47 @@
+"""Server settings (environment variables prefixed ``SPLITEXPORT_``, or CLI flags)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """How ``splitexport serve`` runs."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITEXPORT_")
+
+    bundle: Path
+    state_dir: Path = Path("splitexport-state")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tokens: str = ""
+    """Comma-separated bearer tokens (or use ``tokens_file``); with none, only loopback is allowed."""
+    tokens_file: Path | None = None
+    checkpoint_every: int = Field(1, ge=1)
+    """Checkpoint B every N applied steps (1: a crash loses no step)."""
+    session_ttl_s: float = Field(3600.0, gt=0)
+    lease_timeout_s: float = Field(30.0, gt=0)
+    """How long one device may hold B between its forward and backward calls."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_batch: int = Field(1024, ge=1)
+
+    def token_set(self) -> set[str]:
+        tokens = {t.strip() for t in self.tokens.split(",") if t.strip()}
+        if self.tokens_file is not None:
+            for line in self.tokens_file.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    tokens.add(line)
+        return tokens
+
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

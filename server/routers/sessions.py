@@ -1,0 +1,59 @@
+"""Device sessions and the training calls on segment B (binary safetensors bodies)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from starlette.concurrency import run_in_threadpool
+
+from .._deps import Body, Caller, CurrentSession, State
+from .._wire import MEDIA_TYPE
+
+router = APIRouter(prefix="/v1/sessions", tags=["training"])
+
+
+def _tensors(state: State, data: bytes) -> Response:
+    state.counters["bytes_out"] += len(data)
+    return Response(content=data, media_type=MEDIA_TYPE)
+
+
+@router.post("", status_code=201)
+def open_session(state: State, token_hash: Caller) -> dict[str, object]:
+    """Open a session for one device; its steps start at 0."""
+    s = state.open_session(token_hash)
+    return {**s.public(), "split": state.split, "segment": state.spec.name}
+
+
+@router.get("/{session_id}")
+def get_session(session: CurrentSession) -> dict[str, object]:
+    """Where a session stands (after a restart, the step to continue from)."""
+    return session.public()
+
+
+@router.delete("/{session_id}", status_code=204)
+def close_session(session: CurrentSession, state: State) -> Response:
+    state.close_session(session)
+    return Response(status_code=204)
+
+
+@router.post("/{session_id}/steps/{step}/forward")
+async def forward(step: int, session: CurrentSession, state: State, body: Body) -> Response:
+    """Double split: B's activation in, B's output out (B keeps the graph for the backward)."""
+    return _tensors(state, await run_in_threadpool(state.forward, session, step, body.arrays, body.sha256))
+
+
+@router.post("/{session_id}/steps/{step}/backward")
+async def backward(step: int, session: CurrentSession, state: State, body: Body) -> Response:
+    """Double split: dL/d(B output) in; B takes its aux-loss step; dL/d(B input) out."""
+    return _tensors(state, await run_in_threadpool(state.backward, session, step, body.arrays, body.sha256))
+
+
+@router.post("/{session_id}/steps/{step}/train")
+async def train(step: int, session: CurrentSession, state: State, body: Body) -> Response:
+    """Single split: activation and labels in; B takes its label-loss step; dL/d(B input) and loss out."""
+    return _tensors(state, await run_in_threadpool(state.train, session, step, body.arrays, body.sha256))
+
+
+@router.post("/{session_id}/evaluate")
+async def evaluate(session: CurrentSession, state: State, body: Body) -> Response:
+    """B in inference mode; changes nothing."""
+    return _tensors(state, await run_in_threadpool(state.evaluate, body.arrays))
