@@ -1,0 +1,261 @@
+"""One device segment trained with the ONNX Runtime training API: the reference phone runtime.
+
+It uses only what the mobile training APIs (Android, iOS, C/C++) also offer: a
+checkpoint state, training sessions (``Module``) and an optimizer. One
+checkpoint state is shared by two sessions: the main one (training model +
+inference-mode eval model + optimizer) and, for segments that send an
+activation, a second one whose eval slot holds the training-mode forward model.
+Parameters live in the state, so an optimizer step is seen by both at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    from splitexport import Bundle
+
+__all__ = ["OrtSegment", "OrtArtifacts", "OrtRuntimeError"]
+
+INPUT = "input"
+OUTPUT = "output"
+GRAD_OUTPUT = "grad_output"
+LABELS = "labels"
+_MODELS = ("training_model", "forward_model", "eval_model", "optimizer_model")
+
+
+class OrtRuntimeError(RuntimeError):
+    """Misuse of a device segment (wrong step for its role, bad shapes, missing artifacts)."""
+
+
+@dataclass(frozen=True)
+class OrtArtifacts:
+    """Paths of one segment's artifacts (``.onnx`` or ``.ort`` models)."""
+
+    training_model: Path
+    forward_model: Path
+    eval_model: Path
+    optimizer_model: Path
+    checkpoint: Path
+
+    @classmethod
+    def in_directory(cls, directory: str | Path, *, ort_format: bool = False) -> OrtArtifacts:
+        """The artifacts written by ``export_segment_onnx`` into ``directory``."""
+        d = Path(directory)
+        ext = ".ort" if ort_format else ".onnx"
+        return cls(*(d / f"{m}{ext}" for m in _MODELS), checkpoint=d / "checkpoint")
+
+    @classmethod
+    def from_mapping(cls, paths: Mapping[str, str | Path], *, ort_format: bool = False) -> OrtArtifacts:
+        suffix = "_ort" if ort_format else ""
+        try:
+            models = [Path(paths[f"{m}{suffix}"]) for m in _MODELS]
+            return cls(*models, checkpoint=Path(paths["checkpoint"]))
+        except KeyError as exc:
+            hint = " (export with --ort-format)" if ort_format else ""
+            raise OrtRuntimeError(f"artifact {exc.args[0]!r} is missing{hint}") from None
+
+
+class OrtSegment:
+    """Forward, train (on a received gradient or on labels), evaluate, checkpoint one segment.
+
+    Arrays are numpy: float32 inputs with the batch first; labels int64 class
+    indices (cross-entropy) or float32 targets shaped like the output (MSE).
+    """
+
+    def __init__(
+        self,
+        artifacts: OrtArtifacts,
+        *,
+        learning_rate: float | None = None,
+        checkpoint: str | Path | None = None,
+        name: str = "segment",
+    ) -> None:
+        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+        for path in (*(getattr(artifacts, m) for m in _MODELS), artifacts.checkpoint):
+            if not Path(path).is_file():
+                raise OrtRuntimeError(f"segment {name}: artifact {path} does not exist")
+        self.name = name
+        self.artifacts = artifacts
+        self._state: CheckpointState = CheckpointState.load_checkpoint(os.fspath(checkpoint or artifacts.checkpoint))
+        self._module: Module = Module(os.fspath(artifacts.training_model), self._state, os.fspath(artifacts.eval_model))
+        self._optimizer: Optimizer = Optimizer(os.fspath(artifacts.optimizer_model), self._module)
+        self._forward: Module | None = None
+        inputs = list(self._module.input_names())
+        if LABELS in inputs:
+            self.trains_with = "labels"
+        elif GRAD_OUTPUT in inputs:
+            self.trains_with = "gradient"
+        else:
+            raise OrtRuntimeError(f"segment {name}: {artifacts.training_model} takes {inputs}, not a splitexport model")
+        self.last_output: np.ndarray | None = None
+        """The output (logits) of the last :meth:`train_with_labels` step."""
+        if learning_rate is not None:
+            self.set_learning_rate(learning_rate)
+        self._input_shape = self._sample_shape(artifacts.eval_model, INPUT)
+
+    # construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, *, ort_format: bool = False, **kwargs: Any) -> OrtSegment:
+        """Load the artifacts ``export_segment_onnx`` wrote into ``directory``."""
+        return cls(OrtArtifacts.in_directory(directory, ort_format=ort_format), **kwargs)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: Bundle | str | Path,
+        name: str,
+        *,
+        checkpoint: str | Path | None = None,
+        ort_format: bool = False,
+        learning_rate: float | None = None,
+    ) -> OrtSegment:
+        """Segment ``name`` of a bundle exported with ``splitexport export --format onnx``.
+
+        The learning rate defaults to the one the bundle was exported with.
+        """
+        from splitexport import Bundle, load_bundle
+
+        b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        spec = b.segment(name)
+        if spec.role != "device":
+            raise OrtRuntimeError(f"segment {name} runs on the server, not on the device")
+        rel = spec.artifacts.get("onnx")
+        if not rel:
+            raise OrtRuntimeError(
+                f"bundle {b.path} has no ONNX artifacts for segment {name}; run `splitexport export {b.path} --format onnx`"
+            )
+        options = b.manifest.exports.get("onnx", {})
+        lr = learning_rate
+        if lr is None:
+            lr = float(json.loads(json.dumps(options.get("optimizer", {}))).get("lr", 0.0)) or None
+        artifacts = OrtArtifacts.from_mapping({k: b.file(v) for k, v in rel.items()}, ort_format=ort_format)
+        return cls(artifacts, learning_rate=lr, checkpoint=checkpoint, name=name)
+
+    # the steps ----------------------------------------------------------------------------------
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The activation to send: training-mode forward that leaves the running statistics alone."""
+        x = self._check_input(x)
+        if self._forward is None:
+            from onnxruntime.training.api import Module
+
+            self._forward = Module(
+                os.fspath(self.artifacts.training_model), self._state, os.fspath(self.artifacts.forward_model)
+            )
+            self._forward.eval()
+        return np.asarray(self._forward(x))
+
+    def train_with_gradient(self, x: np.ndarray, grad_out: np.ndarray) -> None:
+        """One optimizer step on the received ``dL/d(output)`` for input ``x`` (segments before the server)."""
+        if self.trains_with != "gradient":
+            raise OrtRuntimeError(f"segment {self.name} is the last segment; train it with train_with_labels")
+        x = self._check_input(x)
+        g = np.ascontiguousarray(grad_out, dtype=np.float32)
+        if g.shape[0] != x.shape[0]:
+            raise OrtRuntimeError(f"gradient batch {g.shape[0]} != input batch {x.shape[0]}")
+        self._step(x, g)
+
+    def train_with_labels(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """One optimizer step on the label loss; returns (loss, ``dL/d(input)`` to send back).
+
+        The output of this step (the logits) is kept in :attr:`last_output`.
+        """
+        if self.trains_with != "labels":
+            raise OrtRuntimeError(f"segment {self.name} trains on a received gradient; use train_with_gradient")
+        x = self._check_input(x)
+        y = np.asarray(labels)
+        if y.shape[0] != x.shape[0]:
+            raise OrtRuntimeError(f"labels batch {y.shape[0]} != input batch {x.shape[0]}")
+        outputs = self._step(x, self._labels(y))
+        loss, grad_in, out = outputs
+        self.last_output = np.asarray(out)
+        return float(np.asarray(loss).reshape(())), grad_in
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray:
+        """Inference-mode outputs (running statistics, no dropout); changes nothing."""
+        x = self._check_input(x)
+        self._module.eval()
+        return np.asarray(self._module(x))
+
+    def _step(self, x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+        self._module.train()
+        self._module.lazy_reset_grad()
+        out = self._module(x, target)
+        self._optimizer.step()
+        return out if isinstance(out, tuple) else (out,)
+
+    # state ------------------------------------------------------------------------------------------
+
+    def set_learning_rate(self, lr: float) -> None:
+        if not lr > 0:
+            raise OrtRuntimeError(f"learning rate must be positive, got {lr}")
+        self._optimizer.set_learning_rate(float(lr))
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self._optimizer.get_learning_rate())
+
+    def save_checkpoint(self, path: str | Path, *, include_optimizer_state: bool = True) -> Path:
+        """Write parameters, BatchNorm statistics and (by default) the optimizer state to ``path``."""
+        from onnxruntime.training.api import CheckpointState
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        CheckpointState.save_checkpoint(self._state, os.fspath(p), include_optimizer_state)
+        return p
+
+    def export_inference_model(self, path: str | Path) -> Path:
+        """An inference-only ONNX model with the current weights (runs with plain onnxruntime)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._module.export_model_for_inferencing(os.fspath(p), [OUTPUT])
+        return p
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters and BatchNorm statistics by their torch names."""
+        return {name: np.array(param.data) for name, param in self._state.parameters}
+
+    # checks ---------------------------------------------------------------------------------------
+
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        if arr.ndim != len(self._input_shape) + 1 or any(
+            d is not None and d != s for d, s in zip(self._input_shape, arr.shape[1:])
+        ):
+            raise OrtRuntimeError(
+                f"segment {self.name} takes inputs of shape (batch, {', '.join(str(d) for d in self._input_shape)}), "
+                f"got {arr.shape}"
+            )
+        return arr
+
+    @staticmethod
+    def _labels(y: np.ndarray) -> np.ndarray:
+        """Integer labels are class indices (int64); float labels are regression targets (float32)."""
+        if np.issubdtype(y.dtype, np.integer):
+            return np.ascontiguousarray(y, dtype=np.int64)
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+    @staticmethod
+    def _sample_shape(model_path: Path, name: str) -> tuple[int | None, ...]:
+        """Input dims after the batch, from the eval model (``None`` for a symbolic dim)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(os.fspath(model_path), opts, providers=["CPUExecutionProvider"])
+        for arg in session.get_inputs():
+            if arg.name == name:
+                return tuple(d if isinstance(d, int) else None for d in arg.shape[1:])
+        raise OrtRuntimeError(f"{model_path} has no input {name!r}")
