@@ -138,7 +138,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     import importlib
 
     module_name, func = _EXPORTERS[args.format]
-    handler: Callable[[Path, argparse.Namespace], None] = getattr(importlib.import_module(module_name), func)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SplitExportError(
+            f"the {args.format} exporter is not available in this installation ({exc}); "
+            "install the extra it needs: pip install 'splitexport[onnx]' or 'splitexport[tf]'"
+        ) from exc
+    handler: Callable[[Path, argparse.Namespace], None] = getattr(module, func)
     handler(args.bundle, args)
 
 

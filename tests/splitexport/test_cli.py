@@ -100,3 +100,15 @@ def test_bad_input_shape(model_file: Path, capsys) -> None:
         main(["inspect", str(model_file), "--arch", "splitexport.models:resnet_cnn", "--input-shape", "a,b"])
     assert exc.value.code == 2
     assert "--input-shape" in capsys.readouterr().err
+
+
+def test_export_without_its_exporter_is_a_clear_error(model_file: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import sys
+
+    bundle = tmp_path / "bundle"
+    assert main(["partition", str(model_file), "--cut", "layer2", *ARCH, "-o", str(bundle)]) == 0
+    before = (bundle / "manifest.json").read_text()
+    monkeypatch.setitem(sys.modules, "splitexport.export._onnx", None)  # as if the extra were missing
+    assert main(["export", str(bundle), "--format", "onnx"]) == 2
+    assert "onnx exporter is not available" in capsys.readouterr().err
+    assert (bundle / "manifest.json").read_text() == before
