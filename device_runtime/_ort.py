@@ -10,12 +10,11 @@ Parameters live in the state, so an optimizer step is seen by both at once.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
 
     from splitexport import Bundle
 
-__all__ = ["OrtSegment", "OrtArtifacts", "OrtRuntimeError"]
+__all__ = ["OrtArtifacts", "OrtRuntimeError", "OrtSegment"]
 
 INPUT = "input"
 OUTPUT = "output"
@@ -52,14 +51,20 @@ class OrtArtifacts:
         """The artifacts written by ``export_segment_onnx`` into ``directory``."""
         d = Path(directory)
         ext = ".ort" if ort_format else ".onnx"
-        return cls(*(d / f"{m}{ext}" for m in _MODELS), checkpoint=d / "checkpoint")
+        return cls.from_mapping({**{m: d / f"{m}{ext}" for m in _MODELS}, "checkpoint": d / "checkpoint"})
 
     @classmethod
     def from_mapping(cls, paths: Mapping[str, str | Path], *, ort_format: bool = False) -> OrtArtifacts:
         suffix = "_ort" if ort_format else ""
         try:
-            models = [Path(paths[f"{m}{suffix}"]) for m in _MODELS]
-            return cls(*models, checkpoint=Path(paths["checkpoint"]))
+            models = {m: Path(paths[f"{m}{suffix}"]) for m in _MODELS}
+            return cls(
+                training_model=models["training_model"],
+                forward_model=models["forward_model"],
+                eval_model=models["eval_model"],
+                optimizer_model=models["optimizer_model"],
+                checkpoint=Path(paths["checkpoint"]),
+            )
         except KeyError as exc:
             hint = " (export with --ort-format)" if ort_format else ""
             raise OrtRuntimeError(f"artifact {exc.args[0]!r} is missing{hint}") from None
@@ -93,7 +98,7 @@ class OrtSegment:
         self._forward: Module | None = None
         inputs = list(self._module.input_names())
         if LABELS in inputs:
-            self.trains_with = "labels"
+            self.trains_with: Literal["labels", "gradient"] = "labels"
         elif GRAD_OUTPUT in inputs:
             self.trains_with = "gradient"
         else:
@@ -102,7 +107,10 @@ class OrtSegment:
         """The output (logits) of the last :meth:`train_with_labels` step."""
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
-        self._input_shape = self._sample_shape(artifacts.eval_model, INPUT)
+        shape = self._input_dims(artifacts.eval_model, INPUT)
+        self.batch_size: int | None = shape[0]
+        """The fixed batch size of the artifacts, or ``None`` when the batch is dynamic."""
+        self._input_shape = shape[1:]
 
     # construction -------------------------------------------------------------------------------
 
@@ -136,10 +144,10 @@ class OrtSegment:
             raise OrtRuntimeError(
                 f"bundle {b.path} has no ONNX artifacts for segment {name}; run `splitexport export {b.path} --format onnx`"
             )
-        options = b.manifest.exports.get("onnx", {})
         lr = learning_rate
         if lr is None:
-            lr = float(json.loads(json.dumps(options.get("optimizer", {}))).get("lr", 0.0)) or None
+            optimizer = b.manifest.exports.get("onnx", {}).get("optimizer")
+            lr = float(optimizer["lr"]) if isinstance(optimizer, dict) and "lr" in optimizer else None
         artifacts = OrtArtifacts.from_mapping({k: b.file(v) for k, v in rel.items()}, ort_format=ort_format)
         return cls(artifacts, learning_rate=lr, checkpoint=checkpoint, name=name)
 
@@ -231,6 +239,10 @@ class OrtSegment:
 
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         arr = np.ascontiguousarray(x, dtype=np.float32)
+        if self.batch_size is not None and arr.ndim > 0 and arr.shape[0] != self.batch_size:
+            raise OrtRuntimeError(
+                f"segment {self.name} was exported for batches of exactly {self.batch_size}, got {arr.shape[0]}"
+            )
         if arr.ndim != len(self._input_shape) + 1 or any(
             d is not None and d != s for d, s in zip(self._input_shape, arr.shape[1:])
         ):
@@ -248,8 +260,8 @@ class OrtSegment:
         return np.ascontiguousarray(y, dtype=np.float32)
 
     @staticmethod
-    def _sample_shape(model_path: Path, name: str) -> tuple[int | None, ...]:
-        """Input dims after the batch, from the eval model (``None`` for a symbolic dim)."""
+    def _input_dims(model_path: Path, name: str) -> tuple[int | None, ...]:
+        """Input dims from the eval model (``None`` for a symbolic dim)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -257,5 +269,5 @@ class OrtSegment:
         session = ort.InferenceSession(os.fspath(model_path), opts, providers=["CPUExecutionProvider"])
         for arg in session.get_inputs():
             if arg.name == name:
-                return tuple(d if isinstance(d, int) else None for d in arg.shape[1:])
+                return tuple(d if isinstance(d, int) else None for d in arg.shape)
         raise OrtRuntimeError(f"{model_path} has no input {name!r}")

@@ -64,7 +64,9 @@ class OrtRunner:
         self.segment.train_with_gradient(x, _numpy(grad_out))
         return None
 
-    def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
+    def train_with_labels(
+        self, x: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         loss, grad_in = self.segment.train_with_labels(_numpy(x), labels.detach().cpu().numpy())
         out = self.segment.last_output
         assert out is not None

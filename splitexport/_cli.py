@@ -214,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-format", action="store_true", help="(onnx) also write .ort files for mobile builds")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="(onnx) device optimizer")
     p.add_argument("--lr", type=float, default=None, help="device learning rate (default: the bundle's)")
+    p.add_argument("--opset", type=int, default=None, help="(onnx) ONNX opset, 15..20 (default 17)")
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="(onnx) fix the batch size (default: dynamic); (tflite) batch size of the builtin variant (default 32)",
+    )
+    p.add_argument(
+        "--tflite-variant", choices=["flex", "builtin", "both"], default="both",
+        help="(tflite) flex: Select TF ops, dynamic batch; builtin: stock LiteRT, fixed batch (default: both)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="run the FastAPI server that trains the server segment")
