@@ -1,0 +1,113 @@
+"""TF.js export: trainable layers-model artifacts for the device segments.
+
+Each segment becomes ``model.json`` (format ``layers-model``: Keras topology +
+weights manifest) with little-endian float32 weight shards, written by
+``tensorflowjs`` from the tf_keras model of :mod:`._keras`, plus
+``splitexport.json``: what the JS device runtime (``device_runtime/js``) needs to
+train it (role, loss, optimizer, shapes, weight-name map back to torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .._errors import ExportError
+from ._keras import check_device_segment, keras_model
+from ._layergraph import LayerGraph, layer_graph
+
+META_FORMAT = "splitexport-tfjs/1"
+META_FILE = "splitexport.json"
+
+__all__ = ["META_FILE", "META_FORMAT", "export_tfjs_segment", "run_export_tfjs", "write_tfjs"]
+
+
+def write_tfjs(
+    graph: LayerGraph,
+    out_dir: str | Path,
+    *,
+    is_last: bool,
+    loss: str = "cross_entropy",
+    optimizer: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write the TF.js artifacts of ``graph`` into ``out_dir``; returns artifact kind -> file."""
+    # tensorflowjs imports tensorflow_decision_forests, whose welcome message imports IPython
+    # (not installed) whenever stdout is not a terminal: CI, pipes, pytest.
+    os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
+    import tensorflowjs as tfjs
+
+    if loss not in ("cross_entropy", "mse"):
+        raise ExportError(f"unknown loss kind {loss!r}; expected cross_entropy or mse")
+    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
+    opt.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in (optimizer or {}).items()})
+    if opt["name"] not in ("sgd", "adam", "adamw"):
+        raise ExportError(f"unknown optimizer {opt['name']!r}; expected sgd, adam or adamw")
+    check_device_segment(graph, is_last)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tfjs.converters.save_keras_model(keras_model(graph), str(out))
+    manifest = json.loads((out / "model.json").read_text())
+    files: dict[str, Path] = {"model": out / "model.json"}
+    for group in manifest["weightsManifest"]:
+        for rel in group["paths"]:
+            files[f"weights:{rel}"] = out / rel
+    meta = {
+        "format": META_FORMAT,
+        "is_last": is_last,
+        "trains_with": "labels" if is_last else "gradient",
+        "loss": loss,
+        "optimizer": opt,
+        "input_shape": list(graph.input_shape),
+        "output_shape": list(graph.output_shape),
+        "torch_names": graph.torch_name_map(),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    files["meta"] = out / META_FILE
+    return files
+
+
+def export_tfjs_segment(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    out_dir: str | Path,
+    *,
+    is_last: bool,
+    loss: str = "cross_entropy",
+    optimizer: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Export one device segment (fx GraphModule or TorchScript) as TF.js artifacts."""
+    return write_tfjs(layer_graph(module, input_shape), out_dir, is_last=is_last, loss=loss, optimizer=optimizer)
+
+
+def run_export_tfjs(bundle_path: Path, args: Any) -> None:
+    """CLI handler of ``splitexport export BUNDLE --format tfjs``: exports every device segment."""
+    from .._bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    m = bundle.manifest
+    files: dict[str, dict[str, Path]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in m.device_segments:
+            files[spec.name] = export_tfjs_segment(
+                bundle.torch_segment(spec.name),
+                (1, *spec.input.sample_shape),
+                Path(tmp) / spec.name,
+                is_last=spec.is_last,
+                loss=m.loss.kind,
+                optimizer=_optimizer_options(m.optimizer.model_dump(), args),
+            )
+        bundle.add_artifacts("tfjs", files, {"format": "layers-model", "keras": "tf_keras"})
+    for name in files:
+        print(f"tfjs: segment {name} -> {bundle.path / bundle.segment(name).artifacts['tfjs']['model']}")
+
+
+def _optimizer_options(opt: dict[str, Any], args: Any) -> dict[str, Any]:
+    if getattr(args, "lr", None):
+        opt["lr"] = float(args.lr)
+    return opt

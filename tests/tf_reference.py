@@ -1,0 +1,221 @@
+"""Torch reference runs for the TF.js / TFLite equivalence tests (shared by Python and Node tests).
+
+A :class:`Case` is one device segment trained for ``steps`` steps by the exact update
+rule in torch (``splitexport._update_rule``): a segment that is not last trains on
+fixed pseudo-random output gradients, the last one on labels. The exported segment
+must reproduce the weights and input gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from splitexport import load_dataset, partition
+from splitexport._update_rule import aux_loss, label_loss
+from splitexport.models import FACTORIES
+
+STEPS = 20
+BATCH = 16
+TOL = 1e-5
+STATS_TOL = 1e-4
+"""BatchNorm running statistics after a free-running run, relative to max(1, |value|): they integrate
+the batch statistics of every step, so the (<= 1e-6) weight differences accumulate in them."""
+GRAD_SCALE = 1e-3
+"""Size of the pseudo-random output gradients (about a mean-reduced loss's gradient at batch 16)."""
+
+
+class Zoo(nn.Module):
+    """Every supported layer kind in one small 1x8x8 -> 10 model."""
+
+    def __init__(self, act: type[nn.Module] = nn.Sigmoid) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.Tanh()
+        self.branch = nn.Conv2d(8, 4, 1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.pool = nn.MaxPool2d(2)
+        self.act2 = act()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(80, 32)
+        self.bn2 = nn.BatchNorm1d(32)
+        self.act3 = nn.ReLU()
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.bn1(self.conv1(x)))
+        h = torch.cat([self.branch(h), self.dw(h)], dim=1)
+        h = self.flatten(self.act2(self.pool(h)))
+        return self.fc2(self.drop(self.act3(self.bn2(self.fc1(h)))))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One segment to train: ``arch`` cut at ``cuts`` (or the whole Zoo model), segment ``segment``."""
+
+    name: str
+    arch: str
+    cuts: tuple[str, ...] = ()
+    segment: str = "A"
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "lr": 0.05})
+    is_last: bool | None = None
+    """Only for whole-model (Zoo) cases: train on labels (True) or on a gradient (False)."""
+    builtin: bool = True
+    """Whether the builtin-ops TFLite variant supports the segment."""
+    kinks: bool = False
+    """A ReLU at the segment output: a float-rounding-sized difference can flip an output across 0
+    and send the free-running trajectory elsewhere (torch itself does so under a 1e-7 weight
+    perturbation), so only the per-step comparison is asserted for the whole run."""
+
+
+CASES = [
+    Case("mlp_A", "mlp", ("relu1", "relu2"), "A"),
+    Case("mlp_C", "mlp", ("relu1", "relu2"), "C"),
+    Case(
+        "resnet_A",
+        "resnet_cnn",
+        ("layer1", "layer3"),
+        "A",
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        kinks=True,
+    ),
+    Case("resnet_C_deep", "resnet_cnn", ("stem", "layer2"), "C"),
+    Case("mobilenet_A", "mobilenet_cnn", ("block1", "block3"), "A", kinks=True),
+    Case("zoo_labels", "zoo", is_last=True),
+    Case("zoo_gradient", "zoo", is_last=False, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}),
+    Case("zoo_gelu_labels", "zoo_gelu", is_last=True, builtin=False),
+]
+
+
+@dataclass
+class Reference:
+    """The untrained segment, the training data per step, and what torch computed."""
+
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    is_last: bool
+    inputs: list[np.ndarray]
+    targets: list[np.ndarray]
+    """Per step: labels (int64) for the last segment, else dL/d(output) (float32)."""
+    losses: list[float]
+    grad_inputs: list[np.ndarray]
+    forward0: np.ndarray
+    """Training-mode output of the untrained segment on ``inputs[0]``."""
+    state: dict[str, np.ndarray]
+    """Trained state dict (weights and BatchNorm statistics)."""
+    eval_out: np.ndarray
+    """Inference-mode output of the trained segment on ``inputs[0]``."""
+    states: list[dict[str, np.ndarray]]
+    """State dict before each step, and after the last (``steps + 1`` entries)."""
+    momentum: list[dict[str, np.ndarray]]
+    """SGD momentum buffers before each step (empty dicts without momentum)."""
+
+
+def segment_of(case: Case) -> tuple[nn.Module, tuple[int, ...], bool]:
+    torch.manual_seed(0)
+    if case.arch.startswith("zoo"):
+        model = Zoo(nn.GELU if case.arch == "zoo_gelu" else nn.Sigmoid)
+        assert case.is_last is not None
+        return fx.symbolic_trace(model), (BATCH, 1, 8, 8), case.is_last
+    part = partition(FACTORIES[case.arch](), list(case.cuts), torch.zeros(BATCH, 1, 8, 8))
+    seg = part.segment(case.segment)
+    return seg.module, seg.input_shape, seg.is_last
+
+
+def reference(case: Case, steps: int = STEPS) -> Reference:
+    """Train a copy of the case's segment in torch with SGD (or the case's optimizer)."""
+    module, shape, is_last = segment_of(case)
+    digits = load_dataset("digits")
+    gen = torch.Generator().manual_seed(1234)
+    trained = copy.deepcopy(module).train()
+    o = case.optimizer
+    if o["name"] == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            trained.parameters(), lr=o["lr"], momentum=o.get("momentum", 0.0), weight_decay=o.get("weight_decay", 0.0)
+        )
+    else:
+        opt = torch.optim.Adam(trained.parameters(), lr=o["lr"])
+    out_shape = tuple(trained(torch.zeros(shape)).shape)
+    trained.load_state_dict(module.state_dict())  # undo the BN update of the shape probe
+    inputs, targets, losses, grads = [], [], [], []
+    states, momentum = [], []
+    names = {id(p): n for n, p in trained.named_parameters()}
+    forward0 = None
+    for step in range(steps):
+        states.append(_state(trained))
+        momentum.append(
+            {
+                names[id(p)]: st["momentum_buffer"].numpy().copy()
+                for p, st in opt.state.items()
+                if st.get("momentum_buffer") is not None
+            }
+        )
+        if shape[1:] == (1, 8, 8):
+            idx = torch.randint(0, len(digits.x_train), (BATCH,), generator=gen)
+            x, y = digits.x_train[idx], digits.y_train[idx]
+        else:
+            x = torch.randn(shape, generator=gen).relu()
+            y = torch.randint(0, 10, (BATCH,), generator=gen)
+        xr = x.clone().requires_grad_(True)
+        out = trained(xr)
+        if forward0 is None:
+            forward0 = out.detach().numpy().copy()
+        if is_last:
+            loss = label_loss(out, y)
+            target = y.numpy()
+        else:
+            g = torch.randn(out_shape, generator=gen) * GRAD_SCALE
+            loss = aux_loss(out, g)
+            target = g.numpy()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        inputs.append(x.numpy())
+        targets.append(target)
+        losses.append(float(loss))
+        assert xr.grad is not None
+        grads.append(xr.grad.numpy().copy())
+    trained.eval()
+    with torch.no_grad():
+        eval_out = trained(torch.from_numpy(inputs[0])).numpy()
+    state = _state(trained)
+    states.append(state)
+    assert forward0 is not None
+    return Reference(
+        module, shape, is_last, inputs, targets, losses, grads, forward0, state, eval_out, states, momentum
+    )
+
+
+def _state(module: nn.Module) -> dict[str, np.ndarray]:
+    return {
+        k: v.detach().numpy().copy() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
+
+
+def tf_state(name_map: dict[str, list[str]], torch_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Torch-named arrays in the export's names and layouts (``name_map`` from the export metadata)."""
+    from splitexport.export._layergraph import torch_to_tf_layout
+
+    return {k: torch_to_tf_layout(torch_state[t], tr) for k, (t, tr) in name_map.items() if t in torch_state}
+
+
+def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str] | None = None) -> float:
+    """Largest absolute difference over the common (or given) keys."""
+    keys = keys if keys is not None else sorted(set(a) & set(b))
+    assert keys, "nothing to compare"
+    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in keys)
+
+
+def max_rel_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str]) -> float:
+    """Largest ``|a - b| / max(1, |b|)`` over ``keys`` (for BatchNorm running statistics, which can be large)."""
+    return max(
+        float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])) / np.maximum(1.0, np.abs(np.asarray(b[k])))))
+        for k in keys
+    )
