@@ -136,7 +136,7 @@ def _save_torch_segment(seg: Segment, path: Path) -> TorchFormat:
         try:
             torch.jit.save(torch.jit.script(module), str(path))
             return "torchscript"
-        except Exception:
+        except Exception:  # noqa: BLE001 - any scripting failure falls back to torch.export
             example = torch.zeros(seg.input_shape, dtype=torch.float32)
             state = {k: v.clone() for k, v in module.state_dict().items()}
             ep = torch.export.export(module, (example,))
@@ -189,7 +189,7 @@ def write_bundle(
             )
         manifest = Manifest(
             splitexport_version=_version(),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             source=source,
             cuts=list(partition.cuts),
             split=partition.split,

@@ -50,7 +50,7 @@ def detect_kind(path: Path) -> Literal["torchscript", "exported_program", "torch
         return "torch_save"  # legacy (non-zip) torch.save format
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
-    if any(n.endswith("/archive_format") or n.endswith("models/model.json") for n in names):
+    if any(n.endswith(("/archive_format", "models/model.json")) for n in names):
         return "exported_program"
     if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
         return "torchscript"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._update_rule import LossKind
 
-SCHEMA_VERSION = 1
-BATCH = "batch"
+SCHEMA_VERSION: Final = 1
+BATCH: Final = "batch"
 """The symbolic batch dimension in every tensor shape."""
 
 OptimizerName = Literal["sgd", "adam", "adamw"]

@@ -96,7 +96,8 @@ def segment_roles(num_cuts: int) -> list[Role]:
     first and last segments stay on the device and the middle ones run on the server."""
     if num_cuts == 1:
         return ["device", "server"]
-    return ["device"] + ["server"] * (num_cuts - 1) + ["device"]
+    middle: list[Role] = ["server"] * (num_cuts - 1)
+    return ["device", *middle, "device"]
 
 
 class _TracedModel:
@@ -331,6 +332,7 @@ def list_cut_points(model: nn.Module, example_input: torch.Tensor) -> list[CutPo
         pos = traced.position(name)
         producer = traced.check_cut(name, pos)
         tm = traced.tensor_meta[producer]
+        assert tm is not None
         shape = tuple(int(s) for s in tm.shape)
         dtype = tm.dtype
         per_sample = (torch.Size(shape).numel() // batch) * torch.empty((), dtype=dtype).element_size()
@@ -391,6 +393,7 @@ def partition(model: nn.Module, cuts: Sequence[str], example_input: torch.Tensor
         gm = _build_segment(root, nodes, inputs[k], outputs[k])
         in_meta = traced.tensor_meta[inputs[k]]
         out_meta = traced.tensor_meta[outputs[k]]
+        assert in_meta is not None and out_meta is not None
         top = list(dict.fromkeys(traced.paths[n][0] for n in nodes if traced.paths[n]))
         segments.append(
             Segment(

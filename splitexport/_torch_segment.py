@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
@@ -9,13 +11,13 @@ from ._manifest import OptimizerSpec
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
 
 
-def eager_execution() -> torch.jit.optimized_execution:
+def eager_execution() -> AbstractContextManager[None]:
     """Run TorchScript segments as plain torch ops (in any thread).
 
     After a few profiling runs TorchScript's executor fuses ops and re-derives
     gradients, which changes float rounding; the setting is per thread.
     """
-    return torch.jit.optimized_execution(False)
+    return torch.jit.optimized_execution(False)  # type: ignore[return-value]
 
 
 class TorchSegment:

@@ -195,8 +195,8 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     if set(a) != set(b):
         raise ValueError(f"different tensors: {sorted(set(a) ^ set(b))[:5]}")
     worst, where = 0.0, ""
-    for k in a:
-        d = float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0
+    for k, t in a.items():
+        d = float((t.double() - b[k].double()).abs().max()) if t.numel() else 0.0
         if d >= worst:
             worst, where = d, k
     return worst, where

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ResidualBlock", "ResNetCNN", "MobileNetCNN", "MLP", "resnet_cnn", "mobilenet_cnn", "mlp", "FACTORIES"]
+__all__ = ["FACTORIES", "MLP", "MobileNetCNN", "ResNetCNN", "ResidualBlock", "mlp", "mobilenet_cnn", "resnet_cnn"]
 
 
 class ResidualBlock(nn.Module):
