@@ -19,7 +19,9 @@ from ._errors import (
 )
 from ._loading import LoadedModel, load_model
 from ._manifest import LossSpec, Manifest, OptimizerSpec, SegmentSpec, SourceSpec, TensorSpec
+from ._multiclient import MultiClientResult, ServerLink, c3_score, simulate_clients
 from ._partition import CutPoint, Partition, Segment, list_cut_points, partition
+from ._partitions import partition_indices
 from ._torch_segment import TorchSegment
 from ._trainer import (
     History,
@@ -52,12 +54,14 @@ __all__ = [
     "Manifest",
     "ModelLoadError",
     "MonolithicModel",
+    "MultiClientResult",
     "OptimizerSpec",
     "Partition",
     "PartitionError",
     "Segment",
     "SegmentRunner",
     "SegmentSpec",
+    "ServerLink",
     "SourceSpec",
     "SplitExportError",
     "SplitModel",
@@ -68,6 +72,7 @@ __all__ = [
     "UntraceableModelError",
     "aux_loss",
     "aux_target",
+    "c3_score",
     "compose",
     "deploy_bundle",
     "fit",
@@ -79,6 +84,8 @@ __all__ = [
     "max_abs_difference",
     "named_state",
     "partition",
+    "partition_indices",
+    "simulate_clients",
     "torch_split_model",
     "write_bundle",
 ]

@@ -6,11 +6,15 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._errors import SplitExportError
 from ._manifest import LossSpec, OptimizerSpec
+
+if TYPE_CHECKING:
+    from ._bundle import Bundle
 
 EXIT_ERROR = 2
 
@@ -97,6 +101,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     from ._simulate import simulate
 
     bundle = load_bundle(args.bundle)
+    if args.clients is not None or args.strategy is not None:
+        _simulate_clients(args, bundle)
+        return
     simulate(
         bundle,
         dataset=args.dataset,
@@ -108,6 +115,23 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         out_dir=args.out,
         progress=not args.no_progress,
     )
+
+
+def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
+    """``simulate --clients N --strategy S``: multi-client split learning in process."""
+    from ._multiclient import simulate_clients, write_results
+
+    result = simulate_clients(
+        bundle, strategy=args.strategy or "psl", clients=args.clients or 2, partition=args.partition,
+        rounds=args.rounds, batch_size=args.batch_size, seed=args.seed, dataset=args.dataset,
+        optimizer=_optimizer_from(args, bundle.manifest.optimizer), alpha=args.alpha, phi=args.phi,
+        phase_rounds=args.phase_rounds, kappa=args.kappa, eta=args.eta, lam=args.lam,
+        progress=not args.no_progress, log=print,
+    )
+    metrics, plot = write_results([result], args.out, title=f"{result.strategy}, {result.clients} clients, "
+                                  f"{result.partition} on {args.dataset}")
+    print(f"final test accuracy {result.final_accuracy:.4f}, traffic {result.total_bytes / 1e6:.2f} MB, "
+          f"device FLOPs {result.device_flops:.3e}; wrote {plot} and {metrics}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -161,8 +185,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     load_bundle(args.bundle)  # a clear error for a bad bundle before anything listens
     overrides = {k: v for k, v in {"bundle": args.bundle, "host": args.host, "port": args.port,
                                    "state_dir": args.state_dir, "tokens_file": args.tokens,
-                                   "checkpoint_every": args.checkpoint_every}.items() if v is not None}
-    settings = ServerSettings(**overrides)
+                                   "checkpoint_every": args.checkpoint_every, "strategy": args.strategy,
+                                   "num_clients": args.clients, "round_timeout_s": args.round_timeout,
+                                   "alpha": args.alpha, "phi": args.phi, "phase_rounds": args.phase_rounds,
+                                   "kappa": args.kappa, "eta": args.eta, "lam": args.lam,
+                                   "total_rounds": args.rounds}.items() if v is not None}
+    try:
+        settings = ServerSettings(**overrides)
+    except ValueError as exc:
+        raise SplitExportError(f"invalid server settings: {exc}") from exc
     try:
         app = create_app(settings)
     except ValueError as exc:
@@ -206,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("splitexport-results"), help="where the plot and metrics go")
     p.add_argument("--no-progress", action="store_true")
     _optimizer_args(p, defaults=False)
+    g = p.add_argument_group("multi-client split learning (docs/strategies.md); on with --clients or --strategy")
+    g.add_argument("--clients", type=int, default=None, help="number of simulated devices (default 2)")
+    g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None,
+                   help="multi-client strategy (default psl)")
+    g.add_argument("--partition", choices=["iid", "noniid"], default="iid",
+                   help="client data: IID shuffle, or non-IID label shards (2 per client)")
+    g.add_argument("--rounds", type=int, default=10, help="rounds (each client passes once over its data)")
+    g.add_argument("--alpha", type=float, default=0.0, help="sglr SplitLr: server lr = lr * clients**alpha")
+    g.add_argument("--phi", type=float, default=0.0, help="sglr SplitAvg: fraction of clients averaged")
+    g.add_argument("--phase-rounds", type=int, default=None,
+                   help="sglr phased SplitAvg: only the first k rounds (negative: the last |k|)")
+    g.add_argument("--kappa", type=float, default=0.5, help="adasplit local-phase fraction of the rounds")
+    g.add_argument("--eta", type=float, default=0.5, help="adasplit fraction of clients per iteration")
+    g.add_argument("--lam", type=float, default=1e-4, help="adasplit L1 weight on the server masks")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("export", help="export the device segments of a bundle for phones")
@@ -233,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=Path, default=None, help="file of bearer tokens, one per line")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 1)")
     p.add_argument("--log-level", default="warning")
+    g = p.add_argument_group("multi-client strategy (docs/protocol.md); without --strategy devices train B "
+                             "one after another")
+    g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None)
+    g.add_argument("--clients", type=int, default=None, help="C, the number of devices (required with --strategy)")
+    g.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds a barrier waits for missing devices before it goes on without them (default 30)")
+    g.add_argument("--alpha", type=float, default=None, help="(sglr) server lr = client lr * C**alpha")
+    g.add_argument("--phi", type=float, default=None, help="(sglr) fraction of devices sharing one averaged gradient")
+    g.add_argument("--phase-rounds", type=int, default=None, help="(sglr) SplitAvg only in the first k (or last -k) "
+                   "rounds")
+    g.add_argument("--kappa", type=float, default=None, help="(adasplit) fraction of rounds in the local phase")
+    g.add_argument("--eta", type=float, default=None, help="(adasplit) fraction of devices per iteration")
+    g.add_argument("--lam", type=float, default=None, help="(adasplit) L1 weight of the server masks")
+    g.add_argument("--rounds", type=int, default=None, help="total rounds (phased SplitAvg, AdaSplit phases)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", help="copy what a phone app ships (device segments only)")

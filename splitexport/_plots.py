@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ._trainer import History
 
@@ -27,9 +28,39 @@ def plot_histories(histories: Sequence[History], path: str | Path, title: str = 
         ax_acc.plot(epochs, [e.test_accuracy for e in h.epochs], style, label=h.name, alpha=0.85)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
-    for ax in (ax_loss, ax_acc):
+    return _save(fig, (ax_loss, ax_acc), path, title, legend_size=8)
+
+
+def plot_multiclient(results: Sequence[Any], path: str | Path, title: str = "") -> Path:
+    """Test accuracy per round and against cumulative bandwidth (MB), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = ["-o", "--s", ":^", "-.d", "-x", "--v", ":P"]
+    for i, res in enumerate(results):
+        label = res.label or f"{res.strategy} (C={res.clients})"
+        acc = [m.test_accuracy for m in res.rounds]
+        style = styles[i % len(styles)]
+        ax_r.plot([m.round for m in res.rounds], acc, style, label=label, alpha=0.85, markersize=3)
+        ax_b.plot([m.bytes / 1e6 for m in res.rounds], acc, style, label=label, alpha=0.85, markersize=3)
+    ax_r.set(xlabel="round", ylabel="test accuracy", title="accuracy vs rounds")
+    ax_b.set(xlabel="cumulative traffic (MB)", ylabel="test accuracy", title="accuracy vs bandwidth")
+    ax_b.set_xscale("symlog", linthresh=0.1)
+    return _save(fig, (ax_r, ax_b), path, title, legend_size=7)
+
+
+def _save(fig: Any, axes: Sequence[Any], path: Path, title: str, legend_size: int) -> Path:
+    """Grid and legend on every axis, the title, then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=legend_size)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

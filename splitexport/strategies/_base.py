@@ -1,0 +1,272 @@
+"""The interface every multi-client strategy implements, and the pieces they share.
+
+Vocabulary: an *iteration* is one server step over the mini-batches that the
+iteration's clients sent (``train_round`` for a single split A | B,
+``forward_round`` + ``backward_round`` for a double split A | B | C); a *round*
+is one pass of every client over its local data, closed by ``end_round``.
+
+A strategy owns everything the server needs between calls (segment B and its
+optimizer, the learning rate, sampling state, masks, UCB statistics) and nothing
+about transport: the in-process simulation and the HTTP server call the same
+methods. Strategies whose ``batches_server`` is False get one client per call;
+the others get all of an iteration's clients at once and take one B step over
+their concatenated batch.
+
+Weighting (PSL eq. 4-5 of the SGLR paper): B trains on ``sum_i delta_i L_i`` with
+``delta_i = n_i / sum_k n_k`` over the iteration's clients, and each client gets
+its *local* cut-layer gradient ``dL_i/d(a_i)`` (its own mean loss), so one client
+alone is exactly single-client split learning.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from .._torch_segment import TorchSegment
+from .._update_rule import label_loss
+
+Split = Literal["single", "double"]
+DeviceSync = Literal["independent", "relay", "average"]
+DeviceState = dict[str, torch.Tensor]
+"""A client's device weights, flat: ``"<segment>.<parameter or buffer>" -> tensor``."""
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Hyperparameters of every strategy (each reads the ones it uses).
+
+    ``alpha``: SplitLr exponent, server lr = client lr * num_clients**alpha.
+    ``phi``: SplitAvg fraction of an iteration's clients whose cut-layer gradients are averaged.
+    ``phase_rounds``: phased SplitAvg; ``None`` always on, ``k > 0`` only in the first k rounds,
+    ``k < 0`` only in the last |k| rounds (of ``total_rounds``).
+    ``kappa``: AdaSplit local-phase fraction (the first ``floor(kappa * total_rounds)`` rounds have no server).
+    ``eta``: AdaSplit orchestrator fraction, ``ceil(eta * N)`` clients per iteration.
+    ``lam``: AdaSplit L1 weight on the per-client server masks. ``gamma``: UCB discount.
+    """
+
+    num_clients: int
+    client_lr: float
+    alpha: float = 0.0
+    phi: float = 0.0
+    phase_rounds: int | None = None
+    kappa: float = 0.5
+    eta: float = 0.5
+    lam: float = 1e-4
+    gamma: float = 0.87
+    total_rounds: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ValueError("num_clients must be at least 1")
+        if self.client_lr <= 0:
+            raise ValueError("client_lr must be positive")
+        if not 0.0 <= self.phi <= 1.0:
+            raise ValueError("phi must lie in [0, 1]")
+        if not 0.0 <= self.kappa <= 1.0:
+            raise ValueError("kappa must lie in [0, 1]")
+        if not 0.0 < self.eta <= 1.0:
+            raise ValueError("eta must lie in (0, 1]")
+        if self.lam < 0 or not 0.0 <= self.gamma <= 1.0:
+            raise ValueError("lam must be >= 0 and gamma in [0, 1]")
+        if self.total_rounds < 1:
+            raise ValueError("total_rounds must be at least 1")
+
+
+@dataclass
+class ServerReply:
+    """What the server returns to one client for one iteration."""
+
+    grad: torch.Tensor | None
+    """``dL/d(B input)`` for the client's device segment; None when the strategy sends none (AdaSplit)."""
+    loss: float | None = None
+    output: torch.Tensor | None = None
+    """B's (detached) output, i.e. the logits of a single split."""
+
+
+class Strategy(ABC):
+    """One multi-client split-learning algorithm, server side."""
+
+    name: ClassVar[str]
+    splits: ClassVar[frozenset[str]]
+    """The split kinds the strategy supports: ``{"single"}``, ``{"double"}`` or both."""
+    device_sync: ClassVar[DeviceSync] = "independent"
+    """How device weights are shared: not at all, relayed client to client (SSL), or averaged (SFL, FedAvg)."""
+    batches_server: ClassVar[bool] = False
+    """True: one B step per iteration over all of its clients' concatenated batches (the PSL family)."""
+    sends_gradient: ClassVar[bool] = True
+    """False: devices train on a local loss and never receive a server gradient (AdaSplit)."""
+    needs_server: ClassVar[bool] = True
+    """False: no server segment; every client trains the whole model (FedAvg)."""
+
+    def __init__(self, server: TorchSegment | None, config: StrategyConfig) -> None:
+        if self.needs_server and server is None:
+            raise ValueError(f"strategy {self.name!r} needs a server segment")
+        self.server = server
+        self.config = config
+        self.round = 0
+        """Rounds completed (advanced by :meth:`end_round`)."""
+        self.last_broadcast: frozenset[str] = frozenset()
+        """Clients that received one shared gradient in the last backward step (sent once, SplitAvg)."""
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._pending_round: tuple[list[str], list[int]] | None = None
+        if server is not None:
+            for group in server.optimizer.param_groups:
+                group["lr"] = self.server_lr()
+
+    # -- learning rate and participation -------------------------------------------------
+
+    def server_lr(self) -> float:
+        """B's learning rate: the client learning rate (SplitLr in SGLR scales it)."""
+        return self.config.client_lr
+
+    def participants(self, round_index: int, clients: Sequence[str]) -> list[str]:
+        """Which of ``clients`` talk to the server in this iteration of round ``round_index`` (all by default)."""
+        return list(clients)
+
+    # -- the server step -------------------------------------------------------------------
+
+    def train_round(self, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, ServerReply]:
+        """Single split: one iteration on ``client -> (activation, labels)``; B is the last segment."""
+        self._check_clients(batch)
+        server = self._require_server()
+        names = list(batch)
+        sizes = [int(batch[c][0].shape[0]) for c in names]
+        # mean over the concatenation == sum_i delta_i * L_i with delta_i = n_i / sum(n)
+        _, grad, out = server.train_with_labels(
+            torch.cat([batch[c][0] for c in names]), torch.cat([batch[c][1] for c in names])
+        )
+        grads = self._local_grads(names, sizes, grad)
+        out_parts = out.split(sizes)
+        losses = [float(label_loss(o, batch[c][1], server.loss_kind)) for o, c in zip(out_parts, names, strict=True)]
+        out_parts = out.detach().split(sizes)
+        return {
+            c: ServerReply(grads[c] if self.sends_gradient else None, losses[i], out_parts[i])
+            for i, c in enumerate(names)
+        }
+
+    def forward_round(self, activations: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Double split: B's train-mode outputs for each client (the graph is kept for ``backward_round``)."""
+        self._check_clients(activations)
+        server = self._require_server()
+        names = list(activations)
+        sizes = [int(activations[c].shape[0]) for c in names]
+        out = server.forward(torch.cat([activations[c] for c in names]))
+        self._pending_round = (names, sizes)
+        return dict(zip(names, out.split(sizes), strict=True))
+
+    def backward_round(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Double split: B's aux-loss step from ``dL_i/d(B output)``; returns ``dL/d(B input)`` per client."""
+        server = self._require_server()
+        pending = self._pending_round
+        if pending is None:
+            raise RuntimeError("backward_round called without a preceding forward_round")
+        names, sizes = pending
+        if set(grads) != set(names):
+            raise ValueError(f"gradients for {sorted(grads)} but the forward step had {sorted(names)}")
+        self._pending_round = None
+        total = sum(sizes)
+        g = torch.cat([grads[c] * (n / total) for c, n in zip(names, sizes, strict=True)])
+        grad = server.train_with_gradient(g)
+        return self._local_grads(names, sizes, grad)
+
+    def _local_grads(self, names: list[str], sizes: list[int], grad: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Split B's input gradient of ``sum_i delta_i L_i`` into each client's local ``dL_i/d(a_i)``."""
+        if grad is None:
+            raise RuntimeError("the server segment returned no input gradient (built with input_grad=False?)")
+        total = sum(sizes)
+        local = {c: part * (total / n) for c, n, part in zip(names, sizes, grad.split(sizes), strict=True)}
+        self.last_broadcast = frozenset()
+        return self.combine_gradients(local)
+
+    def combine_gradients(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook on the cut-layer gradients before they are sent (SplitAvg); identity by default."""
+        return local
+
+    @torch.no_grad()
+    def evaluate(self, client: str, x: torch.Tensor) -> torch.Tensor:
+        """B's inference-mode output for ``client``'s activations (per-client masks in AdaSplit)."""
+        return self._require_server().evaluate(x)
+
+    # -- rounds and feedback ---------------------------------------------------------------
+
+    def end_round(
+        self, device_states: Mapping[str, Mapping[str, torch.Tensor]], num_samples: Mapping[str, int]
+    ) -> dict[str, DeviceState]:
+        """Close a round: the device weights each listed client must load.
+
+        ``device_sync == "average"`` (SplitFed, FedAvg): every client gets the sample-weighted mean; otherwise none.
+        """
+        self.round += 1
+        if self.device_sync != "average" or not device_states:
+            return {}
+        avg = average_states(device_states, num_samples)
+        return {c: {k: v.clone() for k, v in avg.items()} for c in device_states}
+
+    def end_turn(self, client: str, device_state: Mapping[str, torch.Tensor]) -> None:
+        """``client`` finished its turn and uploaded its device weights (only ``device_sync == "relay"``)."""
+
+    def device_state_for(self, client: str) -> DeviceState | None:
+        """Weights ``client`` must load before its turn (SSL: the previous client's); None keeps its own."""
+        return None
+
+    def observe(self, client: str, metrics: Mapping[str, float]) -> None:
+        """Feedback from a client (e.g. its local loss); unused by default."""
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: B, its optimizer, the round, the sampling RNG, strategy state."""
+        state: dict[str, Any] = {"name": self.name, "round": self.round, "generator": self._generator.get_state()}
+        if self.server is not None:
+            state["server"] = {k: v.detach().clone() for k, v in self.server.module.state_dict().items()}
+            state["optimizer"] = self.server.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"checkpoint of strategy {state.get('name')!r}, not {self.name!r}")
+        self.round = int(state["round"])
+        self._generator.set_state(state["generator"])
+        if self.server is not None:
+            self.server.module.load_state_dict(state["server"])
+            self.server.optimizer.load_state_dict(state["optimizer"])
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _require_server(self) -> TorchSegment:
+        if self.server is None:
+            raise RuntimeError(f"strategy {self.name!r} has no server segment")
+        return self.server
+
+    def _check_clients(self, per_client: Mapping[str, object]) -> None:
+        if not per_client:
+            raise ValueError("an iteration needs at least one client")
+        if not self.batches_server and len(per_client) != 1:
+            raise ValueError(f"strategy {self.name!r} serves one client per call, got {len(per_client)}")
+
+
+def average_states(
+    states: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapping[str, int]
+) -> DeviceState:
+    """Sample-weighted average of device states (FedAvg); integer buffers take the maximum."""
+    if not states:
+        raise ValueError("nothing to average")
+    total = float(sum(weights[c] for c in states))
+    first = next(iter(states.values()))
+    out: DeviceState = {}
+    for key, ref in first.items():
+        if ref.is_floating_point():
+            acc = torch.zeros_like(ref, dtype=torch.float64)
+            for c, s in states.items():
+                acc += s[key].double() * (weights[c] / total)
+            out[key] = acc.to(ref.dtype)
+        else:
+            out[key] = torch.stack([s[key] for s in states.values()]).max(dim=0).values
+    return out
+

@@ -1,0 +1,103 @@
+"""AdaSplit's per-client multiplicative masks on the server segment (sparse partitions of B)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .._torch_segment import TorchSegment, eager_execution
+from .._update_rule import label_loss
+
+
+class ClientMasks:
+    """One real-valued mask per client for each weight matrix / kernel (``dim >= 2``) of B.
+
+    Client ``i`` sees B as ``W * m_i`` and trains on ``L_ce + lam * |m_i|_1`` (AdaSplit
+    eq. 7-8): ``W`` gets ``m_i * dL/dW_eff`` (it is updated only where ``m_i`` is
+    non-zero), ``m_i`` gets ``W * dL/dW_eff + lam * sign(m_i)``. Masks start at 1 (the
+    full shared model), use B's optimizer type and learning rate, and stay on the server.
+    The multiplication is done by swapping parameter values, so TorchScript segments work.
+    """
+
+    def __init__(self, server: TorchSegment, lam: float) -> None:
+        self.server = server
+        self.lam = lam
+        self.names = [n for n, p in server.module.named_parameters() if p.requires_grad and p.dim() >= 2]
+        self.masks: dict[str, dict[str, torch.Tensor]] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def mask(self, client: str) -> dict[str, torch.Tensor]:
+        if client not in self.masks:
+            params = dict(self.server.module.named_parameters())
+            self.masks[client] = {n: torch.ones_like(params[n]).requires_grad_(True) for n in self.names}
+            opt = self.server.optimizer
+            defaults = {**opt.defaults, "lr": opt.param_groups[0]["lr"]}
+            self.optimizers[client] = type(opt)(list(self.masks[client].values()), **defaults)
+        return self.masks[client]
+
+    @contextmanager
+    def _applied(self, client: str) -> Iterator[tuple[dict[str, torch.nn.Parameter], dict[str, torch.Tensor]]]:
+        params = dict(self.server.module.named_parameters())
+        masks = self.mask(client)
+        originals = {n: params[n].detach().clone() for n in self.names}
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(originals[n] * masks[n])
+        try:
+            yield params, originals
+        finally:
+            with torch.no_grad():
+                for n in self.names:
+                    params[n].copy_(originals[n])
+
+    def train_step(self, client: str, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """One masked step of B on ``client``'s activations; returns (server loss, detached output)."""
+        server, masks = self.server, self.mask(client)
+        mask_opt = self.optimizers[client]
+        server.optimizer.zero_grad(set_to_none=True)
+        mask_opt.zero_grad(set_to_none=True)
+        with self._applied(client) as (params, originals):
+            server.module.train()
+            with eager_execution():
+                out = server.module(x.detach())
+                ce = label_loss(out, labels, server.loss_kind)
+                ce.backward()
+            with torch.no_grad():
+                l1 = sum(float(m.abs().sum()) for m in masks.values())
+                for n in self.names:
+                    g = params[n].grad
+                    if g is None:
+                        continue
+                    masks[n].grad = g * originals[n] + self.lam * masks[n].sign()
+                    params[n].grad = g * masks[n]
+        server.optimizer.step()
+        mask_opt.step()
+        return float(ce.detach()) + self.lam * l1, out.detach()
+
+    @torch.no_grad()
+    def evaluate(self, client: str, x: torch.Tensor) -> torch.Tensor:
+        with self._applied(client):
+            return self.server.evaluate(x)
+
+    def sparsity(self, client: str, threshold: float = 1e-2) -> float:
+        """Fraction of ``client``'s mask entries with ``|m| < threshold``."""
+        masks = self.mask(client).values()
+        total = sum(m.numel() for m in masks)
+        return sum(int((m.abs() < threshold).sum()) for m in masks) / max(total, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {c: {n: m.detach().clone() for n, m in ms.items()} for c, ms in self.masks.items()},
+            "optimizers": {c: o.state_dict() for c, o in self.optimizers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for client, ms in state["masks"].items():
+            mine = self.mask(client)
+            with torch.no_grad():
+                for n, m in ms.items():
+                    mine[n].copy_(m)
+            self.optimizers[client].load_state_dict(state["optimizers"][client])
