@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import machine
 
 from device_runtime import OrtSegment
 from splitexport import OptimizerSpec, SourceSpec, aux_loss, label_loss, partition, write_bundle
@@ -106,24 +107,6 @@ def bench_model(name: str, batches: list[int], repeats: int, work: Path) -> list
     return rows
 
 
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(FACTORIES))
@@ -131,7 +114,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--json", type=Path, help="also write the rows and the machine description here")
     args = p.parse_args()
-    info = machine()
+    info = machine(onnxruntime=onnxruntime.__version__, threads=str(torch.get_num_threads()))
     print(f"# {info}")
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:

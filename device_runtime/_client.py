@@ -47,21 +47,24 @@ class ServerClient:
         self.max_wait_s = max_wait_s
         self.backoff_s = backoff_s
         self.retries = 0
+        self.server_timing: dict[str, float] = {}
+        """The last successful response's ``Server-Timing`` phases, in milliseconds."""
 
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, *, tensors: bytes | None = None) -> httpx.Response:
+    def request(self, method: str, path: str, *, tensors: bytes | None = None, json: Any = None) -> httpx.Response:
         """Send one call, retrying transport failures, 503 and 5xx until ``max_wait_s`` has passed."""
         deadline = time.monotonic() + self.max_wait_s
         delay = self.backoff_s
         while True:
             try:
                 headers = {"Content-Type": MEDIA_TYPE} if tensors is not None else None
-                response = self.http.request(method, path, content=tensors, headers=headers)
+                response = self.http.request(method, path, content=tensors, json=json, headers=headers)
                 if response.status_code < 500:
                     if response.status_code >= 400:
                         raise ServerError(response.status_code, _json(response))
+                    self.server_timing = parse_server_timing(response.headers.get("server-timing", ""))
                     return response
                 failure: Exception = ServerError(response.status_code, _json(response))
             except httpx.TransportError as exc:
@@ -77,6 +80,21 @@ class ServerClient:
 
     def session(self, session_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/sessions/{session_id}").json()  # type: ignore[no-any-return]
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``{name: milliseconds}`` from a ``Server-Timing`` header (entries without ``dur`` are left out)."""
+    phases = {}
+    for entry in header.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if name and key == "dur":
+                try:
+                    phases[name] = float(value)
+                except ValueError:
+                    pass
+    return phases
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
@@ -108,6 +126,8 @@ class RemoteSegment:
         self.step: int = int(info["next_step"])
         self.fp16 = fp16
         self._forward_body: bytes | None = None
+        self.shared_gradient = False
+        """Whether the last gradient was one shared by several devices (SplitAvg under --strategy sglr)."""
 
     def _path(self, call: str) -> str:
         return f"/v1/sessions/{self.session_id}/steps/{self.step}/{call}"
@@ -130,15 +150,53 @@ class RemoteSegment:
             response = self.client.request("POST", self._path("backward"), tensors=body)
         self.step += 1
         self._forward_body = None
-        return decode(response.content)["grad"]
+        out = decode(response.content)
+        self.shared_gradient = "shared" in out
+        return out["grad"]
 
     def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         body = encode({"activation": x.detach().numpy(), "labels": labels.detach().numpy()}, self.fp16)
         out = decode(self.client.request("POST", self._path("train"), tensors=body).content)
         self.step += 1
-        return float(out["loss"][0]), out["grad"], out["output"]
+        self.shared_gradient = "shared" in out
+        return float(out["loss"][0]), out.get("grad"), out["output"]  # no grad: the strategy sends none (AdaSplit)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         body = encode({"activation": x.detach().numpy()}, self.fp16)
         path = f"/v1/sessions/{self.session_id}/evaluate"
         return decode(self.client.request("POST", path, tensors=body).content)["output"]
+
+    # -- multi-client strategies (server started with --strategy; docs/protocol.md) -------------
+
+    def participates(self, step: int) -> bool:
+        """Whether this device takes part in the server's iteration ``step`` (waits until it opens).
+
+        With global iterations the next call of this segment is for ``step``.
+        """
+        info = self.client.request("GET", f"/v1/sessions/{self.session_id}/steps/{step}").json()
+        self.step = step
+        return bool(info["participate"])
+
+    def end_round(self, round_index: int, device_state: dict[str, torch.Tensor] | None = None,
+                  num_samples: int = 0) -> dict[str, torch.Tensor]:
+        """Close the round (waits for the round's other devices); the device weights to load (empty: keep yours)."""
+        body = encode({k: v.detach().contiguous().numpy() for k, v in (device_state or {}).items()})
+        path = f"/v1/sessions/{self.session_id}/rounds/{round_index}/end?num_samples={num_samples}"
+        return decode(self.client.request("POST", path, tensors=body).content)
+
+    def leave_round(self, round_index: int) -> None:
+        """No more batches in this round: the server's iterations stop waiting for this device."""
+        self.client.request("POST", f"/v1/sessions/{self.session_id}/rounds/{round_index}/done")
+
+    def relayed_state(self) -> dict[str, torch.Tensor]:
+        """SSL: the device weights to load before this device's turn (empty: keep your own)."""
+        return decode(self.client.request("GET", f"/v1/sessions/{self.session_id}/device-state").content)
+
+    def end_turn(self, device_state: dict[str, torch.Tensor]) -> None:
+        """SSL: hand this device's weights after its turn to the next device."""
+        body = encode({k: v.detach().contiguous().numpy() for k, v in device_state.items()})
+        self.client.request("POST", f"/v1/sessions/{self.session_id}/turn", tensors=body)
+
+    def observe(self, metrics: dict[str, float]) -> None:
+        """Feedback for the server's strategy (e.g. the device's local loss)."""
+        self.client.request("POST", f"/v1/sessions/{self.session_id}/metrics", json=metrics)

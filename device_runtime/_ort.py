@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ._arrays import batch_labels
+
 if TYPE_CHECKING:
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
@@ -84,7 +86,9 @@ class OrtSegment:
         learning_rate: float | None = None,
         checkpoint: str | Path | None = None,
         name: str = "segment",
+        threads: int | None = None,
     ) -> None:
+        """``threads``: ORT intra-op threads, not spinning while idle (default: ORT's pool, one per core)."""
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
         for path in (*(getattr(artifacts, m) for m in _MODELS), artifacts.checkpoint):
@@ -92,8 +96,10 @@ class OrtSegment:
                 raise OrtRuntimeError(f"segment {name}: artifact {path} does not exist")
         self.name = name
         self.artifacts = artifacts
+        self.threads = threads
         self._state: CheckpointState = CheckpointState.load_checkpoint(os.fspath(checkpoint or artifacts.checkpoint))
-        self._module: Module = Module(os.fspath(artifacts.training_model), self._state, os.fspath(artifacts.eval_model))
+        self._module: Module = Module(os.fspath(artifacts.training_model), self._state, os.fspath(artifacts.eval_model),
+                                      session_options=self._session_options())
         self._optimizer: Optimizer = Optimizer(os.fspath(artifacts.optimizer_model), self._module)
         self._forward: Module | None = None
         inputs = list(self._module.input_names())
@@ -128,6 +134,7 @@ class OrtSegment:
         checkpoint: str | Path | None = None,
         ort_format: bool = False,
         learning_rate: float | None = None,
+        threads: int | None = None,
     ) -> OrtSegment:
         """Segment ``name`` of a bundle exported with ``splitexport export --format onnx``.
 
@@ -149,7 +156,7 @@ class OrtSegment:
             optimizer = b.manifest.exports.get("onnx", {}).get("optimizer")
             lr = float(optimizer["lr"]) if isinstance(optimizer, dict) and "lr" in optimizer else None
         artifacts = OrtArtifacts.from_mapping({k: b.file(v) for k, v in rel.items()}, ort_format=ort_format)
-        return cls(artifacts, learning_rate=lr, checkpoint=checkpoint, name=name)
+        return cls(artifacts, learning_rate=lr, checkpoint=checkpoint, name=name, threads=threads)
 
     # the steps ----------------------------------------------------------------------------------
 
@@ -160,7 +167,8 @@ class OrtSegment:
             from onnxruntime.training.api import Module
 
             self._forward = Module(
-                os.fspath(self.artifacts.training_model), self._state, os.fspath(self.artifacts.forward_model)
+                os.fspath(self.artifacts.training_model), self._state, os.fspath(self.artifacts.forward_model),
+                session_options=self._session_options(),
             )
             self._forward.eval()
         return np.asarray(self._forward(x))
@@ -183,9 +191,7 @@ class OrtSegment:
         if self.trains_with != "labels":
             raise OrtRuntimeError(f"segment {self.name} trains on a received gradient; use train_with_gradient")
         x = self._check_input(x)
-        y = np.asarray(labels)
-        if y.shape[0] != x.shape[0]:
-            raise OrtRuntimeError(f"labels batch {y.shape[0]} != input batch {x.shape[0]}")
+        y = batch_labels(labels, x, OrtRuntimeError)
         outputs = self._step(x, self._labels(y))
         loss, grad_in, out = outputs
         self.last_output = np.asarray(out)
@@ -258,6 +264,16 @@ class OrtSegment:
         if np.issubdtype(y.dtype, np.integer):
             return np.ascontiguousarray(y, dtype=np.int64)
         return np.ascontiguousarray(y, dtype=np.float32)
+
+    def _session_options(self) -> Any:
+        if self.threads is None:
+            return None
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = self.threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
 
     @staticmethod
     def _input_dims(model_path: Path, name: str) -> tuple[int | None, ...]:

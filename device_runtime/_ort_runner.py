@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
+from ._arrays import as_float32
 from ._ort import OrtRuntimeError, OrtSegment
+from ._runner import DeviceRunner
 
 if TYPE_CHECKING:
     from splitexport import Bundle, OptimizerSpec
@@ -16,18 +17,23 @@ if TYPE_CHECKING:
 __all__ = ["OrtRunner"]
 
 
-class OrtRunner:
+class OrtRunner(DeviceRunner[OrtSegment]):
     """Runs one device segment in ONNX Runtime behind the split trainer's runner interface."""
-
-    def __init__(self, segment: OrtSegment) -> None:
-        self.segment = segment
-        self._pending: np.ndarray | None = None
 
     @classmethod
     def from_bundle(
-        cls, bundle: Bundle | str | Path, name: str, *, optimizer: OptimizerSpec | None = None, ort_format: bool = False
+        cls,
+        bundle: Bundle | str | Path,
+        name: str,
+        *,
+        optimizer: OptimizerSpec | None = None,
+        ort_format: bool = False,
+        threads: int | None = None,
     ) -> OrtRunner:
-        """Load segment ``name``; ``optimizer`` must be what the artifacts were exported for (any lr)."""
+        """Load segment ``name``; ``optimizer`` must be what the artifacts were exported for (any lr).
+
+        ``threads``: ORT intra-op threads (see :class:`OrtSegment`).
+        """
         from splitexport import Bundle, SplitExportError, load_bundle
         from splitexport.export import DeviceOptimizer
 
@@ -46,39 +52,18 @@ class OrtRunner:
                 )
             lr = optimizer.lr
         try:
-            seg = OrtSegment.from_bundle(b, name, ort_format=ort_format, learning_rate=lr)
+            seg = OrtSegment.from_bundle(b, name, ort_format=ort_format, learning_rate=lr, threads=threads)
         except OrtRuntimeError as exc:
             raise SplitExportError(str(exc)) from exc
         return cls(seg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arr = _numpy(x)
-        self._pending = arr
-        return torch.from_numpy(self.segment.forward(arr))
-
-    def train_with_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        """The step for the last :meth:`forward`'s input; device segments before the server return nothing."""
-        if self._pending is None:
-            raise RuntimeError("train_with_gradient called without a preceding forward")
-        x, self._pending = self._pending, None
-        self.segment.train_with_gradient(x, _numpy(grad_out))
-        return None
-
     def train_with_labels(
         self, x: torch.Tensor, labels: torch.Tensor
     ) -> tuple[float, torch.Tensor | None, torch.Tensor]:
-        loss, grad_in = self.segment.train_with_labels(_numpy(x), labels.detach().cpu().numpy())
+        loss, grad_in = self.segment.train_with_labels(as_float32(x), labels.detach().cpu().numpy())
         out = self.segment.last_output
         assert out is not None
         return loss, torch.from_numpy(grad_in), torch.from_numpy(out)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.segment.evaluate(_numpy(x)))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and BatchNorm statistics by their torch names (to compare with torch runs)."""
-        return {k: torch.from_numpy(v) for k, v in self.segment.parameters().items()}
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.segment.evaluate(as_float32(x)))

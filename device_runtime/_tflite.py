@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._arrays import batch_labels
+
 __all__ = ["TfliteRuntimeError", "TfliteSegment"]
 
 Variant = Literal["flex", "builtin"]
@@ -132,9 +134,7 @@ class TfliteSegment:
         if self.trains_with != "labels":
             raise TfliteRuntimeError(f"segment {self.name} trains on a received gradient; use train_with_gradient")
         x = self._check_input(x)
-        y = np.asarray(labels)
-        if y.shape[0] != x.shape[0]:
-            raise TfliteRuntimeError(f"labels batch {y.shape[0]} != input batch {x.shape[0]}")
+        y = batch_labels(labels, x, TfliteRuntimeError)
         dtype = np.int32 if self.meta["labels_dtype"] == "int32" else np.float32
         out = self._runners["train"](x=x, labels=np.ascontiguousarray(y, dtype=dtype))
         self.last_loss = float(np.asarray(out["loss"]))

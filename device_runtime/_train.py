@@ -4,33 +4,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from splitexport import Bundle, SegmentRunner, SplitModel, TorchSegment, fit, load_bundle, load_dataset
+from splitexport import (
+    Bundle,
+    SegmentRunner,
+    SplitExportError,
+    SplitModel,
+    TorchSegment,
+    fit,
+    load_bundle,
+    load_dataset,
+)
 from splitexport._plots import plot_histories
 
-from ._client import RemoteSegment, ServerClient
+from ._client import RemoteSegment, ServerClient, ServerError
 
 
 def device_runner(bundle: Bundle, name: str, runtime: str) -> SegmentRunner:
-    """A device segment in ONNX Runtime (the phone's runtime) or torch (reference)."""
+    """A device segment in ONNX Runtime or TFLite (the phone's runtimes) or torch (reference).
+
+    ONNX Runtime and TFLite train with the optimizer and learning rate their artifacts were exported with, as a
+    phone does (``export --optimizer sgd`` of a momentum bundle: plain SGD on the device).
+    """
     spec = bundle.segment(name)
     if runtime == "onnx":
         from ._ort_runner import OrtRunner
 
-        return OrtRunner.from_bundle(bundle, name, optimizer=bundle.manifest.optimizer)
+        return OrtRunner.from_bundle(bundle, name)
+    if runtime == "tflite":
+        from ._tflite_runner import TfliteRunner
+
+        return TfliteRunner.from_bundle(bundle, name)
     return TorchSegment(bundle.torch_segment(name), bundle.manifest.optimizer, loss=bundle.manifest.loss.kind,
                         input_grad=spec.index > 0)
 
 
 def build_split_model(bundle: Bundle, client: ServerClient, runtime: str, session_id: str | None = None,
                       fp16: bool = False) -> tuple[SplitModel, RemoteSegment]:
+    """The split model with B on the server; the device segments load first (a bad bundle fails before any call)."""
+    device = {s.name: device_runner(bundle, s.name, runtime) for s in bundle.manifest.device_segments}
     remote = RemoteSegment(client, session_id, fp16=fp16)
-    runners: list[SegmentRunner] = []
-    for spec in bundle.manifest.segments:
-        runners.append(remote if spec.role == "server" else device_runner(bundle, spec.name, runtime))
+    runners = [device.get(spec.name, remote) for spec in bundle.manifest.segments]
     return SplitModel(runners), remote
 
 
@@ -41,25 +60,37 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--server", required=True)
     t.add_argument("--bundle", type=Path, required=True, help="deployed bundle (splitexport deploy)")
     t.add_argument("--token", default=None)
-    t.add_argument("--runtime", choices=["onnx", "torch"], default="onnx")
+    t.add_argument("--runtime", choices=["onnx", "tflite", "torch"], default="onnx",
+                   help="tflite: the flex variant if exported (any batch), else builtin (batches of its size)")
     t.add_argument("--dataset", default="digits")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--fp16", action="store_true", help="send activations and gradients as float16")
     t.add_argument("--out", type=Path, default=Path("device-results"))
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines only)")
     args = p.parse_args(argv)
+    try:
+        return _train(args)
+    except (SplitExportError, ServerError) as exc:
+        print(f"device_runtime: error: {exc}", file=sys.stderr)
+        return 2
 
+
+def _train(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     data = load_dataset(args.dataset)
     client = ServerClient(args.server, args.token)
     torch.manual_seed(args.seed)
     model, remote = build_split_model(bundle, client, args.runtime, fp16=args.fp16)
+    if args.runtime == "onnx":
+        print(f"device optimizer (ONNX artifacts): {bundle.manifest.exports['onnx']['optimizer']}")
     print(f"session {remote.session_id} at step {remote.step}")
     history = fit(model, data, name=f"split over HTTP ({args.runtime})", epochs=args.epochs,
                   batch_size=args.batch_size, seed=args.seed, loss=bundle.manifest.loss.kind,
-                  on_epoch=lambda e: print(f"epoch {e.epoch}: train loss {e.train_loss:.4f} "
-                                           f"test acc {e.test_accuracy:.4f}"))
+                  progress=not args.no_progress,
+                  on_epoch=lambda e: tqdm.write(f"epoch {e.epoch}: train loss {e.train_loss:.4f} "
+                                                f"test acc {e.test_accuracy:.4f}"))
     args.out.mkdir(parents=True, exist_ok=True)
     plot_histories([history], args.out / "device_training.png", title=f"device training against {args.server}")
     (args.out / "metrics.json").write_text(json.dumps({**history.to_dict(), "retries": client.retries}, indent=2))

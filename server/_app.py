@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,7 +14,7 @@ from fastapi.responses import JSONResponse
 from ._errors import APIError
 from ._settings import ServerSettings
 from ._state import ServerState
-from .routers import artifacts, health, sessions
+from .routers import artifacts, health, rounds, sessions
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -22,10 +24,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
             f"refusing to listen on {settings.host} without bearer tokens: pass --tokens FILE or set "
             "SPLITEXPORT_TOKENS, or bind to 127.0.0.1"
         )
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     state = ServerState(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.rounds is not None:  # every client of a round may wait in a barrier thread at once
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            limiter.total_tokens = max(limiter.total_tokens, 4 * state.rounds.num_clients + 16)
         yield
         state.checkpoint()
 
@@ -53,4 +60,5 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(artifacts.router)
     app.include_router(sessions.router)
+    app.include_router(rounds.router)
     return app

@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 
 from ._errors import APIError
 from ._state import ServerState, Session
+from ._timing import CallTimer
 from ._wire import ACCEPTED_MEDIA_TYPES, decode
 
 
@@ -45,12 +46,13 @@ CurrentSession = Annotated[Session, Depends(current_session)]
 
 
 class TensorBody:
-    """The request's safetensors body, size-checked before it is read in full."""
+    """The request's safetensors body, size-checked before it is read in full, and the call's timer."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], sha256: str, size: int) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], sha256: str, size: int, timer: CallTimer | None = None) -> None:
         self.arrays = arrays
         self.sha256 = sha256
         self.size = size
+        self.timer = timer or CallTimer()
 
 
 async def tensor_body(request: Request, state: State) -> TensorBody:
@@ -71,7 +73,10 @@ async def tensor_body(request: Request, state: State) -> TensorBody:
     if declared is not None and declared.isdigit() and int(declared) != size:
         raise APIError(400, "truncated_body", f"got {size} of {declared} declared bytes")
     state.counters["bytes_in"] += size
-    return TensorBody(decode(body), hashlib.sha256(body).hexdigest(), size)
+    timer = CallTimer()
+    with timer.measure("decode"):
+        arrays, digest = decode(body), hashlib.sha256(body).hexdigest()
+    return TensorBody(arrays, digest, size, timer)
 
 
 Body = Annotated[TensorBody, Depends(tensor_body)]

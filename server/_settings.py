@@ -28,6 +28,26 @@ class ServerSettings(BaseSettings):
     """How long one device may hold B between its forward and backward calls."""
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     max_batch: int = Field(1024, ge=1)
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads for B (default: torch's, one per core). On a machine shared with other
+    processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""
+
+    # -- multi-client strategies (docs/protocol.md); strategy=None keeps per-device sequential B steps
+    strategy: str | None = None
+    """A strategy of :mod:`splitexport.strategies` (ssl, psl, sfl, sglr, adasplit, fedavg)."""
+    num_clients: int | None = Field(None, ge=1)
+    """C: how many clients train (required with a strategy); the first iteration waits for this many sessions."""
+    round_timeout_s: float = Field(30.0, gt=0)
+    """How long a barrier waits for the expected clients before it proceeds with the ones present."""
+    alpha: float = 0.0
+    phi: float = Field(0.0, ge=0, le=1)
+    phase_rounds: int | None = None
+    kappa: float = Field(0.5, ge=0, le=1)
+    eta: float = Field(0.5, gt=0, le=1)
+    lam: float = Field(1e-4, ge=0)
+    gamma: float = Field(0.87, ge=0, le=1)
+    total_rounds: int = Field(10, ge=1)
+    strategy_seed: int = 0
 
     def token_set(self) -> set[str]:
         tokens = {t.strip() for t in self.tokens.split(",") if t.strip()}

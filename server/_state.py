@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -27,7 +27,11 @@ from splitexport import Bundle, TorchSegment, load_bundle
 
 from ._errors import APIError
 from ._settings import ServerSettings
+from ._timing import timed
 from ._wire import encode, float_tensor, label_tensor
+
+if TYPE_CHECKING:
+    from ._rounds import RoundHost
 
 Phase = Literal["forward", "backward"]
 CHECKPOINT = "checkpoint.pt"
@@ -85,6 +89,12 @@ class ServerState:
         self._free = threading.Condition(self._lock)
         self._lease: tuple[str, float] | None = None  # (session id, deadline)
         self.counters: dict[str, int] = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "retries": 0}
+        self.rounds: RoundHost | None = None
+        """The multi-client strategy layer (``--strategy``); None: per-device sequential steps."""
+        if settings.strategy is not None:
+            from ._rounds import RoundHost, build_strategy
+
+            self.rounds = RoundHost(self, build_strategy(self))
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.resumed_from = self._restore()
 
@@ -183,13 +193,15 @@ class ServerState:
     def forward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("double", "forward")
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
+        if self.rounds is not None and self.rounds.global_steps:
+            return self.rounds.forward(session, step, x, transport, body_sha)
         with self._lock:
             replay = self._replay_or_check(session, "forward", step, "forward", body_sha)
             if replay is not None:
                 return replay
             self._acquire(session)
             try:
-                out = self.segment.forward(x)
+                out = self.segment.forward(x) if self.rounds is None else self.rounds.b_forward(session, x)
             except Exception:
                 self._release(session.id)
                 raise
@@ -200,6 +212,9 @@ class ServerState:
 
     def backward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("double", "backward")
+        if self.rounds is not None and self.rounds.global_steps:
+            g, transport = float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch)
+            return self.rounds.backward(session, step, g, transport, body_sha)
         with self._lock:
             replay = self._replay_or_check(session, "backward", step, "backward", body_sha)
             if replay is not None:
@@ -212,7 +227,10 @@ class ServerState:
             g, transport = float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch)
             if g.shape[0] != pending_out.shape[0]:
                 raise APIError(422, "wrong_batch", f"grad has batch {g.shape[0]}, the forward had {pending_out.shape[0]}")
-            grad_in = self.segment.train_with_gradient(g)
+            if self.rounds is None:
+                grad_in = self.segment.train_with_gradient(g)
+            else:
+                grad_in = self.rounds.b_backward(session, g)
             assert grad_in is not None
             response = encode({"grad": grad_in}, transport)
             self._finish_step(session, "backward", step, body_sha, response)
@@ -223,27 +241,42 @@ class ServerState:
         self._need_split("single", "train")
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         y = label_tensor(arrays, x.shape[0], self.loss_kind, self.num_outputs)
+        if self.rounds is not None and self.rounds.global_steps:
+            return self.rounds.train(session, step, x, y, transport, body_sha)
         with self._lock:
             replay = self._replay_or_check(session, "train", step, "forward", body_sha)
             if replay is not None:
                 return replay
             self._acquire(session)
             try:
-                loss, grad_in, out = self.segment.train_with_labels(x, y)
+                if self.rounds is None:
+                    loss, grad_in, out = self.segment.train_with_labels(x, y)
+                    assert grad_in is not None
+                    response = encode({"grad": grad_in, "loss": torch.tensor([loss]), "output": out}, transport)
+                else:
+                    response = self.rounds._reply_bytes(self.rounds.b_train(session, x, y), transport)
             finally:
                 self._release(session.id)
-            assert grad_in is not None
-            response = encode({"grad": grad_in, "loss": torch.tensor([loss]), "output": out}, transport)
             self._finish_step(session, "train", step, body_sha, response)
             return response
 
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> bytes:
+    def evaluate(self, arrays: dict[str, np.ndarray], session: Session | None = None) -> bytes:
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         with self._lock:
-            out = self.segment.evaluate(x)
+            if self.rounds is not None and session is not None:
+                self._need_server("evaluate")
+                out = self.rounds.evaluate(session, x)
+            else:
+                out = self.segment.evaluate(x)
         return encode({"output": out}, transport)
 
+    def _need_server(self, call: str) -> None:
+        if self.rounds is not None and not self.rounds.strategy.needs_server:
+            raise APIError(400, "wrong_call", f"strategy {self.rounds.strategy.name!r} trains no server segment; "
+                           f"{call} is not available (devices call rounds/{{r}}/end only)")
+
     def _need_split(self, split: str, call: str) -> None:
+        self._need_server(call)
         if self.split != split:
             other = "forward/backward" if self.split == "double" else "train"
             raise APIError(400, "wrong_call", f"this bundle is a {self.split} split: use {other}, not {call}")
@@ -263,6 +296,7 @@ class ServerState:
     def checkpoint_path(self) -> Path:
         return self.settings.state_dir / CHECKPOINT
 
+    @timed("checkpoint")
     def checkpoint(self) -> None:
         """Write B, its optimizer and the sessions atomically (write, fsync, rename)."""
         with self._lock:
@@ -285,6 +319,8 @@ class ServerState:
                     for s in self.sessions.values()
                 },
             }
+            if self.rounds is not None:
+                state["strategy"] = self.rounds.state_dict()
             tmp = self.checkpoint_path.with_suffix(".tmp")
             with open(tmp, "wb") as f:
                 torch.save(state, f)
@@ -301,6 +337,10 @@ class ServerState:
             raise ValueError(f"{self.checkpoint_path} has an unknown format; move it away to start fresh")
         if state["bundle_files"] != _hash(repr(sorted(self.bundle.manifest.files.items()))):
             raise ValueError(f"{self.checkpoint_path} belongs to another bundle; use another --state-dir")
+        saved = state.get("strategy", {}).get("name")
+        if saved != self.settings.strategy:
+            raise ValueError(f"{self.checkpoint_path} was written with strategy {saved or 'none'!r}, the server runs "
+                             f"{self.settings.strategy or 'none'!r}; use another --state-dir")
         self.segment.module.load_state_dict(state["module"])
         self.segment.optimizer.load_state_dict(state["optimizer"])
         self.applied_steps = int(state["applied_steps"])
@@ -310,9 +350,12 @@ class ServerState:
                      for k, c in s["cache"].items()}
             self.sessions[sid] = Session(id=sid, token_hash=s["token_hash"], next_step=int(s["next_step"]),
                                          last_seen=now, cache=cache)
+        if self.rounds is not None:
+            self.rounds.load_state_dict(state["strategy"])
         return self.applied_steps
 
     def metrics(self) -> dict[str, float]:
         with self._lock:
             return {"sessions_active": len(self.sessions), "steps_applied_total": self.applied_steps,
-                    **{f"{k}_total": v for k, v in self.counters.items()}}
+                    **{f"{k}_total": v for k, v in self.counters.items()},
+                    **(self.rounds.metrics() if self.rounds is not None else {})}

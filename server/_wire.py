@@ -11,6 +11,7 @@ from safetensors.numpy import save as st_save
 from splitexport import TensorSpec
 
 from ._errors import APIError
+from ._timing import timed
 
 MEDIA_TYPE = "application/vnd.safetensors"
 ACCEPTED_MEDIA_TYPES = (MEDIA_TYPE, "application/octet-stream")
@@ -27,6 +28,7 @@ def decode(body: bytes) -> dict[str, np.ndarray]:
         raise APIError(400, "malformed_body", f"the body is not valid safetensors: {exc}") from exc
 
 
+@timed("encode")
 def encode(tensors: dict[str, torch.Tensor], float_dtype: type = np.float32) -> bytes:
     """Encode tensors; floating ones travel as ``float_dtype`` (float32 or float16)."""
     arrays = {}
@@ -37,6 +39,7 @@ def encode(tensors: dict[str, torch.Tensor], float_dtype: type = np.float32) -> 
     return st_save(arrays)
 
 
+@timed("decode")
 def float_tensor(arrays: dict[str, np.ndarray], name: str, spec: TensorSpec, max_batch: int) -> tuple[torch.Tensor, type]:
     """The float tensor ``name`` checked against ``spec``; returns it as float32 and its transport dtype."""
     if name not in arrays:
@@ -56,6 +59,7 @@ def float_tensor(arrays: dict[str, np.ndarray], name: str, spec: TensorSpec, max
     return torch.from_numpy(a.astype(np.float32)), a.dtype.type
 
 
+@timed("decode")
 def label_tensor(arrays: dict[str, np.ndarray], batch: int, loss_kind: str, num_outputs: int) -> torch.Tensor:
     """The ``labels`` tensor: int64 class ids for cross-entropy, float targets for MSE."""
     if "labels" not in arrays:

@@ -185,7 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     load_bundle(args.bundle)  # a clear error for a bad bundle before anything listens
     overrides = {k: v for k, v in {"bundle": args.bundle, "host": args.host, "port": args.port,
                                    "state_dir": args.state_dir, "tokens_file": args.tokens,
-                                   "checkpoint_every": args.checkpoint_every, "strategy": args.strategy,
+                                   "checkpoint_every": args.checkpoint_every, "threads": args.threads,
+                                   "strategy": args.strategy,
                                    "num_clients": args.clients, "round_timeout_s": args.round_timeout,
                                    "alpha": args.alpha, "phi": args.phi, "phase_rounds": args.phase_rounds,
                                    "kappa": args.kappa, "eta": args.eta, "lam": args.lam,
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=None, help="checkpoints of B and the sessions")
     p.add_argument("--tokens", type=Path, default=None, help="file of bearer tokens, one per line")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for B (default: one per core)")
     p.add_argument("--log-level", default="warning")
     g = p.add_argument_group("multi-client strategy (docs/protocol.md); without --strategy devices train B "
                              "one after another")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from splitexport import load_dataset, partition
+from splitexport import OptimizerSpec, load_dataset, partition
 from splitexport._update_rule import aux_loss, label_loss
 from splitexport.models import FACTORIES
 
@@ -91,6 +91,9 @@ CASES = [
     Case("zoo_labels", "zoo", is_last=True),
     Case("zoo_gradient", "zoo", is_last=False, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}),
     Case("zoo_gelu_labels", "zoo_gelu", is_last=True, builtin=False),
+    Case("mlp_A_adam", "mlp", ("relu1", "relu2"), "A", {"name": "adam", "lr": 0.01, "weight_decay": 1e-3}),
+    Case("mlp_C_adamw", "mlp", ("relu1", "relu2"), "C", {"name": "adamw", "lr": 0.01, "weight_decay": 0.05,
+                                                           "betas": (0.8, 0.99), "eps": 1e-6}),
 ]
 
 
@@ -115,7 +118,8 @@ class Reference:
     states: list[dict[str, np.ndarray]]
     """State dict before each step, and after the last (``steps + 1`` entries)."""
     momentum: list[dict[str, np.ndarray]]
-    """SGD momentum buffers before each step (empty dicts without momentum)."""
+    """Optimizer state before each step by ``<torch param>/<slot>`` (slots ``momentum``, or ``exp_avg`` and
+    ``exp_avg_sq``; empty for plain SGD) and ``optimizer/step`` (Adam's step count)."""
 
 
 def segment_of(case: Case) -> tuple[nn.Module, tuple[int, ...], bool]:
@@ -136,12 +140,7 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
     gen = torch.Generator().manual_seed(1234)
     trained = copy.deepcopy(module).train()
     o = case.optimizer
-    if o["name"] == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            trained.parameters(), lr=o["lr"], momentum=o.get("momentum", 0.0), weight_decay=o.get("weight_decay", 0.0)
-        )
-    else:
-        opt = torch.optim.Adam(trained.parameters(), lr=o["lr"])
+    opt = OptimizerSpec(**o).build(trained.parameters())
     out_shape = tuple(trained(torch.zeros(shape)).shape)
     trained.load_state_dict(module.state_dict())  # undo the BN update of the shape probe
     inputs, targets, losses, grads = [], [], [], []
@@ -150,13 +149,7 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
     forward0 = None
     for step in range(steps):
         states.append(_state(trained))
-        momentum.append(
-            {
-                names[id(p)]: st["momentum_buffer"].numpy().copy()
-                for p, st in opt.state.items()
-                if st.get("momentum_buffer") is not None
-            }
-        )
+        momentum.append(_optimizer_state(opt, names))
         if shape[1:] == (1, 8, 8):
             idx = torch.randint(0, len(digits.x_train), (BATCH,), generator=gen)
             x, y = digits.x_train[idx], digits.y_train[idx]
@@ -193,6 +186,18 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
     )
 
 
+def _optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, np.ndarray]:
+    """Slots by ``<param>/<slot>`` in the export's slot names, plus ``optimizer/step`` (Adam)."""
+    out: dict[str, np.ndarray] = {}
+    for p, st in opt.state.items():
+        for key, slot in (("momentum_buffer", "momentum"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+            if st.get(key) is not None:
+                out[f"{names[id(p)]}/{slot}"] = st[key].numpy().copy()
+        if "step" in st:
+            out["optimizer/step"] = np.asarray([float(st["step"])], np.float32)
+    return out
+
+
 def _state(module: nn.Module) -> dict[str, np.ndarray]:
     return {
         k: v.detach().numpy().copy() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")
@@ -204,6 +209,22 @@ def tf_state(name_map: dict[str, list[str]], torch_state: dict[str, np.ndarray])
     from splitexport.export._layergraph import torch_to_tf_layout
 
     return {k: torch_to_tf_layout(torch_state[t], tr) for k, (t, tr) in name_map.items() if t in torch_state}
+
+
+def tf_optimizer_state(name_map: dict[str, list[str]], opt_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:attr:`Reference.momentum` in the export's names (``<weight>/<slot>``) and layouts."""
+    from splitexport.export._layergraph import torch_to_tf_layout
+
+    by_torch = {t: (k, tr) for k, (t, tr) in name_map.items()}
+    out = {}
+    for key, value in opt_state.items():
+        param, slot = key.rsplit("/", 1)
+        if key == "optimizer/step":
+            out[key] = value
+        elif param in by_torch:
+            name, layout = by_torch[param]
+            out[f"{name}/{slot}"] = torch_to_tf_layout(value, layout)
+    return out
 
 
 def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str] | None = None) -> float:

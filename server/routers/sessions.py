@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from .._deps import Body, Caller, CurrentSession, State
+from .._deps import Body, Caller, CurrentSession, State, TensorBody
 from .._wire import MEDIA_TYPE
 
 router = APIRouter(prefix="/v1/sessions", tags=["training"])
@@ -14,6 +17,19 @@ router = APIRouter(prefix="/v1/sessions", tags=["training"])
 def _tensors(state: State, data: bytes) -> Response:
     state.counters["bytes_out"] += len(data)
     return Response(content=data, media_type=MEDIA_TYPE)
+
+
+async def _timed_call(state: State, body: TensorBody, call: Callable[..., bytes], *args: Any) -> Response:
+    """Run a state call in a worker thread; the response carries its ``Server-Timing`` (docs/protocol.md)."""
+
+    def timed() -> bytes:  # timed in the worker thread: the hand-off to it is not B's time
+        with body.timer.active("b"):
+            return call(*args)
+
+    data = await run_in_threadpool(timed)
+    response = _tensors(state, data)
+    response.headers["Server-Timing"] = body.timer.header()
+    return response
 
 
 @router.post("", status_code=201)
@@ -38,22 +54,22 @@ def close_session(session: CurrentSession, state: State) -> Response:
 @router.post("/{session_id}/steps/{step}/forward")
 async def forward(step: int, session: CurrentSession, state: State, body: Body) -> Response:
     """Double split: B's activation in, B's output out (B keeps the graph for the backward)."""
-    return _tensors(state, await run_in_threadpool(state.forward, session, step, body.arrays, body.sha256))
+    return await _timed_call(state, body, state.forward, session, step, body.arrays, body.sha256)
 
 
 @router.post("/{session_id}/steps/{step}/backward")
 async def backward(step: int, session: CurrentSession, state: State, body: Body) -> Response:
     """Double split: dL/d(B output) in; B takes its aux-loss step; dL/d(B input) out."""
-    return _tensors(state, await run_in_threadpool(state.backward, session, step, body.arrays, body.sha256))
+    return await _timed_call(state, body, state.backward, session, step, body.arrays, body.sha256)
 
 
 @router.post("/{session_id}/steps/{step}/train")
 async def train(step: int, session: CurrentSession, state: State, body: Body) -> Response:
     """Single split: activation and labels in; B takes its label-loss step; dL/d(B input) and loss out."""
-    return _tensors(state, await run_in_threadpool(state.train, session, step, body.arrays, body.sha256))
+    return await _timed_call(state, body, state.train, session, step, body.arrays, body.sha256)
 
 
 @router.post("/{session_id}/evaluate")
 async def evaluate(session: CurrentSession, state: State, body: Body) -> Response:
     """B in inference mode; changes nothing."""
-    return _tensors(state, await run_in_threadpool(state.evaluate, body.arrays))
+    return await _timed_call(state, body, state.evaluate, body.arrays, session)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -22,7 +22,18 @@ from torch import fx, nn
 
 from .._errors import ExportError
 
-__all__ = ["SUPPORTED_LAYERS", "Layer", "LayerGraph", "layer_graph", "tf_to_torch_layout", "torch_to_tf_layout"]
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "Layer",
+    "LayerGraph",
+    "layer_graph",
+    "segment_exporter",
+    "tf_to_torch_layout",
+    "torch_to_tf_layout",
+]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 SUPPORTED_LAYERS = (
     "Conv2d (groups 1 or depthwise, zero padding, dilation 1)",
@@ -597,3 +608,15 @@ def _reachable(layers: Mapping[str, Layer], out: str) -> set[str]:
             seen.add(n)
             stack.extend(layers[n].inputs)
     return seen
+
+
+def segment_exporter(
+    write: Callable[Concatenate[LayerGraph, _P], _R], doc: str
+) -> Callable[Concatenate[nn.Module, Sequence[int], _P], _R]:
+    """``write(graph, ...)`` as ``export(module, input_shape, ...)``: maps the torch segment first."""
+
+    def export(module: nn.Module, input_shape: Sequence[int], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return write(layer_graph(module, input_shape), *args, **kwargs)
+
+    export.__doc__ = doc
+    return export

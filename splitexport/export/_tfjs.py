@@ -16,11 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from .._errors import ExportError
 from ._keras import check_device_segment, keras_model
-from ._layergraph import LayerGraph, layer_graph
+from ._layergraph import LayerGraph, segment_exporter
 
 META_FORMAT = "splitexport-tfjs/1"
 META_FILE = "splitexport.json"
@@ -72,17 +70,9 @@ def write_tfjs(
     return files
 
 
-def export_tfjs_segment(
-    module: nn.Module,
-    input_shape: tuple[int, ...],
-    out_dir: str | Path,
-    *,
-    is_last: bool,
-    loss: str = "cross_entropy",
-    optimizer: Mapping[str, Any] | None = None,
-) -> dict[str, Path]:
-    """Export one device segment (fx GraphModule or TorchScript) as TF.js artifacts."""
-    return write_tfjs(layer_graph(module, input_shape), out_dir, is_last=is_last, loss=loss, optimizer=optimizer)
+export_tfjs_segment = segment_exporter(
+    write_tfjs, "Export one device segment (fx GraphModule or TorchScript) as TF.js artifacts."
+)
 
 
 def run_export_tfjs(bundle_path: Path, args: Any) -> None:

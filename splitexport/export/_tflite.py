@@ -29,17 +29,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from torch import nn
 
 from .._errors import ExportError
 from ._keras import check_device_segment
-from ._layergraph import LayerGraph, layer_graph
+from ._layergraph import LayerGraph, segment_exporter
 
 Variant = Literal["flex", "builtin"]
 VARIANTS: tuple[Variant, ...] = ("flex", "builtin")
 META_FORMAT = "splitexport-tflite/1"
 
-__all__ = ["VARIANTS", "export_tflite_segment", "run_export_tflite", "tflite_model_bytes"]
+__all__ = ["VARIANTS", "export_tflite_segment", "run_export_tflite", "tflite_model_bytes", "write_tflite"]
 
 
 def _optimizer(opt: Mapping[str, Any] | None) -> Any:
@@ -207,24 +206,15 @@ def tflite_model_bytes(
     return bytes(data), meta
 
 
-def export_tflite_segment(
-    module: nn.Module,
-    input_shape: tuple[int, ...],
-    out_dir: str | Path,
-    *,
-    is_last: bool,
-    loss: str = "cross_entropy",
-    optimizer: Mapping[str, Any] | None = None,
-    variants: tuple[Variant, ...] = VARIANTS,
-    batch_size: int = 32,
-) -> dict[str, Path]:
-    """Export one device segment; returns artifact kind -> file (``flex``, ``builtin``, ``meta``).
+def write_tflite(graph: LayerGraph, out_dir: str | Path, *, is_last: bool, loss: str = "cross_entropy",
+                 optimizer: Mapping[str, Any] | None = None, variants: tuple[Variant, ...] = VARIANTS,
+                 batch_size: int = 32) -> dict[str, Path]:
+    """Write the TFLite artifacts of ``graph``; returns artifact kind -> file (``flex``, ``builtin``, ``meta``).
 
     ``meta`` (``tflite.json``) holds the state layout and settings of each variant.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    graph = layer_graph(module, input_shape)
     files: dict[str, Path] = {}
     metas: dict[str, Any] = {}
     for variant in variants:
@@ -245,6 +235,11 @@ def export_tflite_segment(
     meta_path.write_text(json.dumps({"format": META_FORMAT, "variants": metas}, indent=2) + "\n")
     files["meta"] = meta_path
     return files
+
+
+export_tflite_segment = segment_exporter(
+    write_tflite, "Export one device segment (fx GraphModule or TorchScript) as TFLite training models."
+)
 
 
 def run_export_tflite(bundle_path: Path, args: Any) -> None:

@@ -314,10 +314,14 @@ class TfSegment(tf.Module):
     # ------------------------------------------------------------------ losses
     @staticmethod
     def aux_loss(out: tf.Tensor, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``0.5 * sum((out - t)^2)`` with ``t = out - g``, and its gradient ``out - t``."""
-        target = tf.stop_gradient(out - grad)
-        diff = out - target
-        return 0.5 * tf.reduce_sum(diff * diff), diff
+        """``0.5 * sum((out - t)^2)`` with ``t = out - g`` (= ``0.5 * sum(g^2)``), and its gradient: exactly ``g``.
+
+        Differentiated as ``sum(out * g)``: ``out - (out - g)`` in float32 loses the low bits of ``g``
+        when ``|g| << |out|``, which Adam's normalisation turns into visible weight differences.
+        """
+        g = tf.stop_gradient(grad)
+        linear = tf.reduce_sum(out * g)
+        return 0.5 * tf.reduce_sum(g * g) + (linear - tf.stop_gradient(linear)), g
 
     @staticmethod
     def label_loss(out: tf.Tensor, labels: tf.Tensor, kind: str) -> tuple[tf.Tensor, tf.Tensor]:

@@ -197,3 +197,18 @@ def test_runner_checks_the_optimizer(bundle) -> None:
         OrtRunner.from_bundle(load_bundle(bundle.path), "A", optimizer=OptimizerSpec(name="sgd", lr=0.01, momentum=0.9))
     with pytest.raises(RuntimeError, match="without a preceding forward"):
         runner.train_with_gradient(torch.zeros(1, 16, 8, 8))
+
+
+def test_threads_option_trains_like_the_default(bundle) -> None:
+    """``threads=1``: a one-thread, non-spinning ORT pool; the same step as ORT's default pool."""
+    one = OrtRunner.from_bundle(bundle, "A", threads=1).segment
+    default = OrtSegment.from_bundle(bundle, "A")
+    assert one.threads == 1 and default.threads is None
+    x = rand(32, 1, 8, 8)
+    out = one.forward(x)
+    np.testing.assert_allclose(out, default.forward(x), atol=1e-6)
+    g = rand(*out.shape, seed=1, scale=1e-2)
+    one.train_with_gradient(x, g)
+    default.train_with_gradient(x, g)
+    for k, v in default.parameters().items():
+        np.testing.assert_allclose(one.parameters()[k], v, rtol=0, atol=1e-6, err_msg=k)

@@ -33,6 +33,7 @@ def test_js_runtime_matches_torch(tmp_path: Path) -> None:
         **os.environ,
         "SPLITEXPORT_TFJS_FIXTURES": str(tmp_path / "fixtures"),
         "SPLITEXPORT_TFJS_RESULTS": str(results),
+        "SPLITEXPORT_JS_E2E": "0",  # the HTTP end-to-end test runs in `npm test` (make test), not twice
     }
     proc = subprocess.run(
         [node, "--test", "test/"], cwd=JS, env=env, capture_output=True, text=True, timeout=900, check=False

@@ -20,6 +20,7 @@ from tests.tf_reference import (
     max_diff,
     max_rel_diff,
     reference,
+    tf_optimizer_state,
     tf_state,
 )
 
@@ -68,10 +69,10 @@ def _per_step(seg: TfliteSegment, ref: Reference) -> dict[str, float]:
     names = seg.meta["torch_names"]
     weights = stats = grad = 0.0
     for i, (x, target) in enumerate(zip(ref.inputs, ref.targets)):
-        state = {k: np.zeros_like(v) if k.endswith("/momentum") else v for k, v in seg.state().items()}
+        slots = {e["name"] for e in seg.meta["state"]} - set(names)  # optimizer slots and step: torch's or zero
+        state = {k: np.zeros_like(v) if k in slots else v for k, v in seg.state().items()}
         state.update(tf_state(names, ref.states[i]))
-        for k, v in tf_state(names, ref.momentum[i]).items():
-            state[f"{k}/momentum"] = v
+        state.update(tf_optimizer_state(names, ref.momentum[i]))
         seg.load_state(state)
         if ref.is_last:
             _, gx = seg.train_with_labels(x, target)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.tf_reference import CASES, STATS_TOL, STEPS, TOL, Case, reference, tf_state
+from tests.tf_reference import CASES, STATS_TOL, STEPS, TOL, Case, reference, tf_optimizer_state, tf_state
 
 
 def _tensor(a: np.ndarray) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def write_case(case: Case, out: Path) -> None:
 
     steps = []
     for i in range(len(ref.inputs)):
-        momentum = {f"{k}/momentum": _tensor(v) for k, v in tf_state(names, ref.momentum[i]).items()}
+        momentum = {k: _tensor(v) for k, v in tf_optimizer_state(names, ref.momentum[i]).items()}
         steps.append(
             {
                 "x": _tensor(ref.inputs[i]),

@@ -3,7 +3,9 @@
  * split model exported with `splitexport export BUNDLE --format tfjs`.
  *
  * Works wherever @tensorflow/tfjs runs (browser, React Native, Node); file loading for Node
- * lives in `./node.js` so this module imports nothing Node-specific.
+ * lives in `./node.js` so this module imports nothing Node-specific. The server protocol client
+ * (`./client.js`, fetch-based), safetensors (`./safetensors.js`) and the training loop
+ * (`./train.js`) are re-exported here.
  *
  * Update rule (mirrors splitexport/_update_rule.py):
  *  - a segment whose output `out` receives g = dL/d(out) trains on
@@ -103,12 +105,14 @@ class Optimizer {
   }
 }
 
-/** The auxiliary loss 0.5*sum((out - t)^2), t = out - g, whose gradient w.r.t. out is out - t. */
+/**
+ * The auxiliary loss 0.5*sum((out - t)^2), t = out - g (= 0.5*sum(g^2)); its gradient w.r.t. out is exactly g
+ * (the gradient of sum(out*g)): out - (out - g) in float32 would lose the low bits of g when |g| << |out|.
+ */
 const auxLoss = tf.customGrad((out, grad, save) => {
-  const diff = tf.sub(out, tf.sub(out, grad));
-  save([diff]);
+  save([grad]);
   return {
-    value: tf.mul(0.5, tf.sum(tf.square(diff))),
+    value: tf.mul(0.5, tf.sum(tf.square(grad))),
     gradFunc: (dy, saved) => [tf.mul(dy, saved[0]), tf.zerosLike(grad)],
   };
 });
@@ -226,24 +230,29 @@ export class DeviceSegment {
     return loss;
   }
 
-  /** Label-loss step of the last segment. Returns `{loss, gradInput}` (gradInput = dL/d(input)). */
+  /**
+   * Label-loss step of the last segment. Returns `{loss, gradInput, output}`: gradInput = dL/d(input) to
+   * send upstream, output = this step's (pre-update) output; the caller disposes both tensors.
+   */
   trainWithLabels(x, labels) {
     if (!this.config.isLast) throw new DeviceRuntimeError('only the last segment trains with labels; use trainWithGradient');
     checkShape('input', x, this.config.inputShape);
     if (labels.shape[0] !== x.shape[0]) throw new DeviceRuntimeError(`${labels.shape[0]} labels for a batch of ${x.shape[0]}`);
     const input = tf.variable(x, true);
     const vars = [...this.optimizer.vars, input];
-    const { value, grads } = tf.variableGrads(
-      () => labelLoss(this.model.apply(input, { training: true }), labels, this.config.loss),
-      vars,
-    );
+    let output;
+    const { value, grads } = tf.variableGrads(() => {
+      const out = this.model.apply(input, { training: true });
+      output = tf.keep(out.clone());
+      return labelLoss(out, labels, this.config.loss);
+    }, vars);
     this.optimizer.apply(this.optimizer.vars.map((v) => grads[v.name]));
     const gradInput = tf.keep(grads[input.name].clone());
     const loss = value.dataSync()[0];
     value.dispose();
     tf.dispose(grads);
     input.dispose();
-    return { loss, gradInput };
+    return { loss, gradInput, output };
   }
 
   /** Every weight (trainable and BatchNorm statistics) keyed by its Keras name, e.g. `stem_0/kernel`. */
@@ -296,3 +305,7 @@ export class DeviceSegment {
     this.model.dispose();
   }
 }
+
+export { RemoteSegment, ServerClient, ServerError } from './client.js';
+export { decodeSafetensors, encodeSafetensors, SafetensorsError } from './safetensors.js';
+export { batchIndices, predict, trainSplit, trainStep } from './train.js';

@@ -54,9 +54,9 @@ function step(seg, s) {
   const x = tensor(s.x);
   const target = tensor(s.target);
   if (seg.isLast) {
-    const { loss, gradInput } = seg.trainWithLabels(x, target);
+    const { loss, gradInput, output } = seg.trainWithLabels(x, target);
     const g = maxAbs(gradInput, tensor(s.grad_input));
-    gradInput.dispose();
+    tf.dispose([gradInput, output]);
     return { loss, grad: g };
   }
   return { loss: seg.trainWithGradient(x, target), grad: 0 };

@@ -1,0 +1,223 @@
+/**
+ * HTTP client of the splitexport server (docs/protocol.md), fetch-based: browsers, React Native, Node >= 18.
+ *
+ * Exactly-once: a call is retried with the same body, with exponential backoff, on network errors,
+ * 5xx and 503 (honouring Retry-After); the server answers a repeated call from its stored response.
+ * After a server restart between a forward and its backward (409 `forward_lost`) the forward is
+ * sent again, then the backward. A refused call (other 4xx) raises {@link ServerError}.
+ */
+import * as tf from '@tensorflow/tfjs';
+import { decodeSafetensors, encodeSafetensors } from './safetensors.js';
+
+export const MEDIA_TYPE = 'application/vnd.safetensors';
+
+/** The server refused a call (4xx), or stayed unreachable through every retry (status 503, code `unreachable`). */
+export class ServerError extends Error {
+  /**
+   * @param {number} status
+   * @param {{error?: {code?: string, message?: string, [k: string]: unknown}}} body
+   */
+  constructor(status, body) {
+    const err = (body && body.error) || {};
+    super(`${status} ${err.code ?? ''}: ${err.message ?? JSON.stringify(body)}`);
+    this.name = 'ServerError';
+    this.status = status;
+    this.code = err.code ?? '';
+    /** @type {Record<string, unknown>} */
+    this.details = err;
+  }
+}
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string | null} [token] bearer token
+ * @property {number} [maxWaitMs] give up retrying a call after this long (default 120 s)
+ * @property {number} [backoffMs] first retry delay, doubled up to 2 s (default 100 ms)
+ * @property {typeof fetch} [fetch] fetch implementation (default: the global one)
+ */
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function errorBody(response) {
+  const text = await response.text();
+  try {
+    const body = JSON.parse(text);
+    return body && typeof body === 'object' ? body : { error: { message: String(body) } };
+  } catch {
+    return { error: { message: text.slice(0, 200) } };
+  }
+}
+
+/** A session-less client with retries. */
+export class ServerClient {
+  /** @param {string} baseUrl @param {ClientOptions} [options] */
+  constructor(baseUrl, options = {}) {
+    this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.token = options.token ?? null;
+    this.maxWaitMs = options.maxWaitMs ?? 120_000;
+    this.backoffMs = options.backoffMs ?? 100;
+    this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
+    /** Number of retried calls (network errors, 5xx, 503). */
+    this.retries = 0;
+  }
+
+  /**
+   * Send one call, retrying transport failures, 503 and 5xx until `maxWaitMs` has passed.
+   * @param {string} method
+   * @param {string} path
+   * @param {Uint8Array | null} [body] safetensors bytes
+   * @returns {Promise<Response>}
+   */
+  async request(method, path, body = null) {
+    const deadline = Date.now() + this.maxWaitMs;
+    let delay = this.backoffMs;
+    /** @type {Record<string, string>} */
+    const headers = {};
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    if (body != null) headers['Content-Type'] = MEDIA_TYPE;
+    for (;;) {
+      let failure;
+      let wait = delay;
+      try {
+        const response = await this.fetch(this.baseUrl + path, { method, headers, body: body ?? undefined });
+        if (response.status < 400) return response;
+        const err = new ServerError(response.status, await errorBody(response));
+        if (response.status < 500) throw err;
+        failure = err;
+        const retryAfter = Number(response.headers.get('retry-after'));
+        if (response.status === 503 && retryAfter > 0) wait = Math.max(wait, retryAfter * 1000);
+      } catch (exc) {
+        if (exc instanceof ServerError && exc.status < 500) throw exc;
+        failure = exc;
+      }
+      if (Date.now() + wait > deadline) {
+        throw new ServerError(503, { error: { code: 'unreachable', message: String(failure?.message ?? failure) } });
+      }
+      this.retries += 1;
+      await sleep(wait);
+      delay = Math.min(delay * 2, 2000);
+    }
+  }
+
+  /** @returns {Promise<{session_id: string, next_step: number, expected: string, split?: string, segment?: string}>} */
+  async openSession() {
+    return (await this.request('POST', '/v1/sessions')).json();
+  }
+
+  /** @param {string} id @returns {Promise<{session_id: string, next_step: number, expected: string}>} */
+  async session(id) {
+    return (await this.request('GET', `/v1/sessions/${encodeURIComponent(id)}`)).json();
+  }
+
+  /** @param {string} id */
+  async deleteSession(id) {
+    await this.request('DELETE', `/v1/sessions/${encodeURIComponent(id)}`);
+  }
+
+  /** @returns {Promise<object>} the bundle manifest with `device_files` */
+  async manifest() {
+    return (await this.request('GET', '/v1/manifest')).json();
+  }
+}
+
+/** @param {tf.Tensor} t */
+function wire(t) {
+  return { shape: t.shape, data: t.dtype === 'int32' ? /** @type {Int32Array} */ (t.dataSync()) : t.dataSync() };
+}
+
+/** @param {{shape: number[], data: Float32Array | Int32Array}} t @returns {tf.Tensor} */
+function toTensor(t) {
+  return tf.tensor(t.data, t.shape, t.data instanceof Int32Array ? 'int32' : 'float32');
+}
+
+/** The server's segment B of one session, driven step by step. */
+export class RemoteSegment {
+  /**
+   * Use {@link RemoteSegment.open}.
+   * @param {ServerClient} client
+   * @param {{session_id: string, next_step: number}} info
+   * @param {{fp16?: boolean}} [options] send activations and gradients as float16
+   */
+  constructor(client, info, options = {}) {
+    this.client = client;
+    this.sessionId = info.session_id;
+    this.step = Number(info.next_step);
+    this.fp16 = Boolean(options.fp16);
+    /** @type {Uint8Array | null} */
+    this._forwardBody = null;
+  }
+
+  /**
+   * Open a new session, or resume `sessionId` at the server's next step.
+   * @param {ServerClient} client
+   * @param {{sessionId?: string, fp16?: boolean}} [options]
+   */
+  static async open(client, options = {}) {
+    const info = options.sessionId ? await client.session(options.sessionId) : await client.openSession();
+    return new RemoteSegment(client, info, options);
+  }
+
+  /** @param {string} call */
+  _path(call) {
+    return `/v1/sessions/${encodeURIComponent(this.sessionId)}/steps/${this.step}/${call}`;
+  }
+
+  /** @param {string} path @param {Uint8Array} body @param {string} name */
+  async _call(path, body, name) {
+    const response = await this.client.request('POST', path, body);
+    const tensors = decodeSafetensors(new Uint8Array(await response.arrayBuffer()));
+    return name ? toTensor(tensors[name]) : tensors;
+  }
+
+  /**
+   * Double split, step part 1: B's output for A's activation. B is held for this device until the backward.
+   * @param {tf.Tensor} activation @returns {Promise<tf.Tensor>}
+   */
+  async forward(activation) {
+    this._forwardBody = encodeSafetensors({ activation: wire(activation) }, { fp16: this.fp16 });
+    return /** @type {Promise<tf.Tensor>} */ (this._call(this._path('forward'), this._forwardBody, 'output'));
+  }
+
+  /**
+   * Double split, step part 2: B trains on dL/d(B output) and returns dL/d(B input); the step advances.
+   * @param {tf.Tensor} grad @returns {Promise<tf.Tensor>}
+   */
+  async backward(grad) {
+    const body = encodeSafetensors({ grad: wire(grad) }, { fp16: this.fp16 });
+    let out;
+    try {
+      out = await this._call(this._path('backward'), body, 'grad');
+    } catch (exc) {
+      const lost = exc instanceof ServerError && exc.status === 409 && this._forwardBody != null &&
+        (exc.code === 'forward_lost' || (exc.details.expected === 'forward' && exc.details.next_step === this.step));
+      if (!lost) throw exc;
+      // the server restarted between our forward and backward: the same forward again, then the backward
+      (await this._call(this._path('forward'), this._forwardBody, 'output')).dispose();
+      out = await this._call(this._path('backward'), body, 'grad');
+    }
+    this.step += 1;
+    this._forwardBody = null;
+    return /** @type {tf.Tensor} */ (out);
+  }
+
+  /**
+   * Single split: B (the last segment) trains on the labels; the step advances.
+   * @param {tf.Tensor} activation @param {tf.Tensor} labels int class ids (cross-entropy) or float targets (MSE)
+   * @returns {Promise<{loss: number, grad: tf.Tensor, output: tf.Tensor}>}
+   */
+  async train(activation, labels) {
+    const y = labels.dtype === 'int32' ? { ...wire(labels), dtype: /** @type {const} */ ('I64') } : wire(labels);
+    const body = encodeSafetensors({ activation: wire(activation), labels: y }, { fp16: this.fp16 });
+    const out = /** @type {Record<string, any>} */ (await this._call(this._path('train'), body, ''));
+    this.step += 1;
+    return { loss: out.loss.data[0], grad: toTensor(out.grad), output: toTensor(out.output) };
+  }
+
+  /** B in inference mode; changes nothing. @param {tf.Tensor} activation @returns {Promise<tf.Tensor>} */
+  async evaluate(activation) {
+    const body = encodeSafetensors({ activation: wire(activation) }, { fp16: this.fp16 });
+    return /** @type {Promise<tf.Tensor>} */ (
+      this._call(`/v1/sessions/${encodeURIComponent(this.sessionId)}/evaluate`, body, 'output')
+    );
+  }
+}

@@ -1,0 +1,154 @@
+// End to end: the JS runtime trains A and C (double split) and A (single split) against a real
+// `splitexport serve` over loopback HTTP on scikit-learn digits, and survives a server SIGKILL.
+// Python side: $SPLITEXPORT_PYTHON (default <repo>/.venv/bin/python) builds, exports (TF.js) and
+// deploys the bundles and writes the data (tests/device_runtime/js_e2e_fixture.py). Skipped when that
+// Python is missing, or with SPLITEXPORT_JS_E2E=0 (tests/device_runtime/test_tfjs_runtime.py sets it).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { decodeSafetensors, RemoteSegment, ServerClient, ServerError, tf, trainSplit } from '../src/index.js';
+import { loadSegmentFromDir } from '../src/node.js';
+
+const pkgRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const repoRoot = path.resolve(pkgRoot, '..', '..');
+const python = process.env.SPLITEXPORT_PYTHON ?? path.join(pkgRoot, '..', '..', '.venv', 'bin', 'python');
+const skip = process.env.SPLITEXPORT_JS_E2E === '0' ? 'SPLITEXPORT_JS_E2E=0'
+  : existsSync(python) ? false : `no Python environment at ${python} (set SPLITEXPORT_PYTHON)`;
+const EPOCHS = 6;
+const MIN_ACCURACY = 0.9;
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** `python -m splitexport serve` as a child process (SIGKILL-able, restartable on the same port and state). */
+class Server {
+  constructor(bundle, tokens, port) {
+    const state = mkdtempSync(path.join(os.tmpdir(), 'se-state-'));
+    this.args = ['-m', 'splitexport', 'serve', bundle, '--port', String(port), '--state-dir', state, '--tokens', tokens];
+    this.url = `http://127.0.0.1:${port}`;
+    this.proc = null;
+  }
+
+  spawn() {
+    this.proc = spawn(python, this.args, { cwd: repoRoot, stdio: ['ignore', 'ignore', 'inherit'] });
+  }
+
+  async start() {
+    this.spawn();
+    const deadline = Date.now() + 60_000;
+    while (Date.now() < deadline) {
+      try {
+        if ((await fetch(`${this.url}/healthz`)).ok) return;
+      } catch {
+        // not listening yet
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    throw new Error(`server ${this.args.join(' ')} did not start`);
+  }
+
+  stop(signal = 'SIGTERM') {
+    if (this.proc == null || this.proc.exitCode != null) return Promise.resolve();
+    const done = new Promise((r) => this.proc.once('exit', r));
+    this.proc.kill(signal);
+    return done;
+  }
+}
+
+function loadFixture() {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'splitexport-e2e-'));
+  const res = spawnSync(python, ['-m', 'tests.device_runtime.js_e2e_fixture', out], {
+    cwd: repoRoot,
+    encoding: 'utf8',
+    env: { ...process.env, TF_CPP_MIN_LOG_LEVEL: '3', TFDF_DISABLE_WELCOME_MESSAGE: '1' },
+  });
+  if (res.status !== 0) throw new Error(`fixture script failed (${python}):\n${res.stderr}`);
+  const fixture = JSON.parse(readFileSync(path.join(out, 'fixture.json'), 'utf8'));
+  const raw = decodeSafetensors(readFileSync(fixture.data));
+  const t = (k) => tf.tensor(raw[k].data, raw[k].shape, raw[k].dtype.startsWith('I') ? 'int32' : 'float32');
+  fixture.dataset = { xTrain: t('x_train'), yTrain: t('y_train'), xTest: t('x_test'), yTest: t('y_test') };
+  return fixture;
+}
+
+const fixture = skip ? null : loadFixture();
+
+async function train(split, options) {
+  const f = fixture[split];
+  const server = new Server(f.bundle, fixture.tokens, await freePort());
+  await server.start();
+  try {
+    const client = new ServerClient(server.url, { token: fixture.token });
+    const remote = await RemoteSegment.open(client, options);
+    const a = await loadSegmentFromDir(f.segments.A);
+    const c = f.segments.C ? await loadSegmentFromDir(f.segments.C) : null;
+    const started = Date.now();
+    let steps = 0;
+    const history = await trainSplit({
+      a, c, remote, data: fixture.dataset, epochs: EPOCHS, batchSize: 32, seed: 0,
+      onStep: () => { steps += 1; },
+      onEpoch: (e) => console.log(`${split}: epoch ${e.epoch} train loss ${e.trainLoss.toFixed(4)} ` +
+        `train acc ${e.trainAccuracy.toFixed(4)} test acc ${e.testAccuracy.toFixed(4)}`),
+    });
+    const seconds = (Date.now() - started) / 1000;
+    const acc = history.at(-1).testAccuracy;
+    console.log(`${split} split over HTTP (TF.js): test accuracy ${acc.toFixed(4)} after ${EPOCHS} epochs, ` +
+      `${steps} steps in ${seconds.toFixed(1)} s`);
+    assert.equal(steps, EPOCHS * Math.ceil(fixture.dataset.xTrain.shape[0] / 32));
+    assert.equal(remote.step, steps);
+    assert.equal((await client.session(remote.sessionId)).next_step, steps);
+    assert.ok(acc >= MIN_ACCURACY, `test accuracy ${acc} < ${MIN_ACCURACY}`);
+    return { server, client, remote, a, c };
+  } catch (err) {
+    await server.stop();
+    throw err;
+  }
+}
+
+test('double split: JS trains A and C against the server to >= 0.90 on digits', { skip }, async () => {
+  const { server, client, remote, a, c } = await train('double', {});
+  try {
+    // exactly once: the same forward twice gets the stored response
+    const x = tf.slice(fixture.dataset.xTest, 0, 8);
+    const act = a.forward(x);
+    const h1 = await remote.forward(act);
+    const again = await client.request('POST', remote._path('forward'), remote._forwardBody);
+    const h2 = decodeSafetensors(new Uint8Array(await again.arrayBuffer())).output;
+    assert.deepEqual(Array.from(h1.dataSync()), Array.from(h2.data));
+    // SIGKILL between forward and backward: the backward retries through connection errors until the
+    // restarted server answers 409 forward_lost, then the client resends the forward and the backward
+    await server.stop('SIGKILL');
+    server.spawn();
+    const retriesBefore = client.retries;
+    const step = remote.step;
+    const { gradInput } = c.trainWithLabels(h1, tf.slice(fixture.dataset.yTest, 0, 8));
+    const gradA = await remote.backward(gradInput);
+    assert.equal(remote.step, step + 1);
+    assert.ok(client.retries > retriesBefore, 'the backward was retried while the server restarted');
+    assert.deepEqual(gradA.shape, act.shape);
+    // refused calls are not retried
+    const bad = new ServerClient(server.url, { token: 'wrong' });
+    await assert.rejects(bad.openSession(), (e) => e instanceof ServerError && e.status === 401);
+    await assert.rejects(remote.backward(gradInput), (e) => e instanceof ServerError && e.code === 'wrong_step');
+  } finally {
+    await server.stop();
+  }
+});
+
+test('single split: JS trains A against the server holding the labels (float16 transport)', { skip }, async () => {
+  const { server } = await train('single', { fp16: true });
+  await server.stop();
+});

@@ -1,0 +1,584 @@
+"""Multi-client strategies over HTTP: iteration barriers, round ends, device-weight exchange.
+
+Steps are numbered in one of two ways (docs/protocol.md):
+
+* **global iterations** (PSL, SFL, SGLR, AdaSplit): step ``n`` in a URL is the server's iteration
+  ``n``. Its participants are fixed when it opens (``Strategy.participants``). Batching strategies
+  collect the iteration's forward (single split: train) calls until every participant has arrived
+  or ``round_timeout_s`` has passed, make one strategy call, and answer each waiting request with
+  its own slice; the same again for backward. Non-batching ones (AdaSplit) serve each selected
+  client on arrival.
+* **per-session steps** (SSL): the default protocol with B's lease; B's calls go through the
+  strategy one client at a time, and device weights are relayed with ``device-state`` / ``turn``.
+
+A round ends when every client of the round has called ``rounds/{r}/end`` (or the timeout has
+passed since the first did): one ``Strategy.end_round`` call, each client gets the device weights
+it must load (SFL, FedAvg: the average; others: none). Exactly once: a repeated call with the
+same body returns the stored response.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from splitexport.strategies import STRATEGIES, ServerReply, Strategy, StrategyConfig, make_strategy
+
+from ._errors import APIError
+from ._state import ServerState, Session, _Cached
+from ._wire import encode
+
+HISTORY = 256
+"""How many closed iterations keep their participant list for late status calls."""
+
+
+class _Relay(Protocol):
+    def end_turn(self, client: str, device_state: Mapping[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class _Arrival:
+    payload: tuple[Any, ...]
+    transport: type
+    body_sha: str
+
+
+@dataclass
+class _Barrier:
+    """Calls collected until every expected client has arrived or the timeout has passed."""
+
+    expected: list[str]
+    opened: float
+    arrived: dict[str, _Arrival] = field(default_factory=dict)
+    responses: dict[str, bytes] | None = None
+    error: APIError | None = None
+
+    def complete(self) -> bool:
+        return all(c in self.arrived for c in self.expected)
+
+    @property
+    def done(self) -> bool:
+        return self.responses is not None or self.error is not None
+
+
+@dataclass
+class _Iteration:
+    index: int
+    round: int
+    participants: list[str]
+    phase: str
+    """"forward" then "backward" (double split), or "train" (single split)."""
+    barrier: _Barrier
+    finished: set[str] = field(default_factory=set)
+    out_shapes: dict[str, torch.Size] = field(default_factory=dict)
+    closed: bool = False
+
+
+def build_strategy(state: ServerState) -> Strategy:
+    """The configured strategy around B; ``ValueError`` with a clear message for a bad combination."""
+    s = state.settings
+    assert s.strategy is not None
+    if s.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {s.strategy!r}; choose from {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[s.strategy]
+    if state.split not in cls.splits:
+        need = " or ".join(sorted(cls.splits))
+        shape = "A | B" if state.split == "single" else "A | B | C"
+        raise ValueError(f"strategy {s.strategy!r} needs a {need} split; this bundle is a {state.split} split "
+                         f"({shape}): re-partition with {'one --cut' if need == 'single' else 'two --cut'}")
+    if s.num_clients is None:
+        raise ValueError(f"strategy {s.strategy!r} needs the number of clients: pass --clients N "
+                         "(or set SPLITEXPORT_NUM_CLIENTS)")
+    config = StrategyConfig(num_clients=s.num_clients, client_lr=state.bundle.manifest.optimizer.lr, alpha=s.alpha,
+                            phi=s.phi, phase_rounds=s.phase_rounds, kappa=s.kappa, eta=s.eta, lam=s.lam,
+                            gamma=s.gamma, total_rounds=s.total_rounds, seed=s.strategy_seed)
+    return make_strategy(s.strategy, state.segment if cls.needs_server else None, config)
+
+
+class RoundHost:
+    """The strategy layer of the server; every method runs under the server's lock."""
+
+    def __init__(self, state: ServerState, strategy: Strategy) -> None:
+        self.state = state
+        self.strategy = strategy
+        self.timeout = state.settings.round_timeout_s
+        self.num_clients = state.settings.num_clients or 1
+        self.global_steps = strategy.device_sync != "relay" and (strategy.batches_server or state.split == "single")
+        self._cond = threading.Condition(state._lock)
+        self.next_iteration = 0
+        self.current: _Iteration | None = None
+        self.round_clients: list[str] | None = None
+        self.end_barrier: _Barrier | None = None
+        self.round_left: set[str] = set()
+        """Clients done with this round's iterations (no more batches), before their round end."""
+        self._history: OrderedDict[int, frozenset[str]] = OrderedDict()
+        self._first_open: float | None = None
+
+    # -- info -------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, object]:
+        st = self.strategy
+        with self._cond:
+            return {
+                "strategy": st.name, "split": self.state.split, "device_sync": st.device_sync,
+                "batches_server": st.batches_server, "sends_gradient": st.sends_gradient,
+                "needs_server": st.needs_server, "steps": "global" if self.global_steps else "per_session",
+                "num_clients": self.num_clients, "client_lr": st.config.client_lr,
+                "server_lr": st.server_lr() if st.needs_server else None,
+                "alpha": st.config.alpha, "phi": st.config.phi, "round": st.round,
+                "next_iteration": self.current.index if self.current else self.next_iteration,
+                "round_timeout_s": self.timeout,
+            }
+
+    def status(self, session: Session, step: int) -> dict[str, object]:
+        """Whether ``session`` takes part in iteration ``step`` (waits until the iteration opens)."""
+        self._need_global("steps/{n}")
+        with self._cond:
+            if step in self._history and (self.current is None or self.current.index != step):
+                members = self._history[step]
+                return {"step": step, "participate": session.id in members, "open": False,
+                        "participants": len(members), "round": self.strategy.round}
+            it = self._await_open(session, step)
+            return {"step": step, "participate": session.id in it.participants, "open": True,
+                    "participants": len(it.participants), "round": it.round, "expected": it.phase}
+
+    # -- global iterations --------------------------------------------------------------------
+
+    def forward(self, session: Session, step: int, x: torch.Tensor, transport: type, body_sha: str) -> bytes:
+        with self._cond:
+            replay = self._replay(session, "forward", step, body_sha)
+            if replay is not None:
+                return replay
+            cur = self.current
+            if session.phase == "backward" and cur is not None and cur.phase == "backward" \
+                    and session.id in cur.participants:
+                raise self._wrong(session, f"step {cur.index} waits for this session's backward")
+            it = self._participant(session, step, "forward")
+            return self._arrive(it, session, _Arrival((x,), transport, body_sha), self._fire_forward)
+
+    def backward(self, session: Session, step: int, g: torch.Tensor, transport: type, body_sha: str) -> bytes:
+        with self._cond:
+            replay = self._replay(session, "backward", step, body_sha)
+            if replay is not None:
+                return replay
+            it = self.current
+            if it is None or it.index != step or it.phase != "backward" or session.id not in it.participants:
+                if session.phase == "backward" and session.next_step == step:
+                    session.phase = "forward"
+                    session.next_step = self._position()
+                    raise APIError(409, "forward_lost", f"iteration {step} is over (server restart or round "
+                                   f"timeout); continue at step {session.next_step}", **session.public())
+                raise self._wrong(session, f"no backward of step {step} is pending for this session")
+            shape = it.out_shapes[session.id]
+            if tuple(g.shape) != tuple(shape):
+                raise APIError(422, "wrong_batch", f"grad has shape {list(g.shape)}, the forward gave {list(shape)}")
+            return self._arrive(it, session, _Arrival((g,), transport, body_sha), self._fire_backward)
+
+    def train(self, session: Session, step: int, x: torch.Tensor, y: torch.Tensor, transport: type,
+              body_sha: str) -> bytes:
+        with self._cond:
+            replay = self._replay(session, "train", step, body_sha)
+            if replay is not None:
+                return replay
+            it = self._participant(session, step, "train")
+            arrival = _Arrival((x, y), transport, body_sha)
+            if self.strategy.batches_server:
+                return self._arrive(it, session, arrival, self._fire_train)
+            if session.id in it.finished:
+                raise APIError(409, "conflicting_retry", f"step {step} train was already applied with another body",
+                               **session.public())
+            reply = self.strategy.train_round({session.id: (x, y)})[session.id]
+            response = self._reply_bytes(reply, transport)
+            self._finish(session, "train", step, body_sha, response)
+            it.finished.add(session.id)
+            self._count_step()
+            if all(c in it.finished for c in it.participants):
+                self._close(it)
+            return response
+
+    # -- round ends ---------------------------------------------------------------------------
+
+    def end_round(self, session: Session, round_index: int, arrays: dict[str, np.ndarray], num_samples: int,
+                  body_sha: str) -> bytes:
+        """The device weights this client must load after round ``round_index`` (empty: keep its own)."""
+        with self._cond:
+            cached = session.cache.get("end")
+            if cached is not None and cached.step == round_index:
+                return self._replayed(session, cached.body_sha, body_sha, cached.response, f"round {round_index} end")
+            if round_index != self.strategy.round:
+                raise APIError(409, "wrong_round", f"the server is in round {self.strategy.round}, got round "
+                               f"{round_index}", round=self.strategy.round, **session.public())
+            if session.phase == "backward":
+                raise self._wrong(session, "finish the pending backward before ending the round")
+            if self.round_clients is None:
+                self.round_clients = list(self.state.sessions)
+            if session.id not in self.round_clients:
+                raise APIError(409, "not_in_round", f"this session joined after round {round_index} began; it "
+                               f"takes part from round {round_index + 1}", round=round_index)
+            states = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            for k, t in states.items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise APIError(422, "non_finite", f"device state {k!r} contains NaN or Inf values", tensor=k)
+            bar = self.end_barrier
+            if bar is None:
+                bar = self.end_barrier = _Barrier(list(self.round_clients), time.monotonic())
+            self._check_like(bar, session.id, states)
+            known = bar.arrived.get(session.id)
+            if known is not None and known.body_sha != body_sha:
+                raise APIError(409, "conflicting_retry", f"round {round_index} end was already sent with another body")
+            if known is None:
+                bar.arrived[session.id] = _Arrival((states, num_samples), np.float32, body_sha)
+                self._leave_iteration(session.id)
+            return self._wait(bar, session, lambda: self._fire_end(bar, round_index))
+
+    def leave_round(self, session: Session, round_index: int) -> None:
+        """This client has no more batches in round ``round_index``: iterations stop waiting for it."""
+        with self._cond:
+            if round_index != self.strategy.round:
+                raise APIError(409, "wrong_round", f"the server is in round {self.strategy.round}, got round "
+                               f"{round_index}", round=self.strategy.round, **session.public())
+            if session.phase == "backward":
+                raise self._wrong(session, "finish the pending backward before leaving the round")
+            self.round_left.add(session.id)
+            self._leave_iteration(session.id)
+
+    def relayed_state(self, session: Session) -> bytes:
+        """SSL: the device weights to load before this client's turn (empty: keep its own)."""
+        self._need_relay()
+        with self._cond:
+            return encode(dict(self.strategy.device_state_for(session.id) or {}))
+
+    def end_turn(self, session: Session, arrays: dict[str, np.ndarray]) -> None:
+        """SSL: this client's weights after its turn, handed to the next client."""
+        relay: _Relay = self._need_relay()
+        with self._cond:
+            relay.end_turn(session.id, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+    def observe(self, session: Session, metrics: Mapping[str, float]) -> None:
+        with self._cond:
+            self.strategy.observe(session.id, metrics)
+
+    # -- per-session steps (the default protocol, B's calls through the strategy) ----------------
+
+    def b_forward(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+        return self.strategy.forward_round({session.id: x})[session.id]
+
+    def b_backward(self, session: Session, g: torch.Tensor) -> torch.Tensor:
+        return self.strategy.backward_round({session.id: g})[session.id]
+
+    def b_train(self, session: Session, x: torch.Tensor, y: torch.Tensor) -> ServerReply:
+        return self.strategy.train_round({session.id: (x, y)})[session.id]
+
+    def evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+        return self.strategy.evaluate(session.id, x)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
+                "next_iteration": self.current.index if self.current else self.next_iteration}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        self.next_iteration = int(state["next_iteration"])
+        self._first_open = time.monotonic()
+
+    def metrics(self) -> dict[str, float]:
+        return {"rounds_completed_total": self.strategy.round,
+                "iterations_total": self.current.index if self.current else self.next_iteration}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _need_global(self, call: str) -> None:
+        if not self.global_steps:
+            raise APIError(400, "wrong_call", f"strategy {self.strategy.name!r} numbers steps per session; "
+                           f"{call} is for strategies with global iterations")
+
+    def _need_relay(self) -> _Relay:
+        if self.strategy.device_sync != "relay" or not hasattr(self.strategy, "end_turn"):
+            raise APIError(400, "wrong_call", f"strategy {self.strategy.name!r} does not relay device weights")
+        return self.strategy  # type: ignore[return-value]
+
+    def _replay(self, session: Session, kind: str, step: int, body_sha: str) -> bytes | None:
+        cached = session.cache.get(kind)
+        if cached is None or cached.step != step:
+            return None
+        return self._replayed(session, cached.body_sha, body_sha, cached.response, f"step {step} {kind}")
+
+    def _replayed(self, session: Session, sha: str, body_sha: str, response: bytes, what: str) -> bytes:
+        if sha != body_sha:
+            raise APIError(409, "conflicting_retry", f"{what} was already applied with a different body",
+                           **session.public())
+        self.state.counters["retries"] += 1
+        return response
+
+    def _position(self) -> int:
+        return self.current.index if self.current is not None else self.next_iteration
+
+    def _wrong(self, session: Session, message: str) -> APIError:
+        if session.phase == "forward":
+            session.next_step = max(session.next_step, self._position())
+        return APIError(409, "wrong_step", message, **session.public())
+
+    def _participant(self, session: Session, step: int, phase: str) -> _Iteration:
+        it = self._await_open(session, step)
+        if session.id not in it.participants:
+            why = "was not selected for" if session.id in (self.round_clients or []) else "is not part of"
+            raise APIError(409, "not_in_round", f"this session {why} iteration {step} (round {it.round})",
+                           round=it.round, **session.public())
+        if it.phase != phase:
+            raise self._wrong(session, f"iteration {step} is in its {it.phase} phase, got {phase}")
+        return it
+
+    def _await_open(self, session: Session, step: int) -> _Iteration:
+        """Iteration ``step``, opening it when it is next; waits while the one before is still running."""
+        deadline = time.monotonic() + 2 * self.timeout
+        while True:
+            self._tick()
+            cur = self.current
+            position = self._position()
+            if cur is not None and cur.index == step:
+                return cur
+            if step < position:
+                if step in self._history and session.id not in self._history[step]:
+                    raise APIError(409, "not_in_round", f"this session was not part of iteration {step}",
+                                   **session.public())
+                raise self._wrong(session, f"iteration {step} is over; the server is at iteration {position}")
+            if step > position + (1 if cur is not None else 0):
+                raise self._wrong(session, f"iteration {step} is ahead; the server is at iteration {position}")
+            if cur is None and self._can_open():
+                return self._open(step)
+            now = time.monotonic()
+            if now >= deadline:
+                raise APIError(503, "busy", f"iteration {step} has not opened yet; retry", retry_after_s=1)
+            self._cond.wait(timeout=max(min(deadline, self._next_deadline()) - now, 0.0) + 0.005)
+
+    def _can_open(self) -> bool:
+        if self._first_open is None:
+            self._first_open = time.monotonic()
+        return len(self.state.sessions) >= self.num_clients or time.monotonic() >= self._first_open + self.timeout
+
+    def _open(self, step: int) -> _Iteration:
+        self._first_open = self._first_open or time.monotonic()
+        if self.round_clients is None:
+            self.round_clients = list(self.state.sessions)
+        ended = self.end_barrier.arrived if self.end_barrier is not None else {}
+        eligible = [c for c in self.round_clients
+                    if c not in ended and c not in self.round_left and c in self.state.sessions]
+        members = self.strategy.participants(self.strategy.round, eligible)
+        phase = "train" if self.state.split == "single" else "forward"
+        it = _Iteration(step, self.strategy.round, list(members), phase, _Barrier(list(members), time.monotonic()))
+        self.current = it
+        if not it.participants:
+            self._close(it)
+        return it
+
+    def _next_deadline(self) -> float:
+        deadlines = [b.opened + self.timeout for b in (self.current.barrier if self.current else None,
+                                                       self.end_barrier) if b is not None]
+        return min(deadlines, default=time.monotonic() + self.timeout)
+
+    def _tick(self) -> None:
+        """Proceed with the clients present when a barrier's time is up (nobody else may be waiting in it)."""
+        now = time.monotonic()
+        it = self.current
+        if it is not None and not it.closed and now >= it.barrier.opened + self.timeout:
+            if not self.strategy.batches_server or (it.phase == "forward" and not it.barrier.arrived):
+                self._close(it)
+            elif not it.barrier.done:
+                fire = {"forward": self._fire_forward, "backward": self._fire_backward, "train": self._fire_train}
+                self._fire(it.barrier, lambda: fire[it.phase](it))
+        bar = self.end_barrier
+        if bar is not None and not bar.done and now >= bar.opened + self.timeout:
+            self._fire(bar, lambda: self._fire_end(bar, self.strategy.round))
+
+    def _arrive(self, it: _Iteration, session: Session, arrival: _Arrival,
+                fire: Callable[[_Iteration], None]) -> bytes:
+        bar = it.barrier
+        known = bar.arrived.get(session.id)
+        if known is not None and known.body_sha != arrival.body_sha:
+            raise APIError(409, "conflicting_retry", f"step {it.index} {it.phase} is waiting with another body",
+                           **session.public())
+        if known is None:  # no wake-up: the last arrival fires the barrier itself
+            bar.arrived[session.id] = arrival
+            session.next_step = it.index
+        return self._wait(bar, session, lambda: fire(it))
+
+    def _wait(self, bar: _Barrier, session: Session, fire: Callable[[], None]) -> bytes:
+        while not bar.done:
+            now = time.monotonic()
+            if bar.complete() or now >= bar.opened + self.timeout:
+                self._fire(bar, fire)
+                break
+            self._tick()
+            if bar.done:
+                break
+            self._cond.wait(timeout=max(min(bar.opened + self.timeout, self._next_deadline()) - now, 0.0) + 0.005)
+        if bar.error is not None:
+            raise bar.error
+        assert bar.responses is not None
+        response = bar.responses.get(session.id)
+        if response is None:
+            raise APIError(409, "not_in_round", "the barrier proceeded without this session (round timeout)",
+                           **session.public())
+        return response
+
+    def _fire(self, bar: _Barrier, fire: Callable[[], None]) -> None:
+        try:
+            fire()
+        except APIError as exc:
+            bar.error = exc
+        except Exception as exc:  # noqa: BLE001 - a failing strategy call fails the whole barrier, not the server
+            bar.error = APIError(500, "strategy_failed", f"{type(exc).__name__}: {exc}")
+            if self.current is not None and self.current.barrier is bar:
+                self.state.segment._pending = None
+                self._close(self.current)
+        finally:
+            self._cond.notify_all()
+
+    def _present(self, it: _Iteration) -> list[str]:
+        return [c for c in it.participants if c in it.barrier.arrived]
+
+    def _fire_forward(self, it: _Iteration) -> None:
+        bar, present = it.barrier, self._present(it)
+        if not present:
+            self._close(it)
+            bar.responses = {}
+            return
+        outs = self.strategy.forward_round({c: bar.arrived[c].payload[0] for c in present})
+        bar.responses = {c: encode({"output": outs[c]}, bar.arrived[c].transport) for c in present}
+        for c in present:
+            s = self.state.sessions.get(c)
+            if s is not None:
+                s.cache["forward"] = _cached("forward", it.index, bar.arrived[c].body_sha, bar.responses[c])
+                s.phase, s.next_step = "backward", it.index
+        it.participants = present
+        it.out_shapes = {c: outs[c].shape for c in present}
+        it.phase = "backward"
+        it.barrier = _Barrier(list(present), time.monotonic())
+
+    def _fire_backward(self, it: _Iteration) -> None:
+        bar = it.barrier
+        grads = {c: bar.arrived[c].payload[0] if c in bar.arrived else torch.zeros(it.out_shapes[c])
+                 for c in it.participants}
+        grads_in = self.strategy.backward_round(grads)
+        bar.responses = {c: encode({"grad": grads_in[c], **self._shared(c)}, a.transport)
+                         for c, a in bar.arrived.items()}
+        self._settle(it, "backward", bar)
+        self._count_step()
+        self._close(it)
+
+    def _fire_train(self, it: _Iteration) -> None:
+        bar, present = it.barrier, self._present(it)
+        if not present:
+            bar.responses = {}
+            self._close(it)
+            return
+        replies = self.strategy.train_round({c: bar.arrived[c].payload for c in present})
+        bar.responses = {c: self._reply_bytes(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
+        self._settle(it, "train", bar)
+        self._count_step()
+        self._close(it)
+
+    def _fire_end(self, bar: _Barrier, round_index: int) -> None:
+        present = [c for c in bar.expected if c in bar.arrived] + [c for c in bar.arrived if c not in bar.expected]
+        states = {c: bar.arrived[c].payload[0] for c in present}
+        num_samples = {c: int(bar.arrived[c].payload[1]) for c in present}
+        if self.strategy.device_sync != "average":
+            states = {c: {} for c in present}
+        out = self.strategy.end_round(states, num_samples)
+        bar.responses = {c: encode(dict(out.get(c, {}))) for c in present}
+        for c in present:
+            s = self.state.sessions.get(c)
+            if s is not None:
+                s.cache["end"] = _cached("end", round_index, bar.arrived[c].body_sha, bar.responses[c])
+        self.end_barrier = None
+        self.round_clients = None
+        self.round_left.clear()
+        self.state.checkpoint()
+
+    def _settle(self, it: _Iteration, kind: str, bar: _Barrier) -> None:
+        assert bar.responses is not None
+        for c in it.participants:
+            s = self.state.sessions.get(c)
+            if s is None:
+                continue
+            if c in bar.responses:
+                self._finish(s, kind, it.index, bar.arrived[c].body_sha, bar.responses[c])
+            else:
+                s.phase, s.next_step = "forward", it.index + 1
+
+    def _finish(self, session: Session, kind: str, step: int, body_sha: str, response: bytes) -> None:
+        session.cache[kind] = _cached(kind, step, body_sha, response)
+        session.next_step, session.phase = step + 1, "forward"
+
+    def _count_step(self) -> None:
+        self.state.applied_steps += 1
+        self.state._since_checkpoint += 1
+
+    def _close(self, it: _Iteration) -> None:
+        if it.closed:
+            return
+        it.closed = True
+        self._history[it.index] = frozenset(it.participants)
+        while len(self._history) > HISTORY:
+            self._history.popitem(last=False)
+        if self.current is it:
+            self.current = None
+            self.next_iteration = it.index + 1
+        if self.state._since_checkpoint >= self.state.settings.checkpoint_every:
+            self.state.checkpoint()
+        self._cond.notify_all()
+
+    def _leave_iteration(self, client: str) -> None:
+        """A client that ended its round is no longer expected in the open iteration."""
+        it = self.current
+        if it is None or client not in it.participants or client in it.barrier.arrived or client in it.finished:
+            return
+        if it.phase in ("forward", "train"):
+            it.participants.remove(client)
+            it.barrier.expected.remove(client)
+            if not it.participants or (not self.strategy.batches_server
+                                       and all(c in it.finished for c in it.participants)):
+                self._close(it)
+            elif it.barrier.complete():  # the clients waiting in it can go on now
+                self._cond.notify_all()
+
+    def _check_like(self, bar: _Barrier, client: str, states: dict[str, torch.Tensor]) -> None:
+        """Every client of a round must send the same tensors (names, shapes, dtypes)."""
+        for other, arrival in bar.arrived.items():
+            if other == client:
+                continue
+            ref: dict[str, torch.Tensor] = arrival.payload[0]
+            same = ref.keys() == states.keys() and all(
+                ref[k].shape == states[k].shape and ref[k].dtype == states[k].dtype for k in ref)
+            if not same:
+                raise APIError(422, "state_mismatch", "the device state differs in names, shapes or dtypes from "
+                               "another client's in this round", expected=sorted(ref)[:20], got=sorted(states)[:20])
+            return
+
+    def _shared(self, client: str) -> dict[str, torch.Tensor]:
+        """``shared: [1]`` when the client's gradient is the one broadcast to several clients (SplitAvg)."""
+        return {"shared": torch.ones(1, dtype=torch.uint8)} if client in self.strategy.last_broadcast else {}
+
+    @staticmethod
+    def _reply_bytes(reply: ServerReply, transport: type, extra: Mapping[str, torch.Tensor] | None = None) -> bytes:
+        tensors: dict[str, torch.Tensor] = dict(extra or {})
+        if reply.grad is not None:
+            tensors["grad"] = reply.grad
+        if reply.loss is not None:
+            tensors["loss"] = torch.tensor([reply.loss])
+        if reply.output is not None:
+            tensors["output"] = reply.output
+        return encode(tensors, transport)
+
+
+def _cached(kind: str, step: int, body_sha: str, response: bytes) -> _Cached:
+    return _Cached(kind, step, body_sha, response)

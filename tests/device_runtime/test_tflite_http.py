@@ -1,0 +1,99 @@
+"""TFLite device segments A and C train against a real `splitexport serve` over loopback HTTP.
+
+The bundle is exported with the real TFLite exporter and shipped with `splitexport deploy`;
+the device side is `python -m device_runtime train --runtime tflite` (flex variant, any batch)
+and the same loop on the builtin variant (stock LiteRT, fixed batch of 32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from device_runtime import ServerClient, TfliteRunner, TfliteRuntimeError
+from device_runtime._train import build_split_model, main
+from splitexport import OptimizerSpec, SplitExportError, load_bundle, load_dataset
+from splitexport._cli import run as cli
+from splitexport._trainer import fit
+from tests.server.conftest import TOKEN, ServerProcess, make_bundle
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("uvicorn")
+
+EPOCHS = 4
+BATCH = 32
+
+
+def _deployed(tmp_path: Path, variant: str) -> Path:
+    bundle = make_bundle(tmp_path / "bundle", "mlp", ["relu1", "relu2"], OptimizerSpec(lr=0.1, momentum=0.9))
+    cli(["export", str(bundle), "--format", "tflite", "--tflite-variant", variant, "--batch-size", str(BATCH)])
+    cli(["deploy", str(bundle), "--to", str(tmp_path / "app-assets")])
+    return tmp_path / "app-assets"
+
+
+def _server(tmp_path: Path) -> ServerProcess:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(TOKEN + "\n")
+    server = ServerProcess(tmp_path / "bundle", tmp_path / "state", tokens)
+    server.start()
+    return server
+
+
+def test_deploy_ships_tflite_artifacts(tmp_path: Path) -> None:
+    assets = _deployed(tmp_path, "both")
+    deployed = load_bundle(assets)
+    assert deployed.manifest.scope == "device"
+    for spec in deployed.manifest.device_segments:
+        arts = spec.artifacts["tflite"]
+        assert set(arts) == {"flex", "builtin", "meta"}
+        assert all(deployed.file(rel).is_file() and rel in deployed.manifest.files for rel in arts.values())
+    assert not any(s.role == "server" and s.artifacts for s in deployed.manifest.segments)
+    with pytest.raises(SplitExportError, match="another optimizer"):
+        TfliteRunner.from_bundle(assets, "A", optimizer=OptimizerSpec(lr=0.01, momentum=0.9))
+
+
+def test_cli_trains_flex_segments_over_http(tmp_path: Path) -> None:
+    assets = _deployed(tmp_path, "flex")
+    server = _server(tmp_path)
+    try:
+        out = tmp_path / "results"
+        rc = main(["train", "--server", server.url, "--bundle", str(assets), "--token", TOKEN, "--runtime", "tflite",
+                   "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--out", str(out)])
+    finally:
+        server.stop()
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    acc = metrics["epochs"][-1]["test_accuracy"]
+    print(f"\ntflite flex over HTTP: test accuracy {acc:.4f} after {EPOCHS} epochs")
+    assert acc >= 0.90
+
+
+def test_builtin_segments_train_over_http(tmp_path: Path) -> None:
+    assets = _deployed(tmp_path, "builtin")
+    data = load_dataset("digits")
+    usable = len(data.x_train) // BATCH * BATCH  # the builtin variant trains on full batches only
+    data = dataclasses.replace(data, x_train=data.x_train[:usable], y_train=data.y_train[:usable])
+    server = _server(tmp_path)
+    client = ServerClient(server.url, TOKEN)
+    try:
+        bundle = load_bundle(assets)
+        model, remote = build_split_model(bundle, client, "tflite")
+        assert all(r.segment.variant == "builtin" for r in model.runners if isinstance(r, TfliteRunner))
+        torch.manual_seed(0)
+        history = fit(model, data, name="tflite builtin", epochs=EPOCHS, batch_size=BATCH, progress=False)
+        assert remote.step == EPOCHS * usable // BATCH
+        with pytest.raises(TfliteRuntimeError, match="batches of 32, got 3"):
+            model.runners[0].forward(data.x_train[:3])
+    finally:
+        client.close()
+        server.stop()
+    acc = history.epochs[-1].test_accuracy
+    print(f"\ntflite builtin (LiteRT) over HTTP: test accuracy {acc:.4f} after {EPOCHS} epochs")
+    assert acc >= 0.90
