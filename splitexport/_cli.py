@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -121,13 +121,37 @@ def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
     """``simulate --clients N --strategy S``: multi-client split learning in process."""
     from ._multiclient import simulate_clients, write_results
 
-    result = simulate_clients(
-        bundle, strategy=args.strategy or "psl", clients=args.clients or 2, partition=args.partition,
-        rounds=args.rounds, batch_size=args.batch_size, seed=args.seed, dataset=args.dataset,
-        optimizer=_optimizer_from(args, bundle.manifest.optimizer), alpha=args.alpha, phi=args.phi,
-        phase_rounds=args.phase_rounds, kappa=args.kappa, eta=args.eta, lam=args.lam,
-        progress=not args.no_progress, log=print,
-    )
+    strategy, clients = args.strategy or "psl", args.clients or 2
+    link: Any = None
+    if args.server is not None:  # the devices run here, B on `splitexport serve --strategy`
+        try:
+            from device_runtime import HttpLink, ServerClient, ServerError
+        except ImportError as exc:
+            raise SplitExportError(f"--server needs the 'server' extra: pip install 'splitexport[server]' ({exc})") from exc
+        probe = ServerClient(args.server, args.token, max_wait_s=10)
+        try:  # check before opening sessions: the server's first iteration waits for its clients' sessions
+            info = probe.request("GET", "/v1/strategy").json()
+        except ServerError as exc:
+            raise SplitExportError(f"server {args.server}: {exc}") from exc
+        finally:
+            probe.close()
+        served, expected = info["strategy"], info["num_clients"]
+        if args.strategy is not None and args.strategy != served or clients != expected:
+            raise SplitExportError(f"the server at {args.server} runs {served} for {expected} clients; pass "
+                                   f"--strategy {served} --clients {expected}")
+        strategy = served
+        link = HttpLink(args.server, clients, args.token)
+    try:
+        result = simulate_clients(
+            bundle, strategy=strategy, clients=clients, partition=args.partition,
+            rounds=args.rounds, batch_size=args.batch_size, seed=args.seed, dataset=args.dataset,
+            optimizer=_optimizer_from(args, bundle.manifest.optimizer), alpha=args.alpha, phi=args.phi,
+            phase_rounds=args.phase_rounds, kappa=args.kappa, eta=args.eta, lam=args.lam,
+            link=link, progress=not args.no_progress, log=print,
+        )
+    finally:
+        if link is not None:
+            link.close()
     metrics, plot = write_results([result], args.out, title=f"{result.strategy}, {result.clients} clients, "
                                   f"{result.partition} on {args.dataset}")
     print(f"final test accuracy {result.final_accuracy:.4f}, traffic {result.total_bytes / 1e6:.2f} MB, "
@@ -252,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kappa", type=float, default=0.5, help="adasplit local-phase fraction of the rounds")
     g.add_argument("--eta", type=float, default=0.5, help="adasplit fraction of clients per iteration")
     g.add_argument("--lam", type=float, default=1e-4, help="adasplit L1 weight on the server masks")
+    g.add_argument("--server", default=None, metavar="URL",
+                   help="run B on `splitexport serve --strategy` at URL (one HTTP session per device) instead of in "
+                   "process; the strategy hyperparameters are the server's")
+    g.add_argument("--token", default=None, help="bearer token for --server")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("export", help="export the device segments of a bundle for phones")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 from pathlib import Path
@@ -325,3 +326,20 @@ def test_restart_mid_iteration_resumes_with_the_strategy_state(mlp_bundle: Path,
         for c in names:
             assert torch.allclose(results[c], ref_back[c], atol=1e-6)
         assert state.applied_steps == 2
+
+
+def test_simulate_cli_runs_the_devices_against_a_served_strategy(mlp_bundle: Path, tmp_path: Path, capsys) -> None:
+    from splitexport._cli import main
+
+    with threaded_server(mlp_bundle, tmp_path / "s", strategy="psl", num_clients=2) as (url, state):
+        wrong = ["simulate", str(mlp_bundle), "--server", url, "--token", TOKEN, "--clients", "3", "--no-progress"]
+        assert main(wrong) == 2
+        assert "runs psl for 2 clients" in capsys.readouterr().err
+        out = tmp_path / "out"
+        args = ["simulate", str(mlp_bundle), "--server", url, "--token", TOKEN, "--clients", "2", "--rounds", "1",
+                "--no-progress", "--out", str(out)]
+        assert main(args) == 0
+        assert state.applied_steps > 0 and state.counters["errors"] == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["runs"][0]["strategy"] == "psl" and metrics["runs"][0]["clients"] == 2
+    assert "final test accuracy" in capsys.readouterr().out
