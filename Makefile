@@ -1,6 +1,6 @@
 # Two commands a fresh clone needs:
 #   make demo   - set up the core and run the main job on the default model and dataset
-#   make test   - set up everything (torch, ONNX Runtime training, TF, server, node deps) and run all tests
+#   make test   - set up everything (torch, ONNX Runtime training, TF, server, node deps), lint, type-check, run all tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -32,14 +32,14 @@ setup: $(VENV)/.all $(JS_DIR)/node_modules/.installed
 demo: setup-core
 	$(BIN)/splitexport demo --out splitexport-demo
 
-test: setup
+test: setup lint typecheck
 	$(BIN)/python -m pytest
 	@if [ -f $(JS_DIR)/package.json ]; then cd $(JS_DIR) && npm test; fi
 
-lint:
+lint: setup
 	$(BIN)/ruff check splitexport server device_runtime tests benchmarks
 
-typecheck:
+typecheck: setup
 	$(BIN)/mypy
 
 clean:
