@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,14 +33,10 @@ from splitexport.strategies import STRATEGIES, ServerReply, Strategy, StrategyCo
 
 from ._errors import APIError
 from ._state import ServerState, Session, _Cached
-from ._wire import encode
+from ._wire import encode, encode_reply
 
 HISTORY = 256
 """How many closed iterations keep their participant list for late status calls."""
-
-
-class _Relay(Protocol):
-    def end_turn(self, client: str, device_state: Mapping[str, torch.Tensor]) -> None: ...
 
 
 @dataclass
@@ -195,7 +191,7 @@ class RoundHost:
                 raise APIError(409, "conflicting_retry", f"step {step} train was already applied with another body",
                                **session.public())
             reply = self.strategy.train_round({session.id: (x, y)})[session.id]
-            response = self._reply_bytes(reply, transport)
+            response = encode_reply(reply, transport)
             self._finish(session, "train", step, body_sha, response)
             it.finished.add(session.id)
             self._count_step()
@@ -257,9 +253,9 @@ class RoundHost:
 
     def end_turn(self, session: Session, arrays: dict[str, np.ndarray]) -> None:
         """SSL: this client's weights after its turn, handed to the next client."""
-        relay: _Relay = self._need_relay()
+        self._need_relay()
         with self._cond:
-            relay.end_turn(session.id, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+            self.strategy.end_turn(session.id, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
     def observe(self, session: Session, metrics: Mapping[str, float]) -> None:
         with self._cond:
@@ -301,10 +297,9 @@ class RoundHost:
             raise APIError(400, "wrong_call", f"strategy {self.strategy.name!r} numbers steps per session; "
                            f"{call} is for strategies with global iterations")
 
-    def _need_relay(self) -> _Relay:
-        if self.strategy.device_sync != "relay" or not hasattr(self.strategy, "end_turn"):
+    def _need_relay(self) -> None:
+        if self.strategy.device_sync != "relay":
             raise APIError(400, "wrong_call", f"strategy {self.strategy.name!r} does not relay device weights")
-        return self.strategy  # type: ignore[return-value]
 
     def _replay(self, session: Session, kind: str, step: int, body_sha: str) -> bytes | None:
         cached = session.cache.get(kind)
@@ -457,7 +452,7 @@ class RoundHost:
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
-                s.cache["forward"] = _cached("forward", it.index, bar.arrived[c].body_sha, bar.responses[c])
+                s.cache["forward"] = _Cached("forward", it.index, bar.arrived[c].body_sha, bar.responses[c])
                 s.phase, s.next_step = "backward", it.index
         it.participants = present
         it.out_shapes = {c: outs[c].shape for c in present}
@@ -482,7 +477,7 @@ class RoundHost:
             self._close(it)
             return
         replies = self.strategy.train_round({c: bar.arrived[c].payload for c in present})
-        bar.responses = {c: self._reply_bytes(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
+        bar.responses = {c: encode_reply(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
         self._settle(it, "train", bar)
         self._count_step()
         self._close(it)
@@ -498,7 +493,7 @@ class RoundHost:
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
-                s.cache["end"] = _cached("end", round_index, bar.arrived[c].body_sha, bar.responses[c])
+                s.cache["end"] = _Cached("end", round_index, bar.arrived[c].body_sha, bar.responses[c])
         self.end_barrier = None
         self.round_clients = None
         self.round_left.clear()
@@ -516,7 +511,7 @@ class RoundHost:
                 s.phase, s.next_step = "forward", it.index + 1
 
     def _finish(self, session: Session, kind: str, step: int, body_sha: str, response: bytes) -> None:
-        session.cache[kind] = _cached(kind, step, body_sha, response)
+        session.cache[kind] = _Cached(kind, step, body_sha, response)
         session.next_step, session.phase = step + 1, "forward"
 
     def _count_step(self) -> None:
@@ -567,18 +562,3 @@ class RoundHost:
     def _shared(self, client: str) -> dict[str, torch.Tensor]:
         """``shared: [1]`` when the client's gradient is the one broadcast to several clients (SplitAvg)."""
         return {"shared": torch.ones(1, dtype=torch.uint8)} if client in self.strategy.last_broadcast else {}
-
-    @staticmethod
-    def _reply_bytes(reply: ServerReply, transport: type, extra: Mapping[str, torch.Tensor] | None = None) -> bytes:
-        tensors: dict[str, torch.Tensor] = dict(extra or {})
-        if reply.grad is not None:
-            tensors["grad"] = reply.grad
-        if reply.loss is not None:
-            tensors["loss"] = torch.tensor([reply.loss])
-        if reply.output is not None:
-            tensors["output"] = reply.output
-        return encode(tensors, transport)
-
-
-def _cached(kind: str, step: int, body_sha: str, response: bytes) -> _Cached:
-    return _Cached(kind, step, body_sha, response)

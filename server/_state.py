@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from splitexport import Bundle, TorchSegment, load_bundle
+from splitexport.strategies import ServerReply
 
 from ._errors import APIError
 from ._settings import ServerSettings
 from ._timing import timed
-from ._wire import encode, float_tensor, label_tensor
+from ._wire import encode, encode_reply, float_tensor, label_tensor
 
 if TYPE_CHECKING:
     from ._rounds import RoundHost
@@ -252,9 +253,10 @@ class ServerState:
                 if self.rounds is None:
                     loss, grad_in, out = self.segment.train_with_labels(x, y)
                     assert grad_in is not None
-                    response = encode({"grad": grad_in, "loss": torch.tensor([loss]), "output": out}, transport)
+                    reply = ServerReply(grad_in, loss, out)
                 else:
-                    response = self.rounds._reply_bytes(self.rounds.b_train(session, x, y), transport)
+                    reply = self.rounds.b_train(session, x, y)
+                response = encode_reply(reply, transport)
             finally:
                 self._release(session.id)
             self._finish_step(session, "train", step, body_sha, response)

@@ -9,6 +9,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from splitexport import TensorSpec
+from splitexport.strategies import ServerReply
 
 from ._errors import APIError
 from ._timing import timed
@@ -37,6 +38,18 @@ def encode(tensors: dict[str, torch.Tensor], float_dtype: type = np.float32) -> 
         a = a.astype(float_dtype) if np.issubdtype(a.dtype, np.floating) else a
         arrays[name] = np.ascontiguousarray(a)  # safetensors writes the raw buffer
     return st_save(arrays)
+
+
+def encode_reply(reply: ServerReply, float_dtype: type, extra: dict[str, torch.Tensor] | None = None) -> bytes:
+    """A server step's answer to one device: ``extra``, then whichever of grad, loss, output it has."""
+    tensors: dict[str, torch.Tensor] = dict(extra or {})
+    if reply.grad is not None:
+        tensors["grad"] = reply.grad
+    if reply.loss is not None:
+        tensors["loss"] = torch.tensor([reply.loss])
+    if reply.output is not None:
+        tensors["output"] = reply.output
+    return encode(tensors, float_dtype)
 
 
 @timed("decode")
