@@ -30,7 +30,7 @@ from ._manifest import OptimizerSpec
 from ._partitions import PartitionKind, partition_indices
 from ._torch_segment import TorchSegment, eager_execution
 from ._update_rule import LossKind, label_loss
-from .strategies import STRATEGIES, Strategy, StrategyConfig, projection_head, supervised_nt_xent
+from .strategies import STRATEGIES, AdaSplit, StrategyConfig, projection_head, supervised_nt_xent
 from .strategies._base import DeviceState, ServerReply
 
 C3_TEMPERATURE = 8.0
@@ -459,7 +459,7 @@ def simulate_clients(
         bar.close()
     result.per_client = {d.name: d.usage for d in devices}
     result.server_bytes_down = server_down
-    if isinstance(srv, Strategy) and hasattr(srv, "masks"):
+    if isinstance(srv, AdaSplit):
         result.config["mask_sparsity"] = sum(srv.masks.sparsity(d.name) for d in devices) / clients
     return result
 

@@ -11,9 +11,11 @@ an :class:`~splitexport._errors.ExportError` naming the layer.
 from __future__ import annotations
 
 import operator
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +23,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .._errors import ExportError
+
+if TYPE_CHECKING:
+    from .._bundle import Bundle
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -620,3 +625,25 @@ def segment_exporter(
 
     export.__doc__ = doc
     return export
+
+
+def cli_optimizer(bundle: Bundle, args: Any) -> dict[str, Any]:
+    """The bundle's optimizer as export options, with the CLI's ``--lr`` override."""
+    opt = bundle.manifest.optimizer.model_dump()
+    if getattr(args, "lr", None):
+        opt["lr"] = float(args.lr)
+    return opt
+
+
+def export_device_segments(bundle: Bundle, fmt: str, export: Callable[..., dict[str, Path]],
+                           options: dict[str, object], **kwargs: Any) -> dict[str, dict[str, Path]]:
+    """``export(module, input_shape, out_dir, is_last=, loss=, **kwargs)`` for every device segment, in a
+    temporary directory; the files are recorded in the bundle under ``fmt`` with ``options``."""
+    m = bundle.manifest
+    files: dict[str, dict[str, Path]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in m.device_segments:
+            files[spec.name] = export(bundle.torch_segment(spec.name), (1, *spec.input.sample_shape),
+                                      Path(tmp) / spec.name, is_last=spec.is_last, loss=m.loss.kind, **kwargs)
+        bundle.add_artifacts(fmt, files, options)
+    return files

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .._errors import ExportError
 from ._keras import check_device_segment, keras_model
-from ._layergraph import LayerGraph, segment_exporter
+from ._layergraph import LayerGraph, cli_optimizer, export_device_segments, segment_exporter
 
 META_FORMAT = "splitexport-tfjs/1"
 META_FILE = "splitexport.json"
@@ -80,24 +79,7 @@ def run_export_tfjs(bundle_path: Path, args: Any) -> None:
     from .._bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
-    m = bundle.manifest
-    files: dict[str, dict[str, Path]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in m.device_segments:
-            files[spec.name] = export_tfjs_segment(
-                bundle.torch_segment(spec.name),
-                (1, *spec.input.sample_shape),
-                Path(tmp) / spec.name,
-                is_last=spec.is_last,
-                loss=m.loss.kind,
-                optimizer=_optimizer_options(m.optimizer.model_dump(), args),
-            )
-        bundle.add_artifacts("tfjs", files, {"format": "layers-model", "keras": "tf_keras"})
+    files = export_device_segments(bundle, "tfjs", export_tfjs_segment, {"format": "layers-model", "keras": "tf_keras"},
+                                   optimizer=cli_optimizer(bundle, args))
     for name in files:
         print(f"tfjs: segment {name} -> {bundle.path / bundle.segment(name).artifacts['tfjs']['model']}")
-
-
-def _optimizer_options(opt: dict[str, Any], args: Any) -> dict[str, Any]:
-    if getattr(args, "lr", None):
-        opt["lr"] = float(args.lr)
-    return opt

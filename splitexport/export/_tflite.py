@@ -32,7 +32,7 @@ import numpy as np
 
 from .._errors import ExportError
 from ._keras import check_device_segment
-from ._layergraph import LayerGraph, segment_exporter
+from ._layergraph import LayerGraph, cli_optimizer, export_device_segments, segment_exporter
 
 Variant = Literal["flex", "builtin"]
 VARIANTS: tuple[Variant, ...] = ("flex", "builtin")
@@ -247,29 +247,13 @@ def run_export_tflite(bundle_path: Path, args: Any) -> None:
     from .._bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
-    m = bundle.manifest
     variant_arg = getattr(args, "tflite_variant", None) or "both"
     variants: tuple[Variant, ...] = VARIANTS if variant_arg == "both" else (variant_arg,)  # type: ignore[assignment]
     batch_size = int(getattr(args, "batch_size", None) or 32)
-    opt = m.optimizer.model_dump()
-    if getattr(args, "lr", None):
-        opt["lr"] = float(args.lr)
-    files: dict[str, dict[str, Path]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in m.device_segments:
-            module = bundle.torch_segment(spec.name)
-            shape = (1, *spec.input.sample_shape)
-            files[spec.name] = export_tflite_segment(
-                module,
-                shape,
-                Path(tmp) / spec.name,
-                is_last=spec.is_last,
-                loss=m.loss.kind,
-                optimizer=opt,
-                variants=variants,
-                batch_size=batch_size,
-            )
-        bundle.add_artifacts("tflite", files, {"variants": list(variants), "batch_size": batch_size, "optimizer": opt})
+    opt = cli_optimizer(bundle, args)
+    files = export_device_segments(bundle, "tflite", export_tflite_segment,
+                                   {"variants": list(variants), "batch_size": batch_size, "optimizer": opt},
+                                   optimizer=opt, variants=variants, batch_size=batch_size)
     for name in files:
         arts = bundle.segment(name).artifacts["tflite"]
         print(f"tflite: segment {name}: " + ", ".join(f"{k} -> {bundle.path / v}" for k, v in sorted(arts.items())))
