@@ -180,9 +180,8 @@ class RemoteSegment:
     def end_round(self, round_index: int, device_state: dict[str, torch.Tensor] | None = None,
                   num_samples: int = 0) -> dict[str, torch.Tensor]:
         """Close the round (waits for the round's other devices); the device weights to load (empty: keep yours)."""
-        body = encode({k: v.detach().contiguous().numpy() for k, v in (device_state or {}).items()})
         path = f"/v1/sessions/{self.session_id}/rounds/{round_index}/end?num_samples={num_samples}"
-        return decode(self.client.request("POST", path, tensors=body).content)
+        return decode(self.client.request("POST", path, tensors=_state_body(device_state or {})).content)
 
     def leave_round(self, round_index: int) -> None:
         """No more batches in this round: the server's iterations stop waiting for this device."""
@@ -194,9 +193,13 @@ class RemoteSegment:
 
     def end_turn(self, device_state: dict[str, torch.Tensor]) -> None:
         """SSL: hand this device's weights after its turn to the next device."""
-        body = encode({k: v.detach().contiguous().numpy() for k, v in device_state.items()})
-        self.client.request("POST", f"/v1/sessions/{self.session_id}/turn", tensors=body)
+        self.client.request("POST", f"/v1/sessions/{self.session_id}/turn", tensors=_state_body(device_state))
 
     def observe(self, metrics: dict[str, float]) -> None:
         """Feedback for the server's strategy (e.g. the device's local loss)."""
         self.client.request("POST", f"/v1/sessions/{self.session_id}/metrics", json=metrics)
+
+
+def _state_body(device_state: dict[str, torch.Tensor]) -> bytes:
+    """Device weights as a safetensors body (float32, as stored)."""
+    return encode({k: v.detach().contiguous().numpy() for k, v in device_state.items()})
