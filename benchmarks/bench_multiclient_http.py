@@ -45,7 +45,7 @@ from device_runtime import RemoteSegment, ServerClient
 from splitexport import OptimizerSpec, SourceSpec, SplitModel, TorchSegment, load_bundle, partition, write_bundle
 from splitexport.models import DEFAULT_CUTS, FACTORIES
 
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789"
 MODES: dict[str, list[str]] = {
     "sequential": [],
     "psl": ["--strategy", "psl"],

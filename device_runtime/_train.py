@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train the device segments against a server")
     t.add_argument("--server", required=True)
     t.add_argument("--bundle", type=Path, required=True, help="deployed bundle (splitexport deploy)")
-    t.add_argument("--token", default=None)
+    t.add_argument("--token", default=None,
+                   help="bearer token (default: $SPLITEXPORT_TOKEN; a token on the command line shows in process lists)")
     t.add_argument("--runtime", choices=["onnx", "tflite", "torch"], default="onnx",
                    help="tflite: the flex variant if exported (any batch), else builtin (batches of its size)")
     t.add_argument("--dataset", default="digits")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     data = load_dataset(args.dataset)
-    client = ServerClient(args.server, args.token)
+    client = ServerClient(args.server, args.token if args.token is not None else os.environ.get("SPLITEXPORT_TOKEN"))
     torch.manual_seed(args.seed)
     model, remote = build_split_model(bundle, client, args.runtime, fp16=args.fp16)
     if args.runtime == "onnx":

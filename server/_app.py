@@ -8,10 +8,8 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
-from ._errors import APIError
+from ._http_errors import BodyDeadline, install_error_handlers
 from ._settings import ServerSettings
 from ._state import ServerState
 from .routers import artifacts, health, rounds, sessions
@@ -48,14 +46,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             state.counters["errors"] += 1
         return response
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": {"code": "invalid_request", "message": str(exc.errors()[:3])}}, status_code=422)
+    install_error_handlers(app)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
 
     app.include_router(health.router)
     app.include_router(artifacts.router)

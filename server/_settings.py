@@ -8,6 +8,20 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_TOKEN_LENGTH = 16
+"""Bearer tokens shorter than this are refused at startup (``secrets.token_urlsafe(16)`` gives 22)."""
+
+
+def _check_token(token: str, where: str) -> str:
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"{where}: a token has {len(token)} characters; use at least {MIN_TOKEN_LENGTH} "
+                         "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    bad = sorted({c for c in token if c.isspace() or c in "#,"})
+    if bad:
+        raise ValueError(f"{where}: a token contains {', '.join(map(repr, bad))}; tokens are one word without "
+                         "'#' or ',' ('#' starts a comment only at the start of a line)")
+    return token
+
 
 class ServerSettings(BaseSettings):
     """How ``splitexport serve`` runs."""
@@ -21,6 +35,7 @@ class ServerSettings(BaseSettings):
     tokens: str = ""
     """Comma-separated bearer tokens (or use ``tokens_file``); with none, only loopback is allowed."""
     tokens_file: Path | None = None
+    """One token per line; blank lines and lines starting with ``#`` are skipped (see :meth:`token_set`)."""
     checkpoint_every: int = Field(1, ge=1)
     """Checkpoint B every N applied steps (1: a crash loses no step)."""
     session_ttl_s: float = Field(3600.0, gt=0)
@@ -28,6 +43,8 @@ class ServerSettings(BaseSettings):
     """How long one device may hold B between its forward and backward calls."""
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     max_batch: int = Field(1024, ge=1)
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body must arrive in full within this many seconds of the request's start (else 408)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads for B (default: torch's, one per core). On a machine shared with other
     processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""
@@ -50,12 +67,22 @@ class ServerSettings(BaseSettings):
     strategy_seed: int = 0
 
     def token_set(self) -> set[str]:
-        tokens = {t.strip() for t in self.tokens.split(",") if t.strip()}
+        """The bearer tokens; ``ValueError`` (one line) for an unreadable file or a token that breaks the rules.
+
+        A token has at least :data:`MIN_TOKEN_LENGTH` characters and no whitespace, ``,`` or ``#``; in the
+        file, a ``#`` starts a comment only at the start of a line (a ``#`` inside a token is refused, not cut).
+        """
+        tokens = {_check_token(t.strip(), "SPLITEXPORT_TOKENS") for t in self.tokens.split(",") if t.strip()}
         if self.tokens_file is not None:
-            for line in self.tokens_file.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    tokens.add(line)
+            try:
+                text = self.tokens_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read the tokens file {self.tokens_file}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from exc
+            for number, line in enumerate(text.splitlines(), 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    tokens.add(_check_token(line, f"{self.tokens_file} line {number}"))
         return tokens
 
     def is_loopback(self) -> bool:

@@ -4,40 +4,31 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
-from splitexport import TensorSpec
+from splitexport import TensorSpec, protocol
+from splitexport.protocol import ACCEPTED_MEDIA_TYPES, MEDIA_TYPE, ErrorCode, ProtocolError
 from splitexport.strategies import ServerReply
 
 from ._errors import APIError
 from ._timing import timed
 
-MEDIA_TYPE = "application/vnd.safetensors"
-ACCEPTED_MEDIA_TYPES = (MEDIA_TYPE, "application/octet-stream")
-FLOAT_TRANSPORT = {"F32": np.float32, "F16": np.float16}
+__all__ = ["ACCEPTED_MEDIA_TYPES", "MEDIA_TYPE", "check_targets", "decode", "encode", "encode_reply",
+           "float_tensor", "label_tensor"]
 
 
 def decode(body: bytes) -> dict[str, np.ndarray]:
-    """Parse a safetensors body; 400 if it is malformed or truncated."""
-    if not body:
-        raise APIError(400, "empty_body", "the request body is empty; send safetensors-encoded tensors")
+    """Parse a safetensors body (:func:`splitexport.protocol.decode`: header size, tensor count and dtypes are
+    checked before anything is parsed); 400/413/422 if it breaks the contract."""
     try:
-        return st_load(body)
-    except (SafetensorError, ValueError, OverflowError) as exc:
-        raise APIError(400, "malformed_body", f"the body is not valid safetensors: {exc}") from exc
+        return protocol.decode(body)
+    except ProtocolError as exc:
+        raise APIError.from_protocol(exc) from exc
 
 
 @timed("encode")
 def encode(tensors: dict[str, torch.Tensor], float_dtype: type = np.float32) -> bytes:
     """Encode tensors; floating ones travel as ``float_dtype`` (float32 or float16)."""
-    arrays = {}
-    for name, t in tensors.items():
-        a = t.detach().cpu().numpy()
-        a = a.astype(float_dtype) if np.issubdtype(a.dtype, np.floating) else a
-        arrays[name] = np.ascontiguousarray(a)  # safetensors writes the raw buffer
-    return st_save(arrays)
+    return protocol.encode({name: t.detach().cpu().numpy() for name, t in tensors.items()}, float_dtype)
 
 
 def encode_reply(reply: ServerReply, float_dtype: type, extra: dict[str, torch.Tensor] | None = None) -> bytes:
@@ -90,3 +81,18 @@ def label_tensor(arrays: dict[str, np.ndarray], batch: int, loss_kind: str, num_
     if a.dtype not in (np.float32, np.float16) or not np.isfinite(a).all():
         raise APIError(422, "wrong_dtype", "regression labels must be finite float32", tensor="labels")
     return torch.from_numpy(a.astype(np.float32))
+
+
+def check_targets(arrays: dict[str, np.ndarray], output: TensorSpec, loss_kind: str) -> None:
+    """MSE targets must have exactly the shape of B's output, ``[batch, *output]`` (422 wrong_shape).
+
+    Checked before B runs, so a refused call leaves B (and its BatchNorm statistics) as it was.
+    """
+    if loss_kind != "mse" or "labels" not in arrays or "activation" not in arrays:
+        return  # the other checks of the call name what is missing
+    labels, batch = arrays["labels"], arrays["activation"].shape[:1]
+    expected = [*batch, *output.sample_shape]
+    if list(labels.shape) != expected:
+        raise APIError.of(ErrorCode.WRONG_SHAPE, f"MSE targets must have the output's shape {expected}, got "
+                          f"{list(labels.shape)}", tensor="labels", expected=["batch", *output.sample_shape],
+                          got=list(labels.shape))

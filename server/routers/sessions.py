@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from .._deps import Body, Caller, CurrentSession, State, TensorBody
-from .._wire import MEDIA_TYPE
+from .._wire import MEDIA_TYPE, check_targets
 
 router = APIRouter(prefix="/v1/sessions", tags=["training"])
 
@@ -66,6 +66,7 @@ async def backward(step: int, session: CurrentSession, state: State, body: Body)
 @router.post("/{session_id}/steps/{step}/train")
 async def train(step: int, session: CurrentSession, state: State, body: Body) -> Response:
     """Single split: activation and labels in; B takes its label-loss step; dL/d(B input) and loss out."""
+    check_targets(body.arrays, state.spec.output, state.loss_kind)
     return await _timed_call(state, body, state.train, session, step, body.arrays, body.sha256)
 
 

@@ -21,7 +21,7 @@ from server import ServerSettings, ServerState, create_app
 from splitexport import OptimizerSpec, SourceSpec, partition, write_bundle
 from splitexport.models import mlp, resnet_cnn
 
-TOKEN = "test-token-1"
+TOKEN = "test-token-0123456789"
 
 
 def free_port() -> int:

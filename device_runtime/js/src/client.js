@@ -3,13 +3,15 @@
  *
  * Exactly-once: a call is retried with the same body, with exponential backoff, on network errors,
  * 5xx and 503 (honouring Retry-After); the server answers a repeated call from its stored response.
- * After a server restart between a forward and its backward (409 `forward_lost`) the forward is
- * sent again, then the backward. A refused call (other 4xx) raises {@link ServerError}.
+ * After a server restart between a forward and its backward (a 409, `forward_lost` or `wrong_step`, expecting
+ * the forward of the same step) the forward is sent again, then the backward. A refused call (other 4xx)
+ * raises {@link ServerError}.
  */
 import * as tf from '@tensorflow/tfjs';
+import { ERROR_STATUS, ErrorCode, MEDIA_TYPE, Tensor } from './protocol.js';
 import { decodeSafetensors, encodeSafetensors } from './safetensors.js';
 
-export const MEDIA_TYPE = 'application/vnd.safetensors';
+export { ErrorCode, MEDIA_TYPE, Tensor };
 
 /** The server refused a call (4xx), or stayed unreachable through every retry (status 503, code `unreachable`). */
 export class ServerError extends Error {
@@ -91,7 +93,7 @@ export class ServerClient {
         failure = exc;
       }
       if (Date.now() + wait > deadline) {
-        throw new ServerError(503, { error: { code: 'unreachable', message: String(failure?.message ?? failure) } });
+        throw new ServerError(503, { error: { code: ErrorCode.UNREACHABLE, message: String(failure?.message ?? failure) } });
       }
       this.retries += 1;
       await sleep(wait);
@@ -174,8 +176,8 @@ export class RemoteSegment {
    * @param {tf.Tensor} activation @returns {Promise<tf.Tensor>}
    */
   async forward(activation) {
-    this._forwardBody = encodeSafetensors({ activation: wire(activation) }, { fp16: this.fp16 });
-    return /** @type {Promise<tf.Tensor>} */ (this._call(this._path('forward'), this._forwardBody, 'output'));
+    this._forwardBody = encodeSafetensors({ [Tensor.ACTIVATION]: wire(activation) }, { fp16: this.fp16 });
+    return /** @type {Promise<tf.Tensor>} */ (this._call(this._path('forward'), this._forwardBody, Tensor.OUTPUT));
   }
 
   /**
@@ -183,17 +185,19 @@ export class RemoteSegment {
    * @param {tf.Tensor} grad @returns {Promise<tf.Tensor>}
    */
   async backward(grad) {
-    const body = encodeSafetensors({ grad: wire(grad) }, { fp16: this.fp16 });
+    const body = encodeSafetensors({ [Tensor.GRAD]: wire(grad) }, { fp16: this.fp16 });
     let out;
     try {
-      out = await this._call(this._path('backward'), body, 'grad');
+      out = await this._call(this._path('backward'), body, Tensor.GRAD);
     } catch (exc) {
-      const lost = exc instanceof ServerError && exc.status === 409 && this._forwardBody != null &&
-        (exc.code === 'forward_lost' || (exc.details.expected === 'forward' && exc.details.next_step === this.step));
+      // a 409 (forward_lost, or wrong_step from a restarted server) that expects this very step's forward again
+      const lost = exc instanceof ServerError && exc.status === ERROR_STATUS[ErrorCode.FORWARD_LOST] &&
+        this._forwardBody != null && [ErrorCode.FORWARD_LOST, ErrorCode.WRONG_STEP].includes(exc.code) &&
+        exc.details.expected === 'forward' && exc.details.next_step === this.step;
       if (!lost) throw exc;
       // the server restarted between our forward and backward: the same forward again, then the backward
-      (await this._call(this._path('forward'), this._forwardBody, 'output')).dispose();
-      out = await this._call(this._path('backward'), body, 'grad');
+      (await this._call(this._path('forward'), this._forwardBody, Tensor.OUTPUT)).dispose();
+      out = await this._call(this._path('backward'), body, Tensor.GRAD);
     }
     this.step += 1;
     this._forwardBody = null;
@@ -207,17 +211,17 @@ export class RemoteSegment {
    */
   async train(activation, labels) {
     const y = labels.dtype === 'int32' ? { ...wire(labels), dtype: /** @type {const} */ ('I64') } : wire(labels);
-    const body = encodeSafetensors({ activation: wire(activation), labels: y }, { fp16: this.fp16 });
+    const body = encodeSafetensors({ [Tensor.ACTIVATION]: wire(activation), [Tensor.LABELS]: y }, { fp16: this.fp16 });
     const out = /** @type {Record<string, any>} */ (await this._call(this._path('train'), body, ''));
     this.step += 1;
-    return { loss: out.loss.data[0], grad: toTensor(out.grad), output: toTensor(out.output) };
+    return { loss: out[Tensor.LOSS].data[0], grad: toTensor(out[Tensor.GRAD]), output: toTensor(out[Tensor.OUTPUT]) };
   }
 
   /** B in inference mode; changes nothing. @param {tf.Tensor} activation @returns {Promise<tf.Tensor>} */
   async evaluate(activation) {
-    const body = encodeSafetensors({ activation: wire(activation) }, { fp16: this.fp16 });
+    const body = encodeSafetensors({ [Tensor.ACTIVATION]: wire(activation) }, { fp16: this.fp16 });
     return /** @type {Promise<tf.Tensor>} */ (
-      this._call(`/v1/sessions/${encodeURIComponent(this.sessionId)}/evaluate`, body, 'output')
+      this._call(`/v1/sessions/${encodeURIComponent(this.sessionId)}/evaluate`, body, Tensor.OUTPUT)
     );
   }
 }

@@ -307,5 +307,6 @@ export class DeviceSegment {
 }
 
 export { RemoteSegment, ServerClient, ServerError } from './client.js';
+export { ERROR_STATUS, ErrorCode, MEDIA_TYPE, Tensor } from './protocol.js';
 export { decodeSafetensors, encodeSafetensors, SafetensorsError } from './safetensors.js';
 export { batchIndices, predict, trainSplit, trainStep } from './train.js';
