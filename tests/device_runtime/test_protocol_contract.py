@@ -1,0 +1,100 @@
+"""One contract: splitexport.protocol is what the server answers, what both clients use, and what the docs list."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitexport import OptimizerSpec, protocol
+from splitexport.protocol import ErrorCode
+from tests.server.conftest import make_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+JS = ROOT / "device_runtime" / "js" / "src"
+
+
+def test_js_constants_are_generated_from_the_protocol_module() -> None:
+    """device_runtime/js/src/protocol.js is `python -m splitexport.protocol --js`; regenerate it if this fails."""
+    assert (JS / "protocol.js").read_text() == protocol.js_module()
+
+
+def test_js_client_uses_the_generated_constants_not_literals() -> None:
+    source = (JS / "client.js").read_text()
+    assert "from './protocol.js'" in source
+    literals = set(re.findall(r"'([^'\n]*)'", source)) | set(re.findall(r'"([^"\n]*)"', source))
+    assert not literals & {c.value for c in ErrorCode}, "error codes in client.js must be ErrorCode.X"
+    assert protocol.MEDIA_TYPE not in literals
+    bodies = re.findall(r"encodeSafetensors\(\{([^}]*)\}", source)
+    assert len(bodies) == 4
+    for body in bodies:  # every wire tensor name is Tensor.X
+        assert all(key.strip().startswith("[Tensor.") for key in re.findall(r"([^,]+):", body)), body
+
+
+def _raised_codes() -> list[tuple[str, int, str]]:
+    """(where, status, code) of every ``APIError(status, "code", ...)`` and ``APIError.of(ErrorCode.X, ...)``."""
+    found = []
+    for path in sorted((ROOT / "server").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if isinstance(func, ast.Name) and func.id == "APIError" and len(node.args) >= 2:
+                status, code = node.args[0], node.args[1]
+                if isinstance(status, ast.Constant) and isinstance(code, ast.Constant):
+                    found.append((where, int(status.value), str(code.value)))
+            if isinstance(func, ast.Attribute) and func.attr == "of" and node.args:
+                code_node = node.args[0]
+                if isinstance(code_node, ast.Attribute) and isinstance(code_node.value, ast.Name) \
+                        and code_node.value.id == "ErrorCode":
+                    code = ErrorCode[code_node.attr]
+                    found.append((where, code.status, code.value))
+    return found
+
+
+def test_every_code_the_server_raises_is_an_error_code_with_its_status() -> None:
+    raised = _raised_codes()
+    assert len(raised) > 30
+    for where, status, code in raised:
+        assert code in ErrorCode.__members__.values(), f"{where}: {code!r} is not in splitexport.protocol.ErrorCode"
+        assert ErrorCode(code).status == status, f"{where}: {code} is {status}; ErrorCode says {ErrorCode(code).status}"
+
+
+def test_the_protocol_paths_are_the_servers_routes(mlp_bundle_path: Path, tmp_path: Path) -> None:
+    from server import ServerSettings, create_app
+
+    app = create_app(ServerSettings(bundle=mlp_bundle_path, state_dir=tmp_path / "state"))
+    served = set(app.openapi()["paths"])
+    declared = {p.replace("{call}", c) if "{call}" in p else p for p in protocol.PATHS
+                for c in ("forward", "backward", "train")}
+    assert served == declared
+
+
+def test_docs_list_every_error_code_with_its_status_and_test() -> None:
+    """docs/protocol.md's bad-input matrix: one row per code, ``| status | `code` | ... | test |``."""
+    docs = (ROOT / "docs" / "protocol.md").read_text()
+    rows = {m.group(2): (int(m.group(1)), m.group(3)) for m in
+            re.finditer(r"^\| (\d{3}) \| `([a-z_]+)` \|.*\| ([^|]*) \|$", docs, flags=re.MULTILINE)}
+    assert set(rows) == {c.value for c in ErrorCode}, set(rows) ^ {c.value for c in ErrorCode}
+    for code, (status, tests) in rows.items():
+        assert ErrorCode(code).status == status, code
+        for ref in re.findall(r"`(tests/[\w/]+\.py)::(\w+)", tests):
+            file, name = ref
+            assert re.search(rf"^def {name}\(", (ROOT / file).read_text(), flags=re.MULTILINE), f"{code}: no {file}::{name}"
+
+
+def test_codec_round_trip() -> None:
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64)}
+    back = protocol.decode(protocol.encode(arrays, np.float16))
+    assert back["a"].dtype == np.float16 and back["b"].dtype == np.int64
+    np.testing.assert_array_equal(back["a"].astype(np.float32), arrays["a"])
+    assert ErrorCode.BUSY.retryable and not ErrorCode.WRONG_STEP.retryable
+
+
+@pytest.fixture
+def mlp_bundle_path(tmp_path: Path) -> Path:
+    return make_bundle(tmp_path / "mlp", "mlp", ["relu1", "relu2"], OptimizerSpec(lr=0.1))
