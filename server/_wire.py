@@ -47,19 +47,20 @@ def encode_reply(reply: ServerReply, float_dtype: type, extra: dict[str, torch.T
 def float_tensor(arrays: dict[str, np.ndarray], name: str, spec: TensorSpec, max_batch: int) -> tuple[torch.Tensor, type]:
     """The float tensor ``name`` checked against ``spec``; returns it as float32 and its transport dtype."""
     if name not in arrays:
-        raise APIError(422, "missing_tensor", f"the body has no tensor {name!r}", expected=[name], got=sorted(arrays))
+        raise APIError.of(ErrorCode.MISSING_TENSOR, f"the body has no tensor {name!r}", expected=[name],
+                          got=sorted(arrays))
     a = arrays[name]
     if a.dtype not in (np.float32, np.float16):
-        raise APIError(422, "wrong_dtype", f"{name} must be float32 (or float16 for transport), got {a.dtype}",
+        raise APIError.of(ErrorCode.WRONG_DTYPE, f"{name} must be float32 (or float16 for transport), got {a.dtype}",
                        tensor=name, expected="float32", got=str(a.dtype))
     expected = list(spec.sample_shape)
     if a.ndim != len(expected) + 1 or list(a.shape[1:]) != expected:
-        raise APIError(422, "wrong_shape", f"{name} must have shape [batch, {', '.join(map(str, expected))}], "
+        raise APIError.of(ErrorCode.WRONG_SHAPE, f"{name} must have shape [batch, {', '.join(map(str, expected))}], "
                        f"got {list(a.shape)}", tensor=name, expected=["batch", *expected], got=list(a.shape))
     if a.shape[0] < 1 or a.shape[0] > max_batch:
-        raise APIError(422, "wrong_batch", f"{name} has batch {a.shape[0]}; allowed 1..{max_batch}", tensor=name)
+        raise APIError.of(ErrorCode.WRONG_BATCH, f"{name} has batch {a.shape[0]}; allowed 1..{max_batch}", tensor=name)
     if not np.isfinite(a).all():
-        raise APIError(422, "non_finite", f"{name} contains NaN or Inf values", tensor=name)
+        raise APIError.of(ErrorCode.NON_FINITE, f"{name} contains NaN or Inf values", tensor=name)
     return torch.from_numpy(a.astype(np.float32)), a.dtype.type
 
 
@@ -67,19 +68,25 @@ def float_tensor(arrays: dict[str, np.ndarray], name: str, spec: TensorSpec, max
 def label_tensor(arrays: dict[str, np.ndarray], batch: int, loss_kind: str, num_outputs: int) -> torch.Tensor:
     """The ``labels`` tensor: int64 class ids for cross-entropy, float targets for MSE."""
     if "labels" not in arrays:
-        raise APIError(422, "missing_tensor", "the body has no tensor 'labels'", expected=["labels"], got=sorted(arrays))
+        raise APIError.of(ErrorCode.MISSING_TENSOR, "the body has no tensor 'labels'", expected=["labels"],
+                          got=sorted(arrays))
     a = arrays["labels"]
     if a.shape[:1] != (batch,):
-        raise APIError(422, "wrong_shape", f"labels must have batch {batch}, got shape {list(a.shape)}", tensor="labels")
+        raise APIError.of(ErrorCode.WRONG_SHAPE, f"labels must have batch {batch}, got shape {list(a.shape)}",
+                          tensor="labels")
     if loss_kind == "cross_entropy":
-        if a.dtype not in (np.int64, np.int32) or a.ndim != 1:
-            raise APIError(422, "wrong_dtype", f"labels must be a 1-d int64 tensor, got {a.dtype} {list(a.shape)}",
-                           tensor="labels")
+        if a.dtype not in (np.int64, np.int32):
+            raise APIError.of(ErrorCode.WRONG_DTYPE, f"labels must be int64 class ids, got {a.dtype}", tensor="labels")
+        if a.ndim != 1:
+            raise APIError.of(ErrorCode.WRONG_SHAPE, f"labels must have shape [batch], got {list(a.shape)}",
+                              tensor="labels")
         if a.min() < 0 or a.max() >= num_outputs:
-            raise APIError(422, "label_out_of_range", f"labels must be in [0, {num_outputs})", tensor="labels")
+            raise APIError.of(ErrorCode.LABEL_OUT_OF_RANGE, f"labels must be in [0, {num_outputs})", tensor="labels")
         return torch.from_numpy(a.astype(np.int64))
-    if a.dtype not in (np.float32, np.float16) or not np.isfinite(a).all():
-        raise APIError(422, "wrong_dtype", "regression labels must be finite float32", tensor="labels")
+    if a.dtype not in (np.float32, np.float16):
+        raise APIError.of(ErrorCode.WRONG_DTYPE, f"MSE targets must be float32, got {a.dtype}", tensor="labels")
+    if not np.isfinite(a).all():
+        raise APIError.of(ErrorCode.NON_FINITE, "labels contains NaN or Inf values", tensor="labels")
     return torch.from_numpy(a.astype(np.float32))
 
 

@@ -46,13 +46,12 @@ def _raised_codes() -> list[tuple[str, int, str]]:
             if isinstance(func, ast.Name) and func.id == "APIError" and len(node.args) >= 2:
                 status, code = node.args[0], node.args[1]
                 if isinstance(status, ast.Constant) and isinstance(code, ast.Constant):
-                    found.append((where, int(status.value), str(code.value)))
+                    found.append((where, int(str(status.value)), str(code.value)))
             if isinstance(func, ast.Attribute) and func.attr == "of" and node.args:
-                code_node = node.args[0]
-                if isinstance(code_node, ast.Attribute) and isinstance(code_node.value, ast.Name) \
-                        and code_node.value.id == "ErrorCode":
-                    code = ErrorCode[code_node.attr]
-                    found.append((where, code.status, code.value))
+                member = node.args[0]
+                if isinstance(member, ast.Attribute) and isinstance(member.value, ast.Name) \
+                        and member.value.id == "ErrorCode":
+                    found.append((where, ErrorCode[member.attr].status, ErrorCode[member.attr].value))
     return found
 
 
@@ -88,7 +87,7 @@ def test_docs_list_every_error_code_with_its_status_and_test() -> None:
 
 
 def test_codec_round_trip() -> None:
-    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64)}
+    arrays: dict[str, np.ndarray] = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64)}
     back = protocol.decode(protocol.encode(arrays, np.float16))
     assert back["a"].dtype == np.float16 and back["b"].dtype == np.int64
     np.testing.assert_array_equal(back["a"].astype(np.float32), arrays["a"])

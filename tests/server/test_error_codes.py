@@ -13,7 +13,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,7 @@ def test_truncated_body(resnet_bundle: Path, tmp_path: Path) -> None:
     sid = state.open_session(state.check_token(TOKEN)).id
     before = {k: v.clone() for k, v in state.segment.module.state_dict().items()}
     body = save({"activation": act()})
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def call() -> None:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
@@ -280,10 +280,10 @@ def test_truncated_body(resnet_bundle: Path, tmp_path: Path) -> None:
                              (b"content-length", str(len(body)).encode())]}
         messages = iter([{"type": "http.request", "body": body[:-100], "more_body": False}])
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> MutableMapping[str, Any]:
             return next(messages, {"type": "http.disconnect"})
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(message)
 
         await app(scope, receive, send)
@@ -379,6 +379,10 @@ def test_label_out_of_range(mlp_single_bundle: Path, tmp_path: Path) -> None:
             body = save({"activation": x, "labels": np.array(labels, np.int64)})
             error = refused(post(url, f"/v1/sessions/{sid}/steps/0/train", body), ErrorCode.LABEL_OUT_OF_RANGE)
             assert error["tensor"] == "labels"
+        for labels, code in ((np.zeros((4, 1), np.int64), ErrorCode.WRONG_SHAPE),
+                             (np.zeros(3, np.int64), ErrorCode.WRONG_SHAPE),
+                             (np.zeros(4, np.float32), ErrorCode.WRONG_DTYPE)):
+            refused(post(url, f"/v1/sessions/{sid}/steps/0/train", save({"activation": x, "labels": labels})), code)
         assert same(b_state(url, state, {sid: AUTH}), before)
         ok = save({"activation": x, "labels": np.array([0, 1, 2, 9], np.int64)})
         assert post(url, f"/v1/sessions/{sid}/steps/0/train", ok).status_code == 200
@@ -406,6 +410,12 @@ def test_mse_targets_must_match_the_output_shape(mse_bundle: Path, tmp_path: Pat
             body = save({"activation": x, "labels": rng.standard_normal(shape).astype(np.float32)})
             error = refused(post(url, f"/v1/sessions/{sid}/steps/0/train", body), ErrorCode.WRONG_SHAPE)
             assert error["tensor"] == "labels", shape
+        nan = rng.standard_normal(out_shape).astype(np.float32)
+        nan[1, 2] = np.nan
+        refused(post(url, f"/v1/sessions/{sid}/steps/0/train", save({"activation": x, "labels": nan})),
+                ErrorCode.NON_FINITE)
+        ints = save({"activation": x, "labels": np.zeros(out_shape, np.int64)})
+        refused(post(url, f"/v1/sessions/{sid}/steps/0/train", ints), ErrorCode.WRONG_DTYPE)
         assert same(b_state(url, state, {sid: AUTH}), before)
         ok = save({"activation": x, "labels": rng.standard_normal(out_shape).astype(np.float32)})
         assert post(url, f"/v1/sessions/{sid}/steps/0/train", ok).status_code == 200
