@@ -10,6 +10,7 @@ import torch
 from fastapi import FastAPI, Request
 
 from ._http_errors import BodyDeadline, install_error_handlers
+from ._openapi import install_openapi
 from ._settings import ServerSettings
 from ._state import ServerState
 from .routers import artifacts, health, rounds, sessions
@@ -47,6 +48,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return response
 
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
 
     app.include_router(health.router)

@@ -73,6 +73,29 @@ def test_the_protocol_paths_are_the_servers_routes(mlp_bundle_path: Path, tmp_pa
     assert served == declared
 
 
+def test_openapi_documents_safetensors_bodies_bearer_auth_and_every_error(mlp_bundle_path: Path,
+                                                                          tmp_path: Path) -> None:
+    from server import ServerSettings, create_app
+
+    doc = create_app(ServerSettings(bundle=mlp_bundle_path, state_dir=tmp_path / "state")).openapi()
+    assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    error = doc["components"]["schemas"]["Error"]["properties"]["error"]
+    assert set(error["properties"]["code"]["enum"]) == {c.value for c in ErrorCode}
+    forward = doc["paths"][protocol.STEP.replace("{call}", "forward")]["post"]
+    assert forward["security"] == [{"bearer": []}]
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    assert forward["requestBody"]["content"] == {protocol.MEDIA_TYPE: binary}
+    assert forward["responses"]["200"]["content"] == {protocol.MEDIA_TYPE: binary}
+    statuses = {c.status for c in ErrorCode if c is not ErrorCode.UNREACHABLE}
+    assert {int(s) for s in forward["responses"] if s != "200"} == statuses
+    for code in ErrorCode:
+        if code is not ErrorCode.UNREACHABLE:
+            assert code.value in forward["responses"][str(code.status)]["description"]
+    session = doc["paths"][protocol.SESSION]["get"]
+    assert "413" not in session["responses"] and "403" in session["responses"]
+    assert "security" not in doc["paths"][protocol.HEALTHZ]["get"]
+
+
 def test_docs_list_every_error_code_with_its_status_and_test() -> None:
     """docs/protocol.md's bad-input matrix: one row per code, ``| status | `code` | ... | test |``."""
     docs = (ROOT / "docs" / "protocol.md").read_text()

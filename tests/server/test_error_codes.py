@@ -186,6 +186,8 @@ def test_unknown_routes_and_methods_answer_the_envelope(live) -> None:
     refused(httpx.delete(f"{url}/v1/manifest", headers=AUTH), ErrorCode.METHOD_NOT_ALLOWED)
     refused(httpx.get(f"{url}/v1/sessions/x/steps/0/forward", headers=AUTH), ErrorCode.METHOD_NOT_ALLOWED)
     refused(httpx.get(f"{url}/v1/strategy", headers=AUTH), ErrorCode.NO_STRATEGY)
+    doc = httpx.get(f"{url}/openapi.json").json()  # the document that lists these (tests/device_runtime)
+    assert "Error" in doc["components"]["schemas"]
 
 
 def _header_only(header: dict[str, Any], claimed: int | None = None) -> bytes:
