@@ -1,7 +1,7 @@
 """Samples/s of N concurrent HTTP devices: B batched per iteration (PSL, SGLR) vs one device at a time.
 
     python benchmarks/bench_multiclient_http.py [--clients 16] [--steps 20] [--batch 16] [--repeats 3] \\
-        [--models mlp resnet_cnn] [--json out.json]
+        [--models mlp resnet_cnn] [--json out.json] [--smoke]
 
 For each example model (double split A | B | C at the default cuts) and each server mode it
 starts ``splitexport serve`` as a child process (real uvicorn on loopback) and runs ``--clients``
@@ -140,7 +140,10 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode; the median is reported")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="seconds: 2 devices, 2 steps, the MLP, one run per mode")
     args = p.parse_args()
+    if args.smoke:
+        args.clients, args.steps, args.models, args.repeats = 2, 2, ["mlp"], 1
     torch.set_num_threads(1)  # the devices share this process; the server has its own
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """ONNX Runtime train step vs torch forward + backward for the device segments A and C.
 
-    python benchmarks/bench_ort_train_step.py [--batches 8 32 128] [--repeats 30] [--json out.json]
+    python benchmarks/bench_ort_train_step.py [--batches 8 32 128] [--repeats 30] [--json out.json] [--smoke]
 
 For each example model (default cuts, double split) and batch size it times, as
 the median of ``--repeats`` runs after warm-up:
@@ -113,7 +113,10 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[8, 32, 128])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--json", type=Path, help="also write the rows and the machine description here")
+    p.add_argument("--smoke", action="store_true", help="seconds: the MLP, batch 8, 2 repeats (checks the script runs)")
     args = p.parse_args()
+    if args.smoke:
+        args.models, args.batches, args.repeats = ["mlp"], [8], 2
     info = machine(onnxruntime=onnxruntime.__version__, threads=str(torch.get_num_threads()))
     print(f"# {info}")
     rows: list[dict[str, object]] = []

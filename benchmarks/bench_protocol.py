@@ -1,7 +1,7 @@
 """Per-step cost of the server protocol, and the same tensors encoded the way SplitEasy did.
 
     python benchmarks/bench_protocol.py [--models mlp resnet_cnn] [--batches 32 128] [--steps 50]
-                                        [--checkpoint-every 1] [--json out.json]
+                                        [--checkpoint-every 1] [--json out.json] [--smoke]
 
 For each example model (default cuts, A|B|C) and batch size, ``splitexport serve`` runs in a child
 process on loopback; this process is the device: A and C in ONNX Runtime (``OrtRunner``), B through
@@ -231,7 +231,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of both processes and ORT intra-op threads (0: the libraries' defaults)")
     p.add_argument("--json", type=Path, help="also write the rows and the machine description here")
+    p.add_argument("--smoke", action="store_true", help="seconds: the MLP, batch 8, 3 steps (checks the script runs)")
     args = p.parse_args()
+    if args.smoke:
+        args.models, args.batches, args.steps, args.warmup = ["mlp"], [8], 3, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine(onnxruntime=onnxruntime.__version__, json=JSON_LIB, threads=str(args.threads or "default"))

@@ -1,7 +1,8 @@
 """The multi-client strategies report: every strategy for several client counts on digits, IID and non-IID.
 
     python benchmarks/strategies_report.py            # ~9 min: docs/strategies-results.md, .json, docs/img/strategies-*.png
-    python benchmarks/strategies_report.py --quick    # 2 and 5 clients, 3 rounds (a smoke run, ~1 minute)
+    python benchmarks/strategies_report.py --quick    # 2 and 5 clients, 3 rounds (~1 minute)
+    python benchmarks/strategies_report.py --smoke    # seconds of CPU: checks the script runs (tests/benchmarks)
 
 The model is the ResNet-style CNN (splitexport.models:resnet_cnn, seed 0) cut after ``layer1`` (A | B); a
 double split (cut after layer1 and layer3, A | B | C) runs the strategies that support it at 5 clients.
@@ -11,6 +12,7 @@ Adam with lr 1e-3 and batch 16 for every segment, as in the SGLR paper's setup (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from splitexport import Bundle, OptimizerSpec, SourceSpec, partition, write_bundle
+from splitexport import Bundle, Dataset, OptimizerSpec, SourceSpec, load_dataset, partition, write_bundle
 from splitexport._multiclient import MultiClientResult, c3_score, simulate_clients
 from splitexport._plots import plot_multiclient
 from splitexport.models import resnet_cnn
@@ -62,13 +64,16 @@ def _bundle(tmp: Path, cuts: list[str]) -> Bundle:
 def _run(bundle: Bundle, v: Variant, clients: int, part: str, rounds: int, seed: int = 0) -> MultiClientResult:
     t = time.time()
     res = simulate_clients(bundle, strategy=v.strategy, clients=clients, partition=part,  # type: ignore[arg-type]
-                           rounds=rounds, batch_size=16, seed=seed, optimizer=ADAM, progress=False,
+                           rounds=rounds, batch_size=16, seed=seed, optimizer=ADAM, progress=False, dataset=DATA[0],
                            **dict(v.options))  # type: ignore[arg-type]
     res.label = v.label
     print(f"{v.label:>24} C={clients:<3} {part:<6} seed {seed} acc {res.final_accuracy:.4f}  {res.total_bytes / 1e6:8.2f} MB  "
           f"{time.time() - t:5.1f} s", flush=True)
     return res
 
+
+DATA: list[str | Dataset] = ["digits"]
+"""The dataset every run trains on (``--smoke``: a small slice of digits)."""
 
 C3: dict[int, float] = {}
 """C3-Score per run (by id), filled by :func:`_table`."""
@@ -186,9 +191,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[2, 5, 10, 20])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="2 and 5 clients, 3 rounds")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds: 2 clients, 1 round, 64 train and 64 test images, into a temporary folder unless --out")
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.rounds = [2, 5], 3
+    seeds: tuple[int, ...] = (1, 2)
+    if args.smoke:
+        args.clients, args.rounds, seeds = [2], 1, (1,)
+        digits = load_dataset("digits")
+        DATA[0] = dataclasses.replace(digits, x_train=digits.x_train[:64], y_train=digits.y_train[:64],
+                                      x_test=digits.x_test[:64], y_test=digits.y_test[:64])
+        if "--out" not in (argv if argv is not None else sys.argv[1:]):
+            args.out = Path(tempfile.mkdtemp(prefix="strategies-smoke-"))
     torch.set_num_threads(1)
     start = time.time()
     out: Path = args.out
@@ -208,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  title=f"ResNet CNN A|B on digits, {c} clients, {part}")
         mid = 5 if 5 in args.clients else args.clients[0]
         doubles = [_run(double, v, mid, "iid", args.rounds) for v in DOUBLE]
-        seed_rows = _seed_rows(single, results, sorted(args.clients)[-2:], args.rounds, seeds=(1, 2))
+        seed_rows = _seed_rows(single, results, sorted(args.clients)[-2:], args.rounds, seeds=seeds)
         plot_multiclient(doubles, img / "strategies-double.png", title=f"ResNet CNN A|B|C on digits, {mid} clients, iid")
     _summary_plot(results, img / "strategies-summary.png")
     lines = [

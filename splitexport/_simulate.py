@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,8 @@ def simulate(
     split = states["split (torch)"]
     diff, where = max_abs_difference(split, mono)
     if log is not None:
-        log(f"max |split - monolithic| over all parameters and BN buffers: {diff:.3e} ({where})")
+        detail = f"{where} is NaN/Inf in a run" if math.isinf(diff) else where
+        log(f"max |split - monolithic| over all parameters and BN buffers: {diff:.3e} ({detail})")
     plot = metrics = None
     if out_dir is not None:
         out = Path(out_dir)

@@ -36,23 +36,25 @@ LOSS_KINDS: tuple[LossKind, ...] = ("cross_entropy", "mse")
 class AuxLossRule:
     """The auxiliary-loss rule ``L = scale * sum((out - t)^2)``, ``t = out - sign * g``.
 
-    The exact rule is ``sign=+1, scale=0.5`` (:data:`EXACT_RULE`). The other
-    parameters exist so tests can show that the seeds' variants (``t = out + g``;
-    sum-MSE without the 0.5) break equivalence; nothing else should change them.
+    The exact rule is ``sign=+1, scale=0.5``, evaluated in float64 (:data:`EXACT_RULE`). The other
+    parameters exist so tests can show that the seeds' variants (``t = out + g``; sum-MSE without
+    the 0.5) and the float32 form break equivalence; nothing else should change them.
     """
 
     sign: float = 1.0
     scale: float = 0.5
+    dtype: torch.dtype = torch.float64
+    """Precision of ``t = out - g`` and of the loss (float32 loses the low bits of ``g``)."""
 
     def target(self, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Detached float64 target ``t = out - g`` for the received gradient ``g``."""
+        """Detached target ``t = out - g`` (in ``dtype``) for the received gradient ``g``."""
         if out.shape != grad.shape:
             raise ValueError(f"gradient shape {tuple(grad.shape)} != output shape {tuple(out.shape)}")
-        return (out.detach().double() - self.sign * grad.detach().double()).detach()
+        return (out.detach().to(self.dtype) - self.sign * grad.detach().to(self.dtype)).detach()
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``0.5 * sum((out - t)^2)``; its gradient w.r.t. ``out`` is ``out - t``."""
-        return self.scale * torch.sum((out.double() - target.detach().double()) ** 2)
+        return self.scale * torch.sum((out.to(self.dtype) - target.detach().to(self.dtype)) ** 2)
 
     def loss_from_grad(self, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The auxiliary loss for ``out`` given the downstream gradient ``grad``."""

@@ -9,6 +9,7 @@ must reproduce the weights and input gradients.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,16 +228,33 @@ def tf_optimizer_state(name_map: dict[str, list[str]], opt_state: dict[str, np.n
     return out
 
 
-def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str] | None = None) -> float:
-    """Largest absolute difference over the common (or given) keys."""
-    keys = keys if keys is not None else sorted(set(a) & set(b))
+def _worst(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str], relative: bool) -> tuple[float, str]:
+    """Largest (relative) difference over ``keys`` and where; infinity naming the tensor when it is missing on
+    either side, the shapes differ, or either side holds a NaN or an infinity (such runs are never equal)."""
     assert keys, "nothing to compare"
-    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in keys)
+    worst, where = 0.0, ""
+    for k in keys:
+        if k not in a or k not in b:
+            return math.inf, k
+        x, y = np.asarray(a[k], dtype=np.float64), np.asarray(b[k], dtype=np.float64)
+        if x.shape != y.shape or not (np.isfinite(x).all() and np.isfinite(y).all()):
+            return math.inf, k
+        d = np.abs(x - y) / np.maximum(1.0, np.abs(y)) if relative else np.abs(x - y)
+        if d.size and float(d.max()) >= worst:
+            worst, where = float(d.max()), k
+    return worst, where
+
+
+def max_diff_where(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str] | None = None) -> tuple[float, str]:
+    """Largest absolute difference over the common (or given) keys, and the tensor where it occurs."""
+    return _worst(a, b, keys if keys is not None else sorted(set(a) & set(b)), relative=False)
+
+
+def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str] | None = None) -> float:
+    """Largest absolute difference over the common (or given) keys; infinity on NaN/Inf or a shape mismatch."""
+    return max_diff_where(a, b, keys)[0]
 
 
 def max_rel_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str]) -> float:
     """Largest ``|a - b| / max(1, |b|)`` over ``keys`` (for BatchNorm running statistics, which can be large)."""
-    return max(
-        float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])) / np.maximum(1.0, np.abs(np.asarray(b[k])))))
-        for k in keys
-    )
+    return _worst(a, b, keys, relative=True)[0]

@@ -107,6 +107,7 @@ def test_train_with_labels_returns_loss_and_input_gradient(bundle, loaded_as: st
         opt.step()
         assert loss == pytest.approx(float(t_loss.detach()), abs=1e-6)
         assert grad_in.shape == x.shape
+        assert xt.grad is not None
         np.testing.assert_allclose(grad_in, xt.grad.numpy(), atol=1e-7)
         assert seg.last_output is not None
         np.testing.assert_allclose(seg.last_output, out.detach().numpy(), atol=1e-5)
@@ -126,6 +127,7 @@ def test_mse_loss_segment(tmp_path: Path) -> None:
     t_loss = label_loss(ref(xt), torch.from_numpy(y), "mse")
     t_loss.backward()
     assert loss == pytest.approx(float(t_loss.detach()), rel=1e-6)
+    assert xt.grad is not None
     np.testing.assert_allclose(grad_in, xt.grad.numpy(), atol=1e-7)
     assert float(F.mse_loss(ref(xt), torch.from_numpy(y)).detach()) == pytest.approx(float(t_loss.detach()))
 

@@ -32,7 +32,7 @@ def test_seed_variants_give_wrong_gradients() -> None:
     assert out.grad is not None and torch.allclose(out.grad, -g)
     out.grad = None
     AuxLossRule(scale=1.0).loss_from_grad(out, g).backward()  # SplitEasy code: sum-MSE without 0.5
-    assert torch.allclose(out.grad, 2 * g)
+    assert out.grad is not None and torch.allclose(out.grad, 2 * g)
 
 
 def test_label_losses_are_mean_reduced() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -44,11 +45,13 @@ def test_every_device_segment_gets_recorded_artifacts(exported) -> None:
     arts = {s.name: s.artifacts.get("onnx") for s in b.manifest.segments}
     assert arts["B"] is None  # the server segment stays torch-only
     for name in ("A", "C"):
-        kinds = set(arts[name])
+        art = arts[name]
+        assert art is not None
+        kinds = set(art)
         assert kinds == {*MODELS, "checkpoint", *(f"{m}_ort" for m in MODELS)}
-        for rel in arts[name].values():
+        for rel in art.values():
             assert rel.startswith(f"onnx/{name}/") and rel in b.manifest.files
-    options = b.manifest.exports["onnx"]
+    options: dict[str, Any] = b.manifest.exports["onnx"]
     assert options["optimizer"]["name"] == "sgd" and options["optimizer"]["lr"] == 0.05
     assert options["batch_size"] is None and options["ort_format"] is True and options["opset"] == 17
 

@@ -60,7 +60,9 @@ def test_double_split_round_trains_b_once_and_returns_local_gradients(double_bun
     before.zero_grad()
     ref_loss.backward()  # type: ignore[union-attr]
     for c, a in acts.items():
-        torch.testing.assert_close(back[c], x[c].grad * total / a.shape[0], rtol=1e-5, atol=1e-7)
+        grad = x[c].grad
+        assert grad is not None
+        torch.testing.assert_close(back[c], grad * total / a.shape[0], rtol=1e-5, atol=1e-7)
     for p, q in zip(psl.server.module.parameters(), before.parameters(), strict=True):
         assert q.grad is not None
         torch.testing.assert_close(p, q - 0.05 * q.grad, rtol=1e-5, atol=1e-7)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from splitexport import Bundle, label_loss, load_dataset
 from splitexport._multiclient import simulate_clients
-from splitexport.strategies import FedAvg, SplitFed, StrategyConfig, average_states
+from splitexport.strategies import DeviceState, FedAvg, SplitFed, StrategyConfig, average_states
 
 from .conftest import server_segment
 
@@ -69,3 +71,55 @@ def test_fedavg_trains_whole_model_on_devices(single_bundle) -> None:
     # only weights cross the network: the whole model (A and B) up and the average down, once per round
     assert per.bytes_up == per.bytes_down > 0 and per.server_flops == 0
     assert per.device_flops == 3 * (flops["A"] + flops["B"]) * 674
+
+
+class Averages:
+    """Records the device weights a strategy's round end hands out (mixed into SplitFed / FedAvg)."""
+
+    sent: list[dict[str, DeviceState]]
+
+    def end_round(self, device_states, num_samples):  # type: ignore[no-untyped-def]
+        new = super().end_round(device_states, num_samples)  # type: ignore[misc]
+        self.sent = [*getattr(self, "sent", []), {c: {k: v.clone() for k, v in s.items()} for c, s in new.items()}]
+        return new
+
+
+class AveragingSplitFed(Averages, SplitFed):
+    pass
+
+
+class AveragingFedAvg(Averages, FedAvg):
+    pass
+
+
+def _segment(bundle: Bundle, name: str, state: DeviceState) -> torch.nn.Module:
+    m = bundle.torch_segment(name)
+    m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == name})
+    return m.eval()
+
+
+@pytest.mark.parametrize("strategy", ["sfl", "fedavg"])
+def test_devices_hold_the_round_average(strategy: str, double_bundle: Bundle) -> None:
+    """After a round every device evaluates with the average it was sent: the round's test loss (the mean over
+    the devices' own models) equals the loss of the averaged model; devices keeping their own weights differ."""
+    data = load_dataset("digits")
+    server = server_segment(double_bundle) if strategy == "sfl" else None
+    link = (AveragingSplitFed if strategy == "sfl" else AveragingFedAvg)(
+        server, StrategyConfig(num_clients=3, client_lr=0.05))
+    result = simulate_clients(double_bundle, strategy=strategy, clients=3, rounds=1, batch_size=32, link=link,
+                              dataset=data, progress=False)
+    (sent,) = link.sent
+    avg = sent["client00"]
+    assert all(torch.equal(s[k], avg[k]) for s in sent.values() for k in avg)
+    names = [s.name for s in double_bundle.manifest.segments]
+    with torch.no_grad():
+        x = data.x_test
+        for name in names:
+            x = server.evaluate(x) if server is not None and name == "B" else _segment(double_bundle, name, avg)(x)
+    loss = float(label_loss(x, data.y_test))
+    acc = float((x.argmax(1) == data.y_test).float().mean())
+    got = result.rounds[0]
+    print(f"{strategy}: round-1 test loss {got.test_loss:.7f} (averaged model {loss:.7f}), "
+          f"accuracy {got.test_accuracy:.4f} ({acc:.4f})")
+    assert abs(got.test_loss - loss) <= 1e-6 * max(1.0, loss), (got.test_loss, loss)
+    assert abs(got.test_accuracy - acc) <= 1e-9
