@@ -58,12 +58,10 @@ class DemoResult:
 def run_demo(out: Path, *, model: str = "mlp", epochs: int = 6, seed: int = 0, tfjs: bool = True,
              progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
     """Walk the whole path into ``out`` (created; its previous demo files are replaced)."""
-    try:
-        from device_runtime import ServerClient  # noqa: F401 - the 'server' extra
-        from device_runtime._ort import OrtSegment  # noqa: F401 - the 'onnx' extra
-    except ImportError as exc:
-        raise SplitExportError(f"the demo needs the 'onnx' and 'server' extras: pip install "
-                               f"'splitexport[onnx,server]' ({exc})") from exc
+    missing = [m for m in ("onnx", "onnxruntime", "fastapi", "uvicorn", "httpx", "safetensors") if not installed(m)]
+    if missing:
+        raise SplitExportError(f"the demo needs the 'onnx' and 'server' extras ({', '.join(missing)} missing): "
+                               "pip install 'splitexport[onnx,server]'")
     out.mkdir(parents=True, exist_ok=True)
     if model not in LEARNING_RATES:
         raise SplitExportError(f"unknown demo model {model!r}; choose from {sorted(LEARNING_RATES)}")
@@ -83,7 +81,7 @@ def run_demo(out: Path, *, model: str = "mlp", epochs: int = 6, seed: int = 0, t
              ["export", str(bundle), "--format", "onnx"])
     if not tfjs:
         log("   (TF.js export skipped: --no-tfjs)")
-    elif importlib.util.find_spec("tensorflowjs") is None:
+    elif not installed("tensorflowjs"):
         log("   TF.js export skipped: TensorFlow is not installed here. To export for the browser / React Native:\n"
             "     pip install 'splitexport[tf]'\n"
             f"     splitexport export {bundle} --format tfjs")
@@ -135,6 +133,14 @@ def run_demo(out: Path, *, model: str = "mlp", epochs: int = 6, seed: int = 0, t
     log(f"max |HTTP - monolithic| over all weights and buffers after {steps} steps: {diff:.3e} ({where})")
     log(f"wrote {plot} and {metrics}")
     return result
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        return False
 
 
 def _command(log: Callable[[str], None], what: str, argv: Sequence[str]) -> None:

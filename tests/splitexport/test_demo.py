@@ -25,9 +25,14 @@ DIFF_LINE = re.compile(r"^max \|HTTP - monolithic\| over all weights and buffers
                        r"(?P<diff>\S+) \((?P<where>[\w.]+)\)$")
 
 
+WITHOUT_TF = "import sys\nfor m in ('tensorflow', 'tensorflowjs', 'tf_keras', 'ai_edge_litert'): sys.modules[m] = None\n"
+"""As after `make demo`: TensorFlow cannot be imported (the server child needs none)."""
+
+
 def demo(out: Path, *extra: str) -> subprocess.Popen[str]:
+    code = WITHOUT_TF + "from splitexport._cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.Popen(
-        [sys.executable, "-m", "splitexport", "demo", "--out", str(out), "--no-tfjs", "--no-progress", *extra],
+        [sys.executable, "-c", code, "demo", "--out", str(out), "--no-progress", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -63,6 +68,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
                  "$ splitexport serve", "$ python -m device_runtime train"):
         assert any(ln.startswith(step) for ln in lines), step
     assert "valid cut points" in stdout and "relu2" in stdout  # inspect's table
+    assert "TF.js export skipped: TensorFlow is not installed" in stdout and "pip install 'splitexport[tf]'" in stdout
 
     acc = next(m for m in map(ACCURACY_LINE.match, lines) if m)
     diff = next(m for m in map(DIFF_LINE.match, lines) if m)
