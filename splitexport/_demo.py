@@ -36,8 +36,8 @@ INPUT_SHAPE = "1,1,8,8"
 LEARNING_RATES = {"mlp": 0.3, "resnet_cnn": 0.05}
 """Plain SGD (what the ONNX Runtime artifacts train with here) on digits, batch 32; the cuts are
 :data:`splitexport.models.DEFAULT_CUTS`. The MLP is the default: its ORT devices stay within 1e-6 of
-monolithic torch. The BatchNorm ResNet reaches a higher accuracy, but float32 rounding differences
-between ORT and torch grow to ~1e-2 within an epoch (ReLU gates flip; docs/onnx.md)."""
+monolithic torch; in the BatchNorm ResNet float32 rounding differences between ORT and torch are amplified
+by ReLU gates near zero (docs/onnx.md; measured 8.6e-2 after 258 steps)."""
 BATCH_SIZE = 32
 SERVER_START_S = 120.0
 
