@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -226,6 +227,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             app = create_app(settings)
         except ValueError as exc:
             raise SplitExportError(str(exc)) from exc
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # torch.load of a damaged checkpoint
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SplitExportError(f"cannot restore the server state in {settings.state_dir}: {first}; move it "
+                                   "away to start fresh, or pass another --state-dir") from exc
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -220,6 +220,14 @@ def test_invalid_settings_from_the_environment_are_one_line(small_bundle: Path, 
     assert "invalid server settings: max_batch: Input should be greater than or equal to 1 (got '0')" in line
 
 
+def test_damaged_server_state_is_one_line(small_bundle: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "checkpoint.pt").write_bytes(b"garbage")
+    line = one_line_error(capsys, lambda: main(["serve", str(small_bundle), "--state-dir", str(tmp_path / "state")]))
+    assert "cannot restore the server state" in line and "--state-dir" in line
+    assert (tmp_path / "state" / "checkpoint.pt").read_bytes() == b"garbage"
+
+
 def test_os_errors_are_one_line(small_bundle: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "assets").symlink_to(tmp_path / "gone")  # a dangling link: deploy cannot replace it with a folder
     line = one_line_error(capsys, lambda: main(["deploy", str(small_bundle), "--to", str(tmp_path / "assets")]))
