@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import pickle
 import socket
 import sys
@@ -238,19 +239,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (uvicorn listens on it), or a one-line error."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise SplitExportError(f"cannot resolve --host {host}: {exc.strerror}") from exc
-    sock = socket.socket(family, kind, proto)
+    """A TCP socket bound to ``host:port`` as uvicorn binds one (IPv6 for a host with ':'), or a one-line error."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(addr)
-    except OSError as exc:
+        sock.bind((host, port))
+    except OSError as exc:  # in use, not an address of this machine, or an unknown host name
         sock.close()
-        raise SplitExportError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from exc
+        fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host"
+        raise SplitExportError(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}") from exc
     return sock
 
 

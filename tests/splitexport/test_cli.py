@@ -183,6 +183,7 @@ BAD_INPUT = [  # (argv with {model}/{bundle}/{file} placeholders, what the line 
     (["serve", "{bundle}", "--log-level", "loud"], "--log-level"),
     (["serve", "{bundle}", "--host", "0.0.0.0"], "without bearer tokens"),
     (["serve", "{tmp}/nowhere"], "not a bundle"),
+    (["serve", "{bundle}", "--host", "no-such-host.invalid", "--tokens", "{file}"], "check --host"),
     (["deploy", "{bundle}", "--to", "{file}/assets"], "is not a directory"),
     (["deploy", "{tmp}/nowhere", "--to", "{tmp}/assets"], "not a bundle"),
     (["demo", "--epochs", "0"], "--epochs: must be at least 1"),
