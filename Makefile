@@ -1,12 +1,12 @@
 # Two commands a fresh clone needs:
-#   make demo   - set up the core and run the main job on the default model and dataset
+#   make demo   - set up the core + onnx + server extras (no TensorFlow) and walk the product path on the default
 #   make test   - set up everything (torch, ONNX Runtime training, TF, server, node deps), lint, type-check, run all tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 JS_DIR := device_runtime/js
 
-.PHONY: demo test setup setup-core lint typecheck clean
+.PHONY: demo test setup setup-core setup-demo lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# what `splitexport demo` needs: ONNX Runtime training for the devices, the server (still no TensorFlow)
+$(VENV)/.demo: $(VENV)/.core
+	$(BIN)/pip install -q -e ".[onnx,server]"
+	touch $@
+
 $(VENV)/.all: $(VENV)/.core
 	$(BIN)/pip install -q -e ".[all]"
 	$(BIN)/pip check
@@ -27,9 +32,10 @@ $(JS_DIR)/node_modules/.installed: $(wildcard $(JS_DIR)/package*.json)
 	@if [ -f $(JS_DIR)/package.json ]; then cd $(JS_DIR) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; fi
 
 setup-core: $(VENV)/.core
+setup-demo: $(VENV)/.demo
 setup: $(VENV)/.all $(JS_DIR)/node_modules/.installed
 
-demo: setup-core
+demo: setup-demo
 	$(BIN)/splitexport demo --out splitexport-demo
 
 test: setup lint typecheck

@@ -21,6 +21,7 @@ from splitexport import (
     load_bundle,
     load_dataset,
 )
+from splitexport import _argtypes as at
 from splitexport._plots import plot_histories
 
 from ._client import RemoteSegment, ServerClient, ServerError
@@ -55,27 +56,31 @@ def build_split_model(bundle: Bundle, client: ServerClient, runtime: str, sessio
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m device_runtime", description=__doc__)
+    p = at.OneLineParser(prog="python -m device_runtime", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the device segments against a server")
-    t.add_argument("--server", required=True)
+    t.add_argument("--server", type=at.http_url, required=True, metavar="URL")
     t.add_argument("--bundle", type=Path, required=True, help="deployed bundle (splitexport deploy)")
     t.add_argument("--token", default=None,
                    help="bearer token (default: $SPLITEXPORT_TOKEN; a token on the command line shows in process lists)")
     t.add_argument("--runtime", choices=["onnx", "tflite", "torch"], default="onnx",
                    help="tflite: the flex variant if exported (any batch), else builtin (batches of its size)")
     t.add_argument("--dataset", default="digits")
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=at.positive_int, default=5)
+    t.add_argument("--batch-size", type=at.positive_int, default=32)
+    t.add_argument("--seed", type=at.non_negative_int, default=0)
     t.add_argument("--fp16", action="store_true", help="send activations and gradients as float16")
-    t.add_argument("--out", type=Path, default=Path("device-results"))
+    t.add_argument("--out", type=at.writable_dir, default=Path("device-results"))
     t.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines only)")
     args = p.parse_args(argv)
     try:
         return _train(args)
     except (SplitExportError, ServerError) as exc:
         print(f"device_runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder it needs
+        print(f"device_runtime: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}",
+              file=sys.stderr)
         return 2
 
 

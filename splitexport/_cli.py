@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import pickle
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
+from . import _argtypes as at
 from ._errors import SplitExportError
 from ._manifest import LossSpec, OptimizerSpec
 
@@ -17,6 +22,14 @@ if TYPE_CHECKING:
     from ._bundle import Bundle
 
 EXIT_ERROR = 2
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``field: message (got value)`` for each failing field."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e else "")
+        for e in exc.errors()
+    )
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -39,9 +52,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _optimizer_args(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     d = OptimizerSpec()
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=d.name if defaults else None)
-    p.add_argument("--lr", type=float, default=d.lr if defaults else None)
-    p.add_argument("--momentum", type=float, default=d.momentum if defaults else None)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay if defaults else None)
+    p.add_argument("--lr", type=at.positive_float, default=d.lr if defaults else None)
+    p.add_argument("--momentum", type=at.non_negative_float, default=d.momentum if defaults else None)
+    p.add_argument("--weight-decay", type=at.non_negative_float, default=d.weight_decay if defaults else None)
 
 
 def _optimizer_from(args: argparse.Namespace, base: OptimizerSpec) -> OptimizerSpec:
@@ -53,8 +66,8 @@ def _optimizer_from(args: argparse.Namespace, base: OptimizerSpec) -> OptimizerS
     }
     try:
         return OptimizerSpec.model_validate({**base.model_dump(), **update})
-    except ValueError as exc:
-        raise SplitExportError(f"invalid optimizer settings: {exc}") from exc
+    except ValidationError as exc:
+        raise SplitExportError(f"invalid optimizer settings: {validation_message(exc)}") from exc
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -159,20 +172,10 @@ def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job on the built-in default: ResNet-style CNN on digits, cut A|B|C, split vs monolithic."""
-    from . import models
+    """The whole product path on the built-in default (see :mod:`splitexport._demo`)."""
+    from ._demo import run_demo
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    model_path = out / "resnet_cnn.pt"
-    torch.save(models.resnet_cnn().state_dict(), model_path)
-    print(f"saved a fresh ResNet-style CNN state dict to {model_path}")
-    common = ["--arch", "splitexport.models:resnet_cnn", "--input-shape", "1,1,8,8"]
-    run(["inspect", str(model_path), *common])
-    run(["partition", str(model_path), "--cut", "layer1", "--cut", "layer3", *common, "-o", str(out / "bundle"),
-         "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--force"])
-    run(["simulate", str(out / "bundle"), "--dataset", "digits", "--epochs", str(args.epochs), "--out", str(out)])
+    run_demo(args.out, model=args.model, epochs=args.epochs, seed=args.seed, tfjs=not args.no_tfjs, progress=not args.no_progress)
 
 
 _EXPORTERS: dict[str, tuple[str, str]] = {
@@ -217,13 +220,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                    "total_rounds": args.rounds}.items() if v is not None}
     try:
         settings = ServerSettings(**overrides)
-    except ValueError as exc:
-        raise SplitExportError(f"invalid server settings: {exc}") from exc
+    except ValidationError as exc:
+        raise SplitExportError(f"invalid server settings: {validation_message(exc)}") from exc
+    sock = listen(settings.host, settings.port)  # a port in use is one clear line, before B loads
     try:
-        app = create_app(settings)
-    except ValueError as exc:
-        raise SplitExportError(str(exc)) from exc
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+        try:
+            app = create_app(settings)
+        except ValueError as exc:
+            raise SplitExportError(str(exc)) from exc
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # torch.load of a damaged checkpoint
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SplitExportError(f"cannot restore the server state in {settings.state_dir}: {first}; move it "
+                                   "away to start fresh, or pass another --state-dir") from exc
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` as uvicorn binds one (IPv6 for a host with ':'), or a one-line error."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # in use, not an address of this machine, or an unknown host name
+        sock.close()
+        fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host"
+        raise SplitExportError(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}") from exc
+    return sock
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -235,7 +260,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitexport", description=__doc__)
+    parser = at.OneLineParser(prog="splitexport", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list every valid cut point of a model")
@@ -245,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("partition", help="cut a model into a split bundle")
     _model_args(p)
     p.add_argument("--cut", action="append", required=True, help="cut after this layer (repeat: A|B|C)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
+    p.add_argument("-o", "--output", type=at.writable_dir, required=True, help="bundle directory to create")
     p.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     _optimizer_args(p, defaults=True)
@@ -254,29 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="train a bundle split in process beside a monolithic run")
     p.add_argument("bundle", type=Path)
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=at.positive_int, default=3)
+    p.add_argument("--batch-size", type=at.positive_int, default=32)
+    p.add_argument("--seed", type=at.non_negative_int, default=0)
     p.add_argument("--device-runtime", choices=["torch", "onnx"], default="torch",
                    help="run device segments in torch or in ONNX Runtime training sessions")
-    p.add_argument("--out", type=Path, default=Path("splitexport-results"), help="where the plot and metrics go")
+    p.add_argument("--out", type=at.writable_dir, default=Path("splitexport-results"), help="where the plot and metrics go")
     p.add_argument("--no-progress", action="store_true")
     _optimizer_args(p, defaults=False)
     g = p.add_argument_group("multi-client split learning (docs/strategies.md); on with --clients or --strategy")
-    g.add_argument("--clients", type=int, default=None, help="number of simulated devices (default 2)")
+    g.add_argument("--clients", type=at.positive_int, default=None, help="number of simulated devices (default 2)")
     g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None,
                    help="multi-client strategy (default psl)")
     g.add_argument("--partition", choices=["iid", "noniid"], default="iid",
                    help="client data: IID shuffle, or non-IID label shards (2 per client)")
-    g.add_argument("--rounds", type=int, default=10, help="rounds (each client passes once over its data)")
-    g.add_argument("--alpha", type=float, default=0.0, help="sglr SplitLr: server lr = lr * clients**alpha")
-    g.add_argument("--phi", type=float, default=0.0, help="sglr SplitAvg: fraction of clients averaged")
+    g.add_argument("--rounds", type=at.positive_int, default=10, help="rounds (each client passes once over its data)")
+    g.add_argument("--alpha", type=at.finite_float, default=0.0, help="sglr SplitLr: server lr = lr * clients**alpha")
+    g.add_argument("--phi", type=at.fraction, default=0.0, help="sglr SplitAvg: fraction of clients averaged")
     g.add_argument("--phase-rounds", type=int, default=None,
                    help="sglr phased SplitAvg: only the first k rounds (negative: the last |k|)")
-    g.add_argument("--kappa", type=float, default=0.5, help="adasplit local-phase fraction of the rounds")
-    g.add_argument("--eta", type=float, default=0.5, help="adasplit fraction of clients per iteration")
-    g.add_argument("--lam", type=float, default=1e-4, help="adasplit L1 weight on the server masks")
-    g.add_argument("--server", default=None, metavar="URL",
+    g.add_argument("--kappa", type=at.fraction, default=0.5, help="adasplit local-phase fraction of the rounds")
+    g.add_argument("--eta", type=at.positive_fraction, default=0.5, help="adasplit fraction of clients per iteration")
+    g.add_argument("--lam", type=at.non_negative_float, default=1e-4, help="adasplit L1 weight on the server masks")
+    g.add_argument("--server", type=at.http_url, default=None, metavar="URL",
                    help="run B on `splitexport serve --strategy` at URL (one HTTP session per device) instead of in "
                    "process; the strategy hyperparameters are the server's")
     g.add_argument("--token", default=None, help="bearer token for --server")
@@ -287,10 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=sorted(_EXPORTERS), required=True)
     p.add_argument("--ort-format", action="store_true", help="(onnx) also write .ort files for mobile builds")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="(onnx) device optimizer")
-    p.add_argument("--lr", type=float, default=None, help="device learning rate (default: the bundle's)")
+    p.add_argument("--lr", type=at.positive_float, default=None, help="device learning rate (default: the bundle's)")
     p.add_argument("--opset", type=int, default=None, help="(onnx) ONNX opset, 15..20 (default 17)")
     p.add_argument(
-        "--batch-size", type=int, default=None,
+        "--batch-size", type=at.positive_int, default=None,
         help="(onnx) fix the batch size (default: dynamic); (tflite) batch size of the builtin variant (default 32)",
     )
     p.add_argument(
@@ -302,38 +327,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the FastAPI server that trains the server segment")
     p.add_argument("bundle", type=Path)
     p.add_argument("--host", default=None, help="default 127.0.0.1; other addresses need --tokens")
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--state-dir", type=Path, default=None, help="checkpoints of B and the sessions")
-    p.add_argument("--tokens", type=Path, default=None, help="file of bearer tokens, one per line")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for B (default: one per core)")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--port", type=at.port, default=None, help="default 8000")
+    p.add_argument("--state-dir", type=at.writable_dir, default=None, help="checkpoints of B and the sessions")
+    p.add_argument("--tokens", type=at.existing_file, default=None, help="file of bearer tokens, one per line")
+    p.add_argument("--checkpoint-every", type=at.positive_int, default=None, help="checkpoint every N steps (default 1)")
+    p.add_argument("--threads", type=at.positive_int, default=None, help="torch threads for B (default: one per core)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"], default="warning")
     g = p.add_argument_group("multi-client strategy (docs/protocol.md); without --strategy devices train B "
                              "one after another")
     g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None)
-    g.add_argument("--clients", type=int, default=None, help="C, the number of devices (required with --strategy)")
-    g.add_argument("--round-timeout", type=float, default=None,
+    g.add_argument("--clients", type=at.positive_int, default=None, help="C, the number of devices (required with --strategy)")
+    g.add_argument("--round-timeout", type=at.positive_float, default=None,
                    help="seconds a barrier waits for missing devices before it goes on without them (default 30)")
-    g.add_argument("--alpha", type=float, default=None, help="(sglr) server lr = client lr * C**alpha")
-    g.add_argument("--phi", type=float, default=None, help="(sglr) fraction of devices sharing one averaged gradient")
+    g.add_argument("--alpha", type=at.finite_float, default=None, help="(sglr) server lr = client lr * C**alpha")
+    g.add_argument("--phi", type=at.fraction, default=None, help="(sglr) fraction of devices sharing one averaged gradient")
     g.add_argument("--phase-rounds", type=int, default=None, help="(sglr) SplitAvg only in the first k (or last -k) "
                    "rounds")
-    g.add_argument("--kappa", type=float, default=None, help="(adasplit) fraction of rounds in the local phase")
-    g.add_argument("--eta", type=float, default=None, help="(adasplit) fraction of devices per iteration")
-    g.add_argument("--lam", type=float, default=None, help="(adasplit) L1 weight of the server masks")
-    g.add_argument("--rounds", type=int, default=None, help="total rounds (phased SplitAvg, AdaSplit phases)")
+    g.add_argument("--kappa", type=at.fraction, default=None, help="(adasplit) fraction of rounds in the local phase")
+    g.add_argument("--eta", type=at.positive_fraction, default=None, help="(adasplit) fraction of devices per iteration")
+    g.add_argument("--lam", type=at.non_negative_float, default=None, help="(adasplit) L1 weight of the server masks")
+    g.add_argument("--rounds", type=at.positive_int, default=None, help="total rounds (phased SplitAvg, AdaSplit phases)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", help="copy what a phone app ships (device segments only)")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--to", type=Path, required=True)
+    p.add_argument("--to", type=at.writable_dir, required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_deploy)
 
-    p = sub.add_parser("demo", help="the main job on the built-in default model and dataset")
-    p.add_argument("--out", type=Path, default=Path("splitexport-demo"))
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="the whole path on the built-in default: partition, export, deploy, serve, "
+                       "devices over HTTP vs monolithic")
+    p.add_argument("--out", type=at.writable_dir, default=Path("splitexport-demo"), help="where every file goes")
+    p.add_argument("--model", choices=["mlp", "resnet_cnn"], default="mlp", help="built-in example model (default mlp)")
+    p.add_argument("--epochs", type=at.positive_int, default=6, help="epochs of digits")
+    p.add_argument("--seed", type=at.non_negative_int, default=0)
+    p.add_argument("--no-tfjs", action="store_true", help="skip the TF.js export even when TensorFlow is installed")
+    p.add_argument("--no-progress", action="store_true", help="per-epoch lines only, no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -349,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(sys.argv[1:] if argv is None else argv)
     except SplitExportError as exc:
         print(f"splitexport: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a file or folder the command needs: one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"splitexport: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("splitexport: interrupted", file=sys.stderr)

@@ -8,8 +8,10 @@ cut, or a module whose weights are used on both sides make it invalid.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -124,19 +126,25 @@ class _TracedModel:
         probe = copy.deepcopy(self.gm)
         flops: dict[str, int] = {}
 
+        current: list[fx.Node] = []
+
         class _Counting(ShapeProp):
             def run_node(self, n: fx.Node) -> Any:
+                current[:] = [n]
                 with FlopCounterMode(display=False) as counter:
                     result = super().run_node(n)
                 flops[n.name] = counter.get_total_flops()
                 return result
 
-        try:
-            with torch.no_grad():
+        try:  # ShapeProp prints the traceback of a failing node itself: keep it off the user's terminal
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 _Counting(probe).propagate(example_input)
         except Exception as exc:
+            cause = exc.__cause__ or exc
+            where = f" at {current[0].target}" if current and current[0].op == "call_module" else ""
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise PartitionError(
-                f"running the model on an input of shape {tuple(example_input.shape)} failed: {exc}. "
+                f"running the model on an input of shape {tuple(example_input.shape)} failed{where}: {first}. "
                 "Check --input-shape."
             ) from exc
         meta = {pn.name: pn.meta.get("tensor_meta") for pn in probe.graph.nodes}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,7 +97,7 @@ def test_tampered_bundle(model_file: Path, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "r").exists()
 
 
-def test_bad_input_shape(model_file: Path, capsys) -> None:
+def test_bad_input_shape_message(model_file: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["inspect", str(model_file), "--arch", "splitexport.models:resnet_cnn", "--input-shape", "a,b"])
     assert exc.value.code == 2
@@ -103,8 +105,6 @@ def test_bad_input_shape(model_file: Path, capsys) -> None:
 
 
 def test_export_without_its_exporter_is_a_clear_error(model_file: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    import sys
-
     bundle = tmp_path / "bundle"
     assert main(["partition", str(model_file), "--cut", "layer2", *ARCH, "-o", str(bundle)]) == 0
     before = (bundle / "manifest.json").read_text()
@@ -112,3 +112,147 @@ def test_export_without_its_exporter_is_a_clear_error(model_file: Path, tmp_path
     assert main(["export", str(bundle), "--format", "onnx"]) == 2
     assert "onnx exporter is not available" in capsys.readouterr().err
     assert (bundle / "manifest.json").read_text() == before
+
+
+# -- bad input on every command: one line on stderr, no traceback, exit 2 ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory) -> Path:
+    from splitexport import OptimizerSpec, SourceSpec, partition, write_bundle
+    from splitexport.models import mlp
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli") / "bundle"
+    write_bundle(partition(mlp(), ["relu1", "relu2"], torch.zeros(1, 1, 8, 8)), path,
+                 source=SourceSpec(file_name="mlp.pt", sha256="0" * 64, kind="state_dict"), optimizer=OptimizerSpec())
+    return path
+
+
+def one_line_error(capsys, call) -> str:
+    """Run a CLI entry point; it must exit 2 with exactly one line on stderr and no traceback."""
+    try:
+        code = call()
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, f"exit {code}: {err}"
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def fill(argv: list[str], tmp: Path, **paths: Path) -> list[str]:
+    """Put real paths for ``{name}`` placeholders; ``{file}`` is a plain file (a folder cannot go under it)."""
+    (tmp / "file").write_text("not a folder")
+    subs = {"{tmp}": str(tmp), "{file}": str(tmp / "file"), **{f"{{{k}}}": str(v) for k, v in paths.items()}}
+    out = []
+    for arg in argv:
+        for key, value in subs.items():
+            arg = arg.replace(key, value)
+        out.append(arg)
+    return out
+
+
+BAD_INPUT = [  # (argv with {model}/{bundle}/{file} placeholders, what the line must say)
+    (["inspect", "{model}", *ARCH[:2], "--input-shape", "1,3,32,32"], "failed at stem.0"),
+    (["inspect", "{model}", *ARCH[:2], "--input-shape", "a,b"], "--input-shape"),
+    (["inspect", "{model}.missing", *ARCH], "does not exist"),
+    (["inspect", "{model}"], "required: --input-shape"),
+    (["partition", "{model}", *ARCH, "--cut", "layer1", "-o", "{tmp}/b", "--lr", "-1"], "--lr: must be greater than 0"),
+    (["partition", "{model}", *ARCH, "--cut", "layer1", "-o", "{tmp}/b", "--momentum", "-0.5"], "--momentum"),
+    (["partition", "{model}", *ARCH, "--cut", "layer1", "-o", "{file}/b"], "is not a directory"),
+    (["simulate", "{bundle}", "--clients", "0"], "--clients: must be at least 1, got 0"),
+    (["simulate", "{bundle}", "--out", "{file}/results"], "--out: "),
+    (["simulate", "{bundle}", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["simulate", "{bundle}", "--seed", "-1"], "--seed"),
+    (["simulate", "{bundle}", "--lr", "nan"], "finite"),
+    (["simulate", "{bundle}", "--phi", "2"], "--phi: must be between 0 and 1"),
+    (["simulate", "{bundle}", "--server", "localhost:8000"], "expected a URL"),
+    (["simulate", "{tmp}/nowhere"], "not a bundle"),
+    (["export", "{bundle}", "--format", "coreml"], "invalid choice: 'coreml'"),
+    (["export", "{bundle}", "--format", "onnx", "--batch-size", "0"], "--batch-size"),
+    (["export", "{bundle}", "--format", "onnx", "--opset", "3"], "opset 3 is not supported"),
+    (["serve", "{bundle}", "--tokens", "/nonexistent"], "--tokens: /nonexistent does not exist"),
+    (["serve", "{bundle}", "--port", "99999"], "--port: a TCP port is 1..65535, got 99999"),
+    (["serve", "{bundle}", "--port", "http"], "--port: expected an integer"),
+    (["serve", "{bundle}", "--threads", "0"], "--threads"),
+    (["serve", "{bundle}", "--strategy", "psl", "--clients", "0"], "--clients"),
+    (["serve", "{bundle}", "--round-timeout", "-5"], "--round-timeout"),
+    (["serve", "{bundle}", "--log-level", "loud"], "--log-level"),
+    (["serve", "{bundle}", "--host", "0.0.0.0"], "without bearer tokens"),
+    (["serve", "{tmp}/nowhere"], "not a bundle"),
+    (["serve", "{bundle}", "--host", "no-such-host.invalid", "--tokens", "{file}"], "check --host"),
+    (["deploy", "{bundle}", "--to", "{file}/assets"], "is not a directory"),
+    (["deploy", "{tmp}/nowhere", "--to", "{tmp}/assets"], "not a bundle"),
+    (["demo", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["demo", "--out", "{file}/demo"], "is not a directory"),
+    (["demo", "--model", "gpt"], "invalid choice"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    ([], "required: command"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUT, ids=[" ".join(a[:1] + a[2:])[:60] for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2(argv, message, model_file: Path, small_bundle: Path, tmp_path: Path,
+                                      capsys) -> None:
+    args = fill(argv, tmp_path, model=model_file, bundle=small_bundle)
+    line = one_line_error(capsys, lambda: main(args))
+    assert message in line, line
+    assert line.startswith("splitexport")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "assets").exists()
+
+
+def test_port_in_use_is_one_line(small_bundle: Path, capsys) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = one_line_error(capsys, lambda: main(["serve", str(small_bundle), "--port", str(port)]))
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
+
+
+def test_invalid_settings_from_the_environment_are_one_line(small_bundle: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SPLITEXPORT_MAX_BATCH", "0")  # pydantic's error, formatted as one line
+    line = one_line_error(capsys, lambda: main(["serve", str(small_bundle)]))
+    assert "invalid server settings: max_batch: Input should be greater than or equal to 1 (got '0')" in line
+
+
+def test_damaged_server_state_is_one_line(small_bundle: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "checkpoint.pt").write_bytes(b"garbage")
+    line = one_line_error(capsys, lambda: main(["serve", str(small_bundle), "--state-dir", str(tmp_path / "state")]))
+    assert "cannot restore the server state" in line and "--state-dir" in line
+    assert (tmp_path / "state" / "checkpoint.pt").read_bytes() == b"garbage"
+
+
+def test_os_errors_are_one_line(small_bundle: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "assets").symlink_to(tmp_path / "gone")  # a dangling link: deploy cannot replace it with a folder
+    line = one_line_error(capsys, lambda: main(["deploy", str(small_bundle), "--to", str(tmp_path / "assets")]))
+    assert line.startswith("splitexport: error: ") and "assets" in line
+    assert (tmp_path / "assets").is_symlink()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--server", "127.0.0.1:8000", "--bundle", "{bundle}"], "--server: expected a URL"),
+    (["train", "--server", "http://127.0.0.1:9", "--bundle", "{tmp}/nowhere"], "not a bundle"),
+    (["train", "--server", "http://127.0.0.1:9", "--bundle", "{bundle}", "--epochs", "0"], "--epochs"),
+    (["train", "--server", "http://127.0.0.1:9", "--bundle", "{bundle}", "--out", "{file}/r"], "not a directory"),
+    (["train"], "required: --server, --bundle"),
+])
+def test_device_runtime_bad_input_is_one_line(argv, message, small_bundle: Path, tmp_path: Path, capsys) -> None:
+    from device_runtime._train import main as device_main
+
+    args = fill(argv, tmp_path, bundle=small_bundle)
+    assert message in one_line_error(capsys, lambda: device_main(args))
+
+
+def test_bad_input_through_the_console_entry_point(model_file: Path) -> None:
+    """The real process: ShapeProp's own traceback printing must not reach the terminal either."""
+    r = subprocess.run([sys.executable, "-m", "splitexport", "inspect", str(model_file), *ARCH[:2], "--input-shape",
+                        "1,3,32,32"], check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "Check --input-shape" in r.stderr
