@@ -381,10 +381,10 @@ def test_label_out_of_range(mlp_single_bundle: Path, tmp_path: Path) -> None:
             body = save({"activation": x, "labels": np.array(labels, np.int64)})
             error = refused(post(url, f"/v1/sessions/{sid}/steps/0/train", body), ErrorCode.LABEL_OUT_OF_RANGE)
             assert error["tensor"] == "labels"
-        for labels, code in ((np.zeros((4, 1), np.int64), ErrorCode.WRONG_SHAPE),
-                             (np.zeros(3, np.int64), ErrorCode.WRONG_SHAPE),
-                             (np.zeros(4, np.float32), ErrorCode.WRONG_DTYPE)):
-            refused(post(url, f"/v1/sessions/{sid}/steps/0/train", save({"activation": x, "labels": labels})), code)
+        for bad, code in ((np.zeros((4, 1), np.int64), ErrorCode.WRONG_SHAPE),
+                          (np.zeros(3, np.int64), ErrorCode.WRONG_SHAPE),
+                          (np.zeros(4, np.float32), ErrorCode.WRONG_DTYPE)):
+            refused(post(url, f"/v1/sessions/{sid}/steps/0/train", save({"activation": x, "labels": bad})), code)
         assert same(b_state(url, state, {sid: AUTH}), before)
         ok = save({"activation": x, "labels": np.array([0, 1, 2, 9], np.int64)})
         assert post(url, f"/v1/sessions/{sid}/steps/0/train", ok).status_code == 200
