@@ -244,6 +244,9 @@ def listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except OverflowError as exc:  # SPLITEXPORT_PORT from the environment skips the --port check
+        sock.close()
+        raise SplitExportError(f"cannot listen on port {port}: a TCP port is 1..65535") from exc
     except OSError as exc:  # in use, not an address of this machine, or an unknown host name
         sock.close()
         fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host"

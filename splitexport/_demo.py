@@ -62,9 +62,9 @@ def run_demo(out: Path, *, model: str = "mlp", epochs: int = 6, seed: int = 0, t
     if missing:
         raise SplitExportError(f"the demo needs the 'onnx' and 'server' extras ({', '.join(missing)} missing): "
                                "pip install 'splitexport[onnx,server]'")
-    out.mkdir(parents=True, exist_ok=True)
     if model not in LEARNING_RATES:
         raise SplitExportError(f"unknown demo model {model!r}; choose from {sorted(LEARNING_RATES)}")
+    out.mkdir(parents=True, exist_ok=True)
     lr, cuts = LEARNING_RATES[model], models.DEFAULT_CUTS[model]
     torch.manual_seed(seed)
     model_path = out / f"{model}.pt"

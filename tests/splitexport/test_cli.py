@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -130,11 +131,21 @@ def small_bundle(tmp_path_factory) -> Path:
 
 
 def one_line_error(capsys, call) -> str:
-    """Run a CLI entry point; it must exit 2 with exactly one line on stderr and no traceback."""
+    """Run a CLI entry point; it must exit 2 with exactly one line on stderr and no traceback, within 60 s
+    (a ``serve`` that accepted bad input would otherwise listen forever)."""
+
+    def too_slow(signum: int, frame: object) -> None:
+        raise TimeoutError("the command did not fail within 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
     try:
         code = call()
     except SystemExit as exc:  # argparse's own errors
         code = exc.code
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2, f"exit {code}: {err}"
@@ -219,6 +230,9 @@ def test_invalid_settings_from_the_environment_are_one_line(small_bundle: Path, 
     monkeypatch.setenv("SPLITEXPORT_MAX_BATCH", "0")  # pydantic's error, formatted as one line
     line = one_line_error(capsys, lambda: main(["serve", str(small_bundle)]))
     assert "invalid server settings: max_batch: Input should be greater than or equal to 1 (got '0')" in line
+    monkeypatch.delenv("SPLITEXPORT_MAX_BATCH")
+    monkeypatch.setenv("SPLITEXPORT_PORT", "99999")  # past the --port check
+    assert "a TCP port is 1..65535" in one_line_error(capsys, lambda: main(["serve", str(small_bundle)]))
 
 
 def test_damaged_server_state_is_one_line(small_bundle: Path, tmp_path: Path, capsys) -> None:

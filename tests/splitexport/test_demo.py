@@ -88,7 +88,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_ctrl_c_stops_the_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)],
+                         ids=["ctrl-c", "sigterm"])
+def test_interrupted_demo_stops_the_server(tmp_path: Path, signum: signal.Signals, code: int) -> None:
     proc = demo(tmp_path / "demo", "--epochs", "50")
     assert proc.stdout is not None
     lines: list[str] = []
@@ -98,9 +100,10 @@ def test_ctrl_c_stops_the_server(tmp_path: Path) -> None:
             break
     bundle, port = serve_port(lines)
     assert len(servers_of(bundle)) == 1 and not port_is_free(port)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C (to the demo only: the server must be stopped by the demo)
+    proc.send_signal(signum)  # to the demo only: the demo must stop its server
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "splitexport: interrupted"
+    assert proc.returncode == code, stderr
+    if signum == signal.SIGINT:
+        assert stderr.strip().splitlines()[-1] == "splitexport: interrupted"
     assert servers_of(bundle) == []
     assert port_is_free(port)
