@@ -55,7 +55,7 @@ class Server {
 
   async start() {
     this.spawn();
-    const deadline = Date.now() + 60_000;
+    const deadline = Date.now() + 180_000; // a loaded 2-core CI machine can take a minute to import torch
     while (Date.now() < deadline) {
       try {
         if ((await fetch(`${this.url}/healthz`)).ok) return;
@@ -64,14 +64,18 @@ class Server {
       }
       await new Promise((r) => setTimeout(r, 100));
     }
+    await this.stop('SIGKILL'); // no orphan server keeps the test process alive
     throw new Error(`server ${this.args.join(' ')} did not start`);
   }
 
+  /** Stop the server; SIGKILL if it has not exited 15 s after SIGTERM (a failed test must not hang). */
   stop(signal = 'SIGTERM') {
-    if (this.proc == null || this.proc.exitCode != null) return Promise.resolve();
-    const done = new Promise((r) => this.proc.once('exit', r));
-    this.proc.kill(signal);
-    return done;
+    const proc = this.proc;
+    if (proc == null || proc.exitCode != null || proc.signalCode != null) return Promise.resolve();
+    const done = new Promise((r) => proc.once('exit', r));
+    proc.kill(signal);
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 15_000);
+    return done.finally(() => clearTimeout(timer));
   }
 }
 
