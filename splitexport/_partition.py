@@ -24,6 +24,15 @@ from ._errors import InvalidCutError, PartitionError, UnknownLayerError, Untrace
 Role = Literal["device", "server"]
 SplitKind = Literal["single", "double", "multi"]
 _COMPUTE_OPS = ("call_module", "call_function", "call_method")
+INPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+"""Model input dtypes (``--input-dtype``): float32, or int64/int32 token ids for a model that embeds them."""
+
+
+def example_input(shape: Sequence[int], dtype: str = "float32") -> torch.Tensor:
+    """An example model input: zeros of ``dtype`` (a valid token id for integer inputs)."""
+    if dtype not in INPUT_DTYPES:
+        raise PartitionError(f"unknown input dtype {dtype!r}; use one of {', '.join(INPUT_DTYPES)}")
+    return torch.zeros(tuple(shape), dtype=INPUT_DTYPES[dtype])
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,12 @@ class Segment:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     dtype: torch.dtype
+    """The output's dtype."""
     is_last: bool
     modules: tuple[str, ...] = field(default_factory=tuple)
     """Top-level module paths that run in this segment, in forward order."""
+    input_dtype: torch.dtype = torch.float32
+    """The input's dtype (int64/int32 for a first segment that embeds token ids)."""
 
     @property
     def trains_with(self) -> Literal["labels", "gradient"]:
@@ -405,6 +417,7 @@ def partition(model: nn.Module, cuts: Sequence[str], example_input: torch.Tensor
                 dtype=out_meta.dtype,
                 is_last=k == len(names) - 1,
                 modules=tuple(top),
+                input_dtype=in_meta.dtype,
             )
         )
     return Partition(segments=segments, cuts=tuple(cuts))
