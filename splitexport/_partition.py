@@ -8,8 +8,10 @@ cut, or a module whose weights are used on both sides make it invalid.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -144,12 +146,19 @@ class _TracedModel:
                 return result
 
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # fx prints a traceback on failure
                 _Counting(probe).propagate(example_input)
         except Exception as exc:
+            inner: BaseException = exc
+            while inner.__cause__ is not None or inner.__context__ is not None:  # ShapeProp wraps the real error
+                inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+            lines = [ln for ln in str(inner).splitlines() if ln.strip() and not ln.startswith(" ")]
+            first = lines[-1] if lines and lines[0].startswith("Traceback") else (lines[0] if lines else type(inner).__name__)
+            dtype = str(example_input.dtype).removeprefix("torch.")
+            hint = " (token ids for an Embedding need --input-dtype int64)" if "indices" in first else ""
             raise PartitionError(
-                f"running the model on an input of shape {tuple(example_input.shape)} failed: {exc}. "
-                "Check --input-shape."
+                f"running the model on an input of shape {tuple(example_input.shape)} and dtype {dtype} failed: "
+                f"{first}. Check --input-shape and --input-dtype{hint}."
             ) from exc
         meta = {pn.name: pn.meta.get("tensor_meta") for pn in probe.graph.nodes}
         self.tensor_meta = {n: meta.get(n.name) for n in self.gm.graph.nodes}

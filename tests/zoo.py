@@ -3,7 +3,7 @@
 Each entry is a :class:`ZooModel`: a factory (importable as ``--arch tests.zoo:<name>`` with
 the repository root on ``PYTHONPATH``), the per-sample input shape and dtype, the loss, a
 deterministic data generator, and cuts that put the interesting layers in A and in C.
-Models are tiny (few channels, 3x16x16 images, 8 tokens over a vocabulary of 50) so that
+Models are tiny (few channels, 3x16x16 images, 8 or 16 tokens over a vocabulary of 50) so that
 exporting and training them in tests takes seconds.
 """
 
@@ -19,6 +19,8 @@ from splitexport._update_rule import LossKind
 
 IMAGE = (3, 16, 16)
 SEQ_LEN = 8
+TEXT_LEN = 16
+"""The transformer's sequence length (``--input-shape 1,16 --input-dtype int64``)."""
 VOCAB = 50
 SEQ_FEATURES = 6
 TABULAR_FEATURES = 10
@@ -182,7 +184,7 @@ class TransformerClassifier(nn.Module):
     def __init__(self, num_classes: int = 2, dim: int = 16) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
-        self.pos = PositionalEmbedding(SEQ_LEN, dim)
+        self.pos = PositionalEmbedding(TEXT_LEN, dim)
         self.enc1 = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
         self.mid = nn.Sequential(nn.Linear(dim, dim), nn.GELU(approximate="tanh"))
         self.enc2 = nn.TransformerEncoderLayer(
@@ -257,7 +259,7 @@ def densenet() -> nn.Module:
 
 
 def transformer() -> nn.Module:
-    """Text classifier over int64 token ids (8 tokens, vocabulary 50): two TransformerEncoderLayers."""
+    """Text classifier over int64 token ids (16 tokens, vocabulary 50): two TransformerEncoderLayers."""
     return TransformerClassifier()
 
 
@@ -288,12 +290,16 @@ def _images(n: int, seed: int, classes: int = 4) -> tuple[torch.Tensor, torch.Te
     return x, y
 
 
-def _tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _tokens(n: int, seed: int, length: int = SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
     """Label 1 when most tokens come from the lower half of the vocabulary."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (n, SEQ_LEN), generator=gen)
-    y = ((ids < VOCAB // 2).sum(dim=1) * 2 > SEQ_LEN).long()
+    ids = torch.randint(0, VOCAB, (n, length), generator=gen)
+    y = ((ids < VOCAB // 2).sum(dim=1) * 2 > length).long()
     return ids, y
+
+
+def _text(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _tokens(n, seed, TEXT_LEN)
 
 
 def _sequences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,10 +387,10 @@ ZOO: dict[str, ZooModel] = {
         ZooModel(
             "transformer",
             transformer,
-            (SEQ_LEN,),
+            (TEXT_LEN,),
             torch.int64,
             "cross_entropy",
-            _tokens,
+            _text,
             {"double": ("enc1", "mid"), "single": ("enc1",)},
         ),
         ZooModel(

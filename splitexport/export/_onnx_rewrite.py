@@ -25,7 +25,9 @@ trained on a received gradient         (``dropout_mask_<k>``), so the forward pa
 =====================================  ==========================================================
 
 Every rewrite is checked: the rewritten segment must give the original's output (inference
-mode) on the example input, or the export stops.
+mode) on the example input, or the export stops. A segment that needs no rewrite is exported
+as it is; one that does is exported as Python layers (scripted torch.nn layers are rebuilt in
+Python, since legacy ONNX tracing cannot call them from a Python graph).
 """
 
 from __future__ import annotations
@@ -414,6 +416,9 @@ def prepare(module: nn.Module, example: torch.Tensor, *, trains_on_gradient: boo
         if new is not None:
             _replace(gm, qname, new)
             rewritten[qname] = _DESCRIBE[kind]
+    needs_masks = trains_on_gradient and any(_dropout_p(n, gm) is not None for n in gm.graph.nodes)
+    if not rewritten and not needs_masks:
+        return Prepared(module, module)  # nothing to rewrite: exported as it is
     for qname in sorted(leaves):
         try:
             mod = gm.get_submodule(qname)
