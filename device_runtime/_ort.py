@@ -10,6 +10,7 @@ Parameters live in the state, so an optimizer step is seen by both at once.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ INPUT = "input"
 OUTPUT = "output"
 GRAD_OUTPUT = "grad_output"
 LABELS = "labels"
+MASKS_METADATA = "splitexport.dropout_masks"
+"""Forward-model metadata: JSON list of ``{"name", "p", "shape", "layer"}``, one per dropout mask input."""
 _MODELS = ("training_model", "forward_model", "eval_model", "optimizer_model")
 
 
@@ -75,8 +78,15 @@ class OrtArtifacts:
 class OrtSegment:
     """Forward, train (on a received gradient or on labels), evaluate, checkpoint one segment.
 
-    Arrays are numpy: float32 inputs with the batch first; labels int64 class
+    Arrays are numpy: float32 inputs with the batch first (integer token ids for a
+    first segment exported with an int64/int32 input); labels int64 class
     indices (cross-entropy) or float32 targets shaped like the output (MSE).
+
+    Dropout in a segment that trains on a received gradient: the artifacts take one
+    mask per Dropout layer as an input (``dropout_mask_<k>``). :meth:`forward` draws
+    fresh masks (keep with probability ``1 - p``, scaled by ``1 / (1 - p)``) from a
+    generator seeded with ``seed`` and :meth:`train_with_gradient` reuses them, so the
+    step recomputes exactly the activation that was sent. The masks are not torch's.
     """
 
     def __init__(
@@ -87,8 +97,12 @@ class OrtSegment:
         checkpoint: str | Path | None = None,
         name: str = "segment",
         threads: int | None = None,
+        seed: int | None = None,
     ) -> None:
-        """``threads``: ORT intra-op threads, not spinning while idle (default: ORT's pool, one per core)."""
+        """``threads``: ORT intra-op threads, not spinning while idle (default: ORT's pool, one per core).
+
+        ``seed``: of the generator that draws dropout masks (segments with Dropout before the server).
+        """
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
         for path in (*(getattr(artifacts, m) for m in _MODELS), artifacts.checkpoint):
@@ -113,7 +127,11 @@ class OrtSegment:
         """The output (logits) of the last :meth:`train_with_labels` step."""
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
-        shape = self._input_dims(artifacts.eval_model, INPUT)
+        shape, self.input_dtype, masks = self._input_info(artifacts.eval_model, artifacts.forward_model)
+        self.dropout_masks: list[tuple[str, float, tuple[int, ...]]] = masks
+        """(input name, p, shape without the batch) of each dropout mask the artifacts take."""
+        self._rng = np.random.default_rng(seed)
+        self._masks: list[np.ndarray] | None = None
         self.batch_size: int | None = shape[0]
         """The fixed batch size of the artifacts, or ``None`` when the batch is dynamic."""
         self._input_shape = shape[1:]
@@ -171,7 +189,15 @@ class OrtSegment:
                 session_options=self._session_options(),
             )
             self._forward.eval()
-        return np.asarray(self._forward(x))
+        self._masks = self.draw_masks(x.shape[0])
+        return np.asarray(self._forward(x, *self._masks))
+
+    def draw_masks(self, batch: int) -> list[np.ndarray]:
+        """Fresh dropout masks for a batch (empty when the segment has no Dropout before the server)."""
+        return [
+            ((self._rng.random((batch, *shape)) >= p) / (1.0 - p)).astype(np.float32)
+            for _, p, shape in self.dropout_masks
+        ]
 
     def train_with_gradient(self, x: np.ndarray, grad_out: np.ndarray) -> None:
         """One optimizer step on the received ``dL/d(output)`` for input ``x`` (segments before the server)."""
@@ -181,7 +207,13 @@ class OrtSegment:
         g = np.ascontiguousarray(grad_out, dtype=np.float32)
         if g.shape[0] != x.shape[0]:
             raise OrtRuntimeError(f"gradient batch {g.shape[0]} != input batch {x.shape[0]}")
-        self._step(x, g)
+        masks, self._masks = self._masks, None
+        if self.dropout_masks and (masks is None or masks[0].shape[0] != x.shape[0]):
+            raise OrtRuntimeError(
+                f"segment {self.name} has Dropout: call forward(x) before train_with_gradient(x, g) so the step "
+                "uses the masks of the activation that was sent"
+            )
+        self._step(x, *(masks or []), g)
 
     def train_with_labels(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """One optimizer step on the label loss; returns (loss, ``dL/d(input)`` to send back).
@@ -203,10 +235,10 @@ class OrtSegment:
         self._module.eval()
         return np.asarray(self._module(x))
 
-    def _step(self, x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _step(self, x: np.ndarray, *rest: np.ndarray) -> tuple[np.ndarray, ...]:
         self._module.train()
         self._module.lazy_reset_grad()
-        out = self._module(x, target)
+        out = self._module(x, *rest)
         self._optimizer.step()
         return out if isinstance(out, tuple) else (out,)
 
@@ -244,7 +276,12 @@ class OrtSegment:
     # checks ---------------------------------------------------------------------------------------
 
     def _check_input(self, x: np.ndarray) -> np.ndarray:
-        arr = np.ascontiguousarray(x, dtype=np.float32)
+        given = np.asarray(x)
+        if np.issubdtype(self.input_dtype, np.integer) and not np.issubdtype(given.dtype, np.integer):
+            raise OrtRuntimeError(
+                f"segment {self.name} takes integer token ids ({self.input_dtype.name}), got {given.dtype} values"
+            )
+        arr = np.ascontiguousarray(given, dtype=self.input_dtype)
         if self.batch_size is not None and arr.ndim > 0 and arr.shape[0] != self.batch_size:
             raise OrtRuntimeError(
                 f"segment {self.name} was exported for batches of exactly {self.batch_size}, got {arr.shape[0]}"
@@ -276,14 +313,32 @@ class OrtSegment:
         return opts
 
     @staticmethod
-    def _input_dims(model_path: Path, name: str) -> tuple[int | None, ...]:
-        """Input dims from the eval model (``None`` for a symbolic dim)."""
+    def _input_info(
+        eval_model: Path, forward_model: Path
+    ) -> tuple[tuple[int | None, ...], np.dtype[Any], list[tuple[str, float, tuple[int, ...]]]]:
+        """Input dims (``None`` for a symbolic dim) and dtype from the eval model; masks from the forward model."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        session = ort.InferenceSession(os.fspath(model_path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(os.fspath(eval_model), opts, providers=["CPUExecutionProvider"])
+        types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
         for arg in session.get_inputs():
-            if arg.name == name:
-                return tuple(d if isinstance(d, int) else None for d in arg.shape)
-        raise OrtRuntimeError(f"{model_path} has no input {name!r}")
+            if arg.name == INPUT:
+                if arg.type not in types:
+                    raise OrtRuntimeError(f"{eval_model}: input type {arg.type} is not supported")
+                dims = tuple(d if isinstance(d, int) else None for d in arg.shape)
+                break
+        else:
+            raise OrtRuntimeError(f"{eval_model} has no input {INPUT!r}")
+        masks: list[tuple[str, float, tuple[int, ...]]] = []
+        if Path(forward_model).suffix == ".onnx":
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(os.fspath(forward_model), load_external_data=False).metadata_props}
+        else:
+            fwd = ort.InferenceSession(os.fspath(forward_model), opts, providers=["CPUExecutionProvider"])
+            meta = dict(fwd.get_modelmeta().custom_metadata_map)
+        for m in json.loads(meta.get(MASKS_METADATA, "[]")):
+            masks.append((str(m["name"]), float(m["p"]), tuple(int(d) for d in m["shape"][1:])))
+        return dims, np.dtype(types[arg.type]), masks

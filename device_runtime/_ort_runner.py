@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ._arrays import as_float32
@@ -57,6 +58,10 @@ class OrtRunner(DeviceRunner[OrtSegment]):
             raise SplitExportError(str(exc)) from exc
         return cls(seg)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._pending = _as_input(x)
+        return torch.from_numpy(self.segment.forward(self._pending))
+
     def train_with_labels(
         self, x: torch.Tensor, labels: torch.Tensor
     ) -> tuple[float, torch.Tensor | None, torch.Tensor]:
@@ -66,4 +71,10 @@ class OrtRunner(DeviceRunner[OrtSegment]):
         return loss, torch.from_numpy(grad_in), torch.from_numpy(out)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.segment.evaluate(as_float32(x)))
+        return torch.from_numpy(self.segment.evaluate(_as_input(x)))
+
+
+def _as_input(x: torch.Tensor) -> np.ndarray:
+    """Integer token ids stay integers (a first segment that embeds them); anything else becomes float32."""
+    t = x.detach().cpu()
+    return np.ascontiguousarray(t.numpy()) if not t.is_floating_point() else as_float32(t)

@@ -137,7 +137,7 @@ def _save_torch_segment(seg: Segment, path: Path) -> TorchFormat:
             torch.jit.save(torch.jit.script(module), str(path))
             return "torchscript"
         except Exception:  # noqa: BLE001 - any scripting failure falls back to torch.export
-            example = torch.zeros(seg.input_shape, dtype=torch.float32)
+            example = torch.zeros(seg.input_shape, dtype=seg.input_dtype)
             state = {k: v.clone() for k, v in module.state_dict().items()}
             ep = torch.export.export(module, (example,))
             module.load_state_dict(state)  # an export's forward must not move BN statistics
@@ -180,7 +180,7 @@ def write_bundle(
                     role=seg.role,
                     is_last=seg.is_last,
                     modules=list(seg.modules),
-                    input=_tensor_spec(in_name, seg.input_shape, torch.float32),
+                    input=_tensor_spec(in_name, seg.input_shape, seg.input_dtype),
                     output=_tensor_spec(f"{seg.name}_output", seg.output_shape, seg.dtype),
                     parameters=seg.num_parameters,
                     torch_file=rel,

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from . import _argtypes as at
 from ._errors import SplitExportError
 from ._manifest import LossSpec, OptimizerSpec
+from ._partition import INPUT_DTYPES, example_input
 
 if TYPE_CHECKING:
     from ._bundle import Bundle
@@ -45,6 +46,8 @@ def _shape(text: str) -> tuple[int, ...]:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="model file: state dict (+ --arch), TorchScript, .pt2, or pickle")
     p.add_argument("--input-shape", type=_shape, required=True, help="example input shape with batch, e.g. 1,1,8,8")
+    p.add_argument("--input-dtype", choices=list(INPUT_DTYPES), default="float32",
+                   help="dtype of the model input: int64/int32 for token ids (Embedding), default float32")
     p.add_argument("--arch", help="package.module:factory that builds the model (for a state dict)")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole nn.Module (runs code)")
 
@@ -75,8 +78,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from ._partition import list_cut_points
 
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
-    points = list_cut_points(loaded.module, torch.zeros(args.input_shape))
-    print(f"{args.model} ({loaded.kind}), input {list(args.input_shape)}: {len(points)} valid cut points")
+    points = list_cut_points(loaded.module, example_input(args.input_shape, args.input_dtype))
+    print(f"{args.model} ({loaded.kind}), input {list(args.input_shape)} {args.input_dtype}: "
+          f"{len(points)} valid cut points")
     header = f"{'cut after':<22} {'output shape':<18} {'bytes/sample':>12} {'params A':>10} {'params B':>10} {'FLOPs A':>11} {'FLOPs B':>11}"
     print(header)
     print("-" * len(header))
@@ -94,7 +98,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
     from ._partition import partition
 
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
-    part = partition(loaded.module, args.cut, torch.zeros(args.input_shape))
+    part = partition(loaded.module, args.cut, example_input(args.input_shape, args.input_dtype))
     bundle = write_bundle(
         part,
         args.output,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import operator
 import pickle
 import zipfile
 from collections.abc import Callable, Mapping
@@ -173,15 +174,22 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
             for atom in path.split("."):
                 target = getattr(target, atom)
             env[outs[0].debugName()] = ("module", path) if isinstance(target, nn.Module) else graph.get_attr(path)
-        elif kind == "prim::CallMethod" and node.s("name") == "forward":
+        elif kind == "prim::CallMethod" and node.s("name").startswith("forward"):  # forward__0: an overload (RNNs)
             ins = list(node.inputs())
             owner = arg(ins[0])
             env[outs[0].debugName()] = graph.call_module(owner[1], tuple(arg(v) for v in ins[1:]))
         elif kind == "prim::ListConstruct":
             env[outs[0].debugName()] = [arg(v) for v in node.inputs()]
+        elif kind == "prim::TupleIndex":
+            ins = list(node.inputs())
+            env[outs[0].debugName()] = graph.call_function(operator.getitem, (arg(ins[0]), arg(ins[1])))
+        elif kind == "prim::TupleUnpack":
+            source = arg(next(node.inputs()))
+            for i, out in enumerate(outs):
+                env[out.debugName()] = graph.call_function(operator.getitem, (source, i))
         elif kind.startswith("aten::"):
-            op = getattr(torch.ops.aten, kind.split("::")[1])
-            env[outs[0].debugName()] = graph.call_function(op, tuple(arg(v) for v in node.inputs()))
+            op, args, kwargs = _aten_call(node, [arg(v) for v in node.inputs()])
+            env[outs[0].debugName()] = graph.call_function(op, args, kwargs)
         else:
             raise UntraceableModelError(
                 f"the TorchScript forward uses {kind}, which splitexport cannot rebuild as a graph; "
@@ -190,3 +198,21 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
     outputs = list(ts_graph.outputs())
     graph.output(arg(outputs[0]) if len(outputs) == 1 else tuple(arg(o) for o in outputs))
     return fx.GraphModule(ts, graph)
+
+
+def _aten_call(node: Any, values: list[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """The op overload of a TorchScript ``aten::`` node, with keyword-only arguments passed by name."""
+    packet = getattr(torch.ops.aten, node.kind().split("::")[1])
+    try:
+        schema = torch._C.parse_schema(node.schema())
+    except Exception:  # noqa: BLE001 - no schema: call the packet positionally
+        return packet, tuple(values), {}
+    op = getattr(packet, schema.overload_name or "default", packet)
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for spec, value in zip(schema.arguments, values):
+        if spec.kwarg_only:
+            kwargs[spec.name] = value
+        else:
+            args.append(value)
+    return op, tuple(args), kwargs

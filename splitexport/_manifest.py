@@ -27,7 +27,8 @@ class TensorSpec(_Strict):
 
     name: str
     shape: list[int | Literal["batch"]]
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "float64", "int64", "int32"] = "float32"
+    """Element type: float32 activations; int64/int32 token ids for a first segment that embeds them."""
 
     @field_validator("shape")
     @classmethod

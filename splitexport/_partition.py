@@ -26,6 +26,15 @@ from ._errors import InvalidCutError, PartitionError, UnknownLayerError, Untrace
 Role = Literal["device", "server"]
 SplitKind = Literal["single", "double", "multi"]
 _COMPUTE_OPS = ("call_module", "call_function", "call_method")
+INPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+"""Model input dtypes (``--input-dtype``): float32, or int64/int32 token ids for a model that embeds them."""
+
+
+def example_input(shape: Sequence[int], dtype: str = "float32") -> torch.Tensor:
+    """An example model input: zeros of ``dtype`` (a valid token id for integer inputs)."""
+    if dtype not in INPUT_DTYPES:
+        raise PartitionError(f"unknown input dtype {dtype!r}; use one of {', '.join(INPUT_DTYPES)}")
+    return torch.zeros(tuple(shape), dtype=INPUT_DTYPES[dtype])
 
 
 @dataclass(frozen=True)
@@ -52,9 +61,12 @@ class Segment:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     dtype: torch.dtype
+    """The output's dtype."""
     is_last: bool
     modules: tuple[str, ...] = field(default_factory=tuple)
     """Top-level module paths that run in this segment, in forward order."""
+    input_dtype: torch.dtype = torch.float32
+    """The input's dtype (int64/int32 for a first segment that embeds token ids)."""
 
     @property
     def trains_with(self) -> Literal["labels", "gradient"]:
@@ -136,16 +148,21 @@ class _TracedModel:
                 flops[n.name] = counter.get_total_flops()
                 return result
 
-        try:  # ShapeProp prints the traceback of a failing node itself: keep it off the user's terminal
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # fx prints a traceback on failure
                 _Counting(probe).propagate(example_input)
         except Exception as exc:
-            cause = exc.__cause__ or exc
+            inner: BaseException = exc
+            while inner.__cause__ is not None or inner.__context__ is not None:  # ShapeProp wraps the real error
+                inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+            lines = [ln for ln in str(inner).splitlines() if ln.strip() and not ln.startswith(" ")]
+            first = lines[-1] if lines and lines[0].startswith("Traceback") else (lines[0] if lines else type(inner).__name__)
+            dtype = str(example_input.dtype).removeprefix("torch.")
+            hint = " (token ids for an Embedding need --input-dtype int64)" if "indices" in first else ""
             where = f" at {current[0].target}" if current and current[0].op == "call_module" else ""
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise PartitionError(
-                f"running the model on an input of shape {tuple(example_input.shape)} failed{where}: {first}. "
-                "Check --input-shape."
+                f"running the model on an input of shape {tuple(example_input.shape)} and dtype {dtype} failed{where}: "
+                f"{first}. Check --input-shape and --input-dtype{hint}."
             ) from exc
         meta = {pn.name: pn.meta.get("tensor_meta") for pn in probe.graph.nodes}
         self.tensor_meta = {n: meta.get(n.name) for n in self.gm.graph.nodes}
@@ -413,6 +430,7 @@ def partition(model: nn.Module, cuts: Sequence[str], example_input: torch.Tensor
                 dtype=out_meta.dtype,
                 is_last=k == len(names) - 1,
                 modules=tuple(top),
+                input_dtype=in_meta.dtype,
             )
         )
     return Partition(segments=segments, cuts=tuple(cuts))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,10 +39,14 @@ DEVICE_RUNTIMES: dict[str, RunnerFactory] = {"torch": _torch_runner, "onnx": _on
 class SimulationResult:
     histories: list[History]
     max_weight_difference: float
-    """Largest |split - monolithic| over the torch-trained segments' parameters and buffers."""
+    """Largest |split (torch) - monolithic| over every parameter and buffer."""
     where: str
     plot: Path | None
     metrics: Path | None
+    differences: dict[str, tuple[float, str]] = field(default_factory=dict)
+    """Per split run (``split (torch)``, ``split (onnx devices)``): its own largest |split - monolithic|
+    and where, over the parameters and BatchNorm statistics the run holds (device runtimes keep no
+    ``num_batches_tracked``)."""
 
 
 def simulate(
@@ -74,19 +78,26 @@ def simulate(
             f"but the bundle's input is {expected}"
         )
     torch.manual_seed(seed)
-    runs: list[tuple[str, Callable[[], tuple[object, list[torch.nn.Module]]]]] = []
+    StateFn = Callable[[], dict[str, torch.Tensor]]
+    runs: list[tuple[str, Callable[[], tuple[object, StateFn]]]] = []
 
-    def split_run(runtime: str) -> tuple[object, list[torch.nn.Module]]:
+    def split_run(runtime: str) -> tuple[object, StateFn]:
         runners: list[SegmentRunner] = []
         for spec in manifest.segments:
             make = DEVICE_RUNTIMES[runtime] if spec.role == "device" else _torch_runner
             runners.append(make(bundle, spec, opt))
-        mods = [r.module for r in runners if isinstance(r, TorchSegment)]
-        return SplitModel(runners), mods
 
-    def mono_run() -> tuple[object, list[torch.nn.Module]]:
+        def state() -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = {}
+            for r in runners:  # torch segments' modules; device runtimes' own parameters and statistics
+                out.update(named_state([r.module]) if isinstance(r, TorchSegment) else r.state_dict())  # type: ignore[attr-defined]
+            return out
+
+        return SplitModel(runners), state
+
+    def mono_run() -> tuple[object, StateFn]:
         seq = compose([bundle.torch_segment(s.name) for s in manifest.segments])
-        return MonolithicModel(seq, opt, loss), list(seq)
+        return MonolithicModel(seq, opt, loss), lambda: named_state(list(seq))
 
     runs.append(("split (torch)", lambda: split_run("torch")))
     if device_runtime != "torch":
@@ -96,7 +107,7 @@ def simulate(
     histories: list[History] = []
     states: dict[str, dict[str, torch.Tensor]] = {}
     for name, build in runs:
-        model, modules = build()
+        model, state_of = build()
 
         def report(m: object, run: str = name) -> None:
             if log is not None:
@@ -110,13 +121,17 @@ def simulate(
             fit(model, data, name=name, epochs=epochs, batch_size=batch_size, seed=seed, loss=loss,  # type: ignore[arg-type]
                 progress=progress, on_epoch=report)
         )
-        states[name] = named_state(modules)
+        states[name] = state_of()
     mono = states["monolithic"]
-    split = states["split (torch)"]
-    diff, where = max_abs_difference(split, mono)
-    if log is not None:
-        detail = f"{where} is NaN/Inf in a run" if math.isinf(diff) else where
-        log(f"max |split - monolithic| over all parameters and BN buffers: {diff:.3e} ({detail})")
+    differences: dict[str, tuple[float, str]] = {}
+    for name, state in states.items():
+        if name != "monolithic":
+            differences[name] = max_abs_difference(state, {k: mono[k] for k in state})
+            if log is not None:
+                d, w = differences[name]
+                detail = f"{w} is NaN/Inf in a run" if math.isinf(d) else w
+                log(f"max |{name} - monolithic| over its parameters and BN statistics: {d:.3e} ({detail})")
+    diff, where = differences["split (torch)"]
     plot = metrics = None
     if out_dir is not None:
         out = Path(out_dir)
@@ -128,10 +143,12 @@ def simulate(
             json.dumps(
                 {"bundle": str(bundle.path), "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
                  "seed": seed, "optimizer": opt.model_dump(mode="json"), "device_runtime": device_runtime,
-                 "max_weight_difference": diff, "where": where, "runs": [h.to_dict() for h in histories]},
+                 "max_weight_difference": diff, "where": where,
+                 "weight_differences": {k: {"max": d, "where": w} for k, (d, w) in differences.items()},
+                 "runs": [h.to_dict() for h in histories]},
                 indent=2,
             )
         )
         if log is not None:
             log(f"wrote {plot} and {metrics}")
-    return SimulationResult(histories, diff, where, plot, metrics)
+    return SimulationResult(histories, diff, where, plot, metrics, differences)

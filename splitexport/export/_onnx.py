@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import logging
 import os
 import sys
@@ -51,7 +52,8 @@ from .._errors import ExportError
 from .._manifest import OptimizerSpec
 from .._update_rule import LossKind
 from . import _onnx_graph as graph
-from ._onnx_ops import check_trainable
+from ._onnx_ops import UnsupportedOpError, check_trainable
+from ._onnx_rewrite import DropoutMask, draw_mask, prepare
 
 if TYPE_CHECKING:
     from .._bundle import Bundle
@@ -63,6 +65,8 @@ MIN_OPSET, MAX_OPSET = 15, 20
 ARTIFACTS = ("training_model", "forward_model", "eval_model", "optimizer_model", "checkpoint")
 """Artifact kinds per segment (``<kind>_ort`` for the ``.ort`` copies of the models)."""
 FORMAT = "onnx"
+MASKS_METADATA = "splitexport.dropout_masks"
+"""Forward-model metadata listing the dropout mask inputs (read by ``device_runtime.OrtSegment``)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,8 @@ def export_segment_onnx(
     batch_size: int | None = None,
     ort_format: bool = False,
     check: bool = True,
+    dtype: torch.dtype = torch.float32,
+    masks_out: list[DropoutMask] | None = None,
 ) -> dict[str, Path]:
     """Write the training artifacts of one segment to ``out_dir``; returns kind -> path.
 
@@ -169,6 +175,10 @@ def export_segment_onnx(
     BatchNorm statistics are restored after the tracing forward pass).
     ``check`` runs one training step, forward and evaluation on random data
     before returning, so broken artifacts fail here and not on a phone.
+    ``dtype`` is the input's (int64/int32 token ids for a first segment that
+    embeds them). Layers ORT cannot train as exported are rewritten first
+    (:mod:`._onnx_rewrite`); a segment trained on a received gradient gets one
+    ``dropout_mask_<k>`` input per Dropout, appended to ``masks_out``.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
@@ -176,11 +186,14 @@ def export_segment_onnx(
         raise ExportError(f"--batch-size must be positive, got {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base, trainable, frozen = _torch_to_onnx(module, sample_shape, opset, batch_size)
-    modules = dict(module.named_modules())
-    check_trainable(
-        base, modules, segment=name, opset=opset, dynamic_batch=batch_size is None, trains_on_gradient=not is_last
+    base, eval_base, trainable, frozen, masks = _torch_to_onnx(
+        module, sample_shape, opset, batch_size, dtype=dtype, trains_on_gradient=not is_last, segment=name
     )
+    modules = dict(module.named_modules())
+    for model, trains in ((base, not is_last), (eval_base, False)):
+        check_trainable(
+            model, modules, segment=name, opset=opset, dynamic_batch=batch_size is None, trains_on_gradient=trains
+        )
     stats = graph.running_statistics(base)
     params = trainable + frozen + stats
     batch: int | str = batch_size if batch_size is not None else "batch"
@@ -189,11 +202,13 @@ def export_segment_onnx(
     paths["checkpoint"] = out / "checkpoint"
 
     forward = copy.deepcopy(base)
+    if masks:
+        helper.set_model_props(forward, {MASKS_METADATA: json.dumps([m.to_json() for m in masks])})
     graph.isolate_batchnorm_statistics(forward, update=False)
     graph.move_initializers_to_inputs(forward, params)
     _save(forward, paths["forward_model"])
 
-    evaluation = copy.deepcopy(base)
+    evaluation = copy.deepcopy(eval_base)
     graph.to_inference_mode(evaluation)
     graph.move_initializers_to_inputs(evaluation, params)
     _save(evaluation, paths["eval_model"])
@@ -215,17 +230,79 @@ def export_segment_onnx(
     if ort_format:
         paths.update(_to_ort_format(paths, out))
     if check:
-        _smoke_test(paths, sample_shape, batch_size, is_last=is_last, loss=loss, segment=name)
+        _smoke_test(paths, sample_shape, batch_size, is_last=is_last, loss=loss, segment=name, dtype=dtype, masks=masks)
+    if masks_out is not None:
+        masks_out.extend(masks)
     return paths
 
 
+def example_input(sample_shape: tuple[int, ...], batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """A real example of the segment's input: zeros for token ids (always a valid id), else standard normal."""
+    if dtype.is_floating_point:
+        return torch.randn((batch, *sample_shape), generator=torch.Generator().manual_seed(0)).to(dtype)
+    return torch.zeros((batch, *sample_shape), dtype=dtype)
+
+
 def _torch_to_onnx(
-    module: nn.Module, sample_shape: tuple[int, ...], opset: int, batch_size: int | None
-) -> tuple[onnx.ModelProto, list[str], list[str]]:
-    """Training-mode ONNX export with parameter names kept; returns (model, trainable, frozen)."""
+    module: nn.Module,
+    sample_shape: tuple[int, ...],
+    opset: int,
+    batch_size: int | None,
+    *,
+    dtype: torch.dtype,
+    trains_on_gradient: bool,
+    segment: str,
+) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str], list[str], list[DropoutMask]]:
+    """Training-mode ONNX export with parameter names kept.
+
+    Returns (model, inference-mode model source, trainable, frozen, dropout masks); the two
+    models differ only when dropout masks are inputs of the first.
+    """
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     was_training = module.training
-    example = torch.randn((batch_size or 2, *sample_shape))
+    example = example_input(sample_shape, batch_size or 2, dtype)
+    try:
+        prepared = prepare(module, example, trains_on_gradient=trains_on_gradient)
+    except UnsupportedOpError as exc:
+        raise UnsupportedOpError(f"segment {segment}: {exc}", op=exc.op, layer=exc.layer) from None
+    finally:
+        module.load_state_dict(state)
+        module.train(was_training)
+    masks = prepared.masks
+    try:
+        model = _export(prepared.train, example, masks, opset, batch_size)
+        eval_model = model if prepared.eval is prepared.train else _export(prepared.eval, example, [], opset, batch_size)
+    finally:
+        module.load_state_dict(state)  # the tracing forward moved the BatchNorm statistics
+        module.train(was_training)
+    named = dict(module.named_parameters())
+    for m in (model, eval_model):
+        # The exporter captured the statistics after its forward pass; store the true ones.
+        for init in m.graph.initializer:
+            if init.name in state:
+                init.CopyFrom(onnx.numpy_helper.from_array(state[init.name].numpy(), init.name))
+        graph.remove_dead_nodes(m)
+        graph.complete_layer_norm_outputs(m)
+        inits = graph.initializer_names(m)
+        missing = [k for k in named if k not in inits]
+        if missing:
+            raise ExportError(
+                f"segment {segment}: parameters {missing[:5]} are not named in the ONNX export (renamed or folded); "
+                "they could not be trained on the device"
+            )
+    trainable = [k for k, p in named.items() if p.requires_grad]
+    frozen = [k for k, p in named.items() if not p.requires_grad]
+    return model, eval_model, trainable, frozen, masks
+
+
+def _export(
+    module: nn.Module, example: torch.Tensor, masks: list[DropoutMask], opset: int, batch_size: int | None
+) -> onnx.ModelProto:
+    """``torch.onnx.export`` (legacy, training mode) of ``module(input, *masks)``."""
+    n = example.shape[0]
+    args = (example, *(torch.ones((n, *m.shape)) / (1.0 - m.p) for m in masks))
+    names = [graph.INPUT, *(m.name for m in masks)]
+    dynamic = {name: {0: "batch"} for name in [*names, graph.OUTPUT]}
     tmp = tempfile.TemporaryDirectory(prefix="splitexport-trace-")
     path = Path(tmp.name) / "segment.onnx"
     try:
@@ -233,39 +310,25 @@ def _torch_to_onnx(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module.train(),
-                (example,),
+                args,
                 os.fspath(path),
                 dynamo=False,
                 training=torch.onnx.TrainingMode.TRAINING,
                 do_constant_folding=False,
                 opset_version=opset,
-                input_names=[graph.INPUT],
+                input_names=names,
                 output_names=[graph.OUTPUT],
-                dynamic_axes=None if batch_size else {graph.INPUT: {0: "batch"}, graph.OUTPUT: {0: "batch"}},
+                dynamic_axes=None if batch_size else dynamic,
             )
-        model = onnx.load(os.fspath(path))
+        return onnx.load(os.fspath(path))
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        module.load_state_dict(state)  # the tracing forward moved the BatchNorm statistics
-        module.train(was_training)
-        tmp.cleanup()
-    # The exporter captured the statistics after its forward pass; store the true ones.
-    for init in model.graph.initializer:
-        if init.name in state:
-            init.CopyFrom(onnx.numpy_helper.from_array(state[init.name].numpy(), init.name))
-    graph.remove_dead_nodes(model)
-    inits = graph.initializer_names(model)
-    named = dict(module.named_parameters())
-    missing = [k for k in named if k not in inits]
-    if missing:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise ExportError(
-            f"parameters {missing[:5]} are not named in the ONNX export (renamed or folded); "
-            "they could not be trained on the device"
-        )
-    trainable = [k for k, p in named.items() if p.requires_grad]
-    frozen = [k for k, p in named.items() if not p.requires_grad]
-    return model, trainable, frozen
+            f"torch.onnx.export failed: {type(exc).__name__}: {first}; cut the model so that the layer using "
+            "this op runs on the server"
+        ) from exc
+    finally:
+        tmp.cleanup()
 
 
 def _build_training_artifacts(
@@ -380,20 +443,23 @@ def _smoke_test(
     is_last: bool,
     loss: LossKind,
     segment: str,
+    dtype: torch.dtype = torch.float32,
+    masks: list[DropoutMask] | None = None,
 ) -> None:
     """Load the artifacts and run every model once on random data (nothing is written)."""
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
     n = batch_size or 3
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, *sample_shape)).astype(np.float32)
+    x = example_input(sample_shape, n, dtype).numpy()
+    drawn = [draw_mask(rng, n, m) for m in masks or []]
     try:
         with _quiet_native(f"checking the artifacts of segment {segment}"):
             state = CheckpointState.load_checkpoint(os.fspath(paths["checkpoint"]))
             module = Module(os.fspath(paths["training_model"]), state, os.fspath(paths["eval_model"]))
             Optimizer(os.fspath(paths["optimizer_model"]), module)
             forward = Module(os.fspath(paths["training_model"]), state, os.fspath(paths["forward_model"]))
-            out = forward.eval()(x)
+            out = forward.eval()(x, *drawn)
             if is_last:
                 labels: np.ndarray = (
                     rng.integers(0, out.shape[1], size=n).astype(np.int64)
@@ -402,7 +468,7 @@ def _smoke_test(
                 )
                 module.train()(x, labels)
             else:
-                module.train()(x, np.ones_like(out))
+                module.train()(x, *drawn, np.ones_like(out))
             module.eval()(x)
     except ExportError:
         raise
@@ -470,8 +536,10 @@ def export_onnx(
     manifest = b.manifest
     device_opt = DeviceOptimizer.from_spec(manifest.optimizer, name=optimizer, lr=lr)
     files: dict[str, dict[str, Path]] = {}
+    masks: dict[str, list[DropoutMask]] = {}
     with tempfile.TemporaryDirectory(prefix="splitexport-onnx-") as tmp:
         for spec in manifest.device_segments:
+            masks[spec.name] = []
             files[spec.name] = export_segment_onnx(
                 b.torch_segment(spec.name),
                 spec.input.sample_shape,
@@ -483,6 +551,8 @@ def export_onnx(
                 opset=opset,
                 batch_size=batch_size,
                 ort_format=ort_format,
+                dtype=spec.input.torch_dtype,
+                masks_out=masks[spec.name],
             )
         import onnxruntime
 
@@ -495,6 +565,7 @@ def export_onnx(
             "inputs": {"gradient": [graph.INPUT, graph.GRAD_OUTPUT], "labels": [graph.INPUT, graph.LABELS]},
             "outputs": {"gradient": ["loss"], "labels": ["loss", graph.INPUT_GRADIENT, graph.OUTPUT]},
             "gradient_loss": "sum(output * grad_output)",
+            "dropout_masks": {k: [m.to_json() for m in v] for k, v in masks.items() if v},
         }
         b.add_artifacts(FORMAT, files, options)
     return b

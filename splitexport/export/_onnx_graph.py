@@ -238,6 +238,18 @@ def _remove_named(container: object, name: str) -> None:
             container.remove(item)  # type: ignore[attr-defined]
 
 
+def complete_layer_norm_outputs(model: onnx.ModelProto) -> None:
+    """Give every LayerNormalization node its optional Mean and InvStdDev outputs.
+
+    ONNX Runtime 1.19's LayerNormalization gradient builder reads them; without
+    them artifact generation fails an output-count assertion (opset >= 17).
+    """
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            base = node.name or node.output[0]
+            node.output.extend([f"{base}/saved_mean", f"{base}/saved_inv_std_dev"])
+
+
 def keep_outputs(model: onnx.ModelProto, names: list[str]) -> None:
     """Make ``names`` the graph outputs and drop what no longer feeds them."""
     by_name = {o.name: o for o in model.graph.output}

@@ -142,15 +142,6 @@ def check_trainable(
                 "or cut the model so that this layer runs on the server",
                 ("AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d"),
             )
-        if op == "LayerNormalization" and opset >= 17:
-            _raise(
-                node,
-                modules,
-                segment,
-                f"ONNX Runtime's gradient builder fails on LayerNormalization at opset {opset}; export at opset 15 "
-                "(`--opset 15`, where the exporter decomposes LayerNorm into basic ops)",
-                ("LayerNorm",),
-            )
         if op == "Dropout" and trains_on_gradient and _dropout_ratio(model, node) != 0.0:
             _raise(
                 node,

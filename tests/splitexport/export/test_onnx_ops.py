@@ -38,14 +38,23 @@ def export_a(module: nn.Module, tmp_path: Path, **kwargs) -> dict[str, Path]:
     return export_segment_onnx(module, (1, 8, 8), tmp_path / "out", is_last=False, optimizer=SGD, name="A", **kwargs)
 
 
+class TwoLayerGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 8, num_layers=2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0].flatten(1)  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize(
     ("layer", "features", "op", "layer_name", "hint"),
     [
-        (nn.Hardswish(), 256, "HardSwish", "layer '0.1' (Hardswish)", "runs on the server, or replace it"),
         (nn.Upsample(scale_factor=2), 1024, "Resize", "layer '0.1' (Upsample)", "ConvTranspose2d"),
         # fx traces through custom modules: the call lands in the segment's own forward
         (Interpolate(), 1024, "Resize", "the call of interpolate() in the segment's forward", "ConvTranspose2d"),
-        (nn.AvgPool2d(2), 64, "AveragePool", "layer '0.1' (AvgPool2d)", "--batch-size N"),
+        # ceil_mode is not rewritten: AveragePool stays, and its gradient crashes ORT with a dynamic batch
+        (nn.AvgPool2d(3, 2, ceil_mode=True), 64, "AveragePool", "layer '0.1' (AvgPool2d)", "--batch-size N"),
     ],
 )
 def test_unsupported_op_is_reported(tmp_path: Path, layer, features, op, layer_name, hint) -> None:
@@ -55,7 +64,69 @@ def test_unsupported_op_is_reported(tmp_path: Path, layer, features, op, layer_n
     msg = str(info.value)
     assert info.value.op == op
     assert f"ONNX op {op}" in msg and layer_name in msg and hint in msg and msg.startswith("segment A:")
+    assert "\n" not in msg
     assert not (tmp_path / "out" / "training_model.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "layer_name", "hint"),
+    [
+        (
+            nn.Sequential(nn.Sequential(nn.Flatten(1, 2), TwoLayerGRU()), nn.Linear(64, 10)),
+            "layer '0.1.rnn' (GRU)",
+            "stack single-layer nn.GRUs",
+        ),
+        (
+            nn.Sequential(
+                nn.Sequential(nn.Flatten(1, 2), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)),
+                nn.Flatten(),
+                nn.Linear(64, 10),
+            ),
+            "layer '0.1' (TransformerEncoderLayer)",
+            "set its dropout to 0",
+        ),
+    ],
+    ids=["two-layer-gru", "encoder-layer-dropout-in-A"],
+)
+def test_unsupported_layer_is_reported_before_any_file(tmp_path: Path, model, layer_name, hint) -> None:
+    module = segment_a(model, tmp_path)
+    with pytest.raises(UnsupportedOpError) as info:
+        export_a(module, tmp_path)
+    msg = str(info.value)
+    assert msg.startswith("segment A: cannot export " + layer_name) and hint in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Hardswish(), nn.Hardsigmoid(), nn.GroupNorm(2, 4), nn.AvgPool2d(2), nn.AvgPool2d(3, 1, padding=1)],
+    ids=["hardswish", "hardsigmoid", "groupnorm", "avgpool", "avgpool-padded"],
+)
+def test_rewritten_layers_train_like_torch(tmp_path: Path, layer: nn.Module) -> None:
+    """Layers ORT cannot train as exported are rewritten; one step equals torch's (dynamic batch)."""
+    from device_runtime import OrtSegment
+
+    torch.manual_seed(0)
+    model = conv_net(layer, 4 * 8 * 8 if not isinstance(layer, nn.AvgPool2d) or layer.stride == 1 else 64)
+    part = partition(model, ["0"], torch.zeros(2, 1, 8, 8))
+    module = segment_a(model, tmp_path)
+    paths = export_a(module, tmp_path)
+    seg = OrtSegment.from_directory(paths["training_model"].parent, learning_rate=0.1)
+    reference = part.segments[0].module
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in (3, 5):
+        x = torch.randn(batch, 1, 8, 8)
+        out = seg.forward(x.numpy())
+        ref = reference(x)
+        assert float((ref - torch.from_numpy(out)).abs().max()) < 1e-5
+        g = torch.randn(ref.shape)
+        seg.train_with_gradient(x.numpy(), g.numpy())
+        opt.zero_grad()
+        (ref * g).sum().backward()
+        opt.step()
+    state = reference.state_dict()
+    for k, v in seg.parameters().items():
+        assert float((torch.from_numpy(v) - state[k]).abs().max()) < 1e-5, k
 
 
 def test_average_pool_trains_with_a_fixed_batch(tmp_path: Path) -> None:
@@ -71,27 +142,34 @@ def test_average_pool_trains_with_a_fixed_batch(tmp_path: Path) -> None:
         seg.forward(x[:3])
 
 
-def test_layernorm_needs_opset_15(tmp_path: Path) -> None:
+@pytest.mark.parametrize("opset", [15, 17])
+def test_layernorm_trains_at_the_default_opset(tmp_path: Path, opset: int) -> None:
     model = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.LayerNorm(32)), nn.Linear(32, 10))
-    module = segment_a(model, tmp_path)
-    with pytest.raises(
-        UnsupportedOpError, match=r"layer '0.2' \(LayerNorm\).*LayerNormalization at opset 17.*--opset 15"
-    ):
-        export_a(module, tmp_path)
-    export_a(module, tmp_path, opset=15)
+    export_a(segment_a(model, tmp_path), tmp_path, opset=opset)  # runs a training step on the artifacts
 
 
-def test_dropout_is_refused_where_it_would_not_be_exact(tmp_path: Path) -> None:
+def test_dropout_in_a_takes_masks_as_inputs(tmp_path: Path) -> None:
+    from device_runtime import OrtSegment
+
     model = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Dropout(0.2)), nn.Linear(32, 10))
-    module = segment_a(model, tmp_path)
-    with pytest.raises(UnsupportedOpError, match=r"layer '0.2' \(Dropout\).*different dropout masks"):
-        export_a(module, tmp_path)
-    # in the last segment one step runs forward and backward: dropout is fine there
+    masks: list = []
+    paths = export_a(segment_a(model, tmp_path), tmp_path, masks_out=masks)
+    assert [(m.name, m.p, m.shape, m.layer) for m in masks] == [("dropout_mask_0", 0.2, (32,), "0.2")]
+    seg = OrtSegment.from_directory(paths["training_model"].parent, seed=0)
+    assert seg.dropout_masks == [("dropout_mask_0", 0.2, (32,))]
+    x = np.ones((4, 1, 8, 8), dtype=np.float32)
+    with pytest.raises(Exception, match="call forward"):
+        seg.train_with_gradient(x, np.ones((4, 32), dtype=np.float32))
+    out = seg.forward(x)
+    assert (out == 0).any()  # dropped units
+    seg.train_with_gradient(x, np.ones_like(out))
+    # in the last segment one step runs forward and backward: ORT's own Dropout, no masks
     last = nn.Sequential(nn.Linear(32, 16), nn.Dropout(0.5), nn.Linear(16, 10))
-    export_segment_onnx(last, (32,), tmp_path / "c", is_last=True, optimizer=SGD, name="C")
-    # p=0 is harmless in A
+    export_segment_onnx(last, (32,), tmp_path / "c", is_last=True, optimizer=SGD, name="C", masks_out=masks)
+    # p=0 needs no mask
     model0 = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Dropout(0.0)), nn.Linear(32, 10))
-    export_a(segment_a(model0, tmp_path), tmp_path)
+    export_a(segment_a(model0, tmp_path), tmp_path, masks_out=masks)
+    assert len(masks) == 1
 
 
 def test_errors_are_export_errors() -> None:

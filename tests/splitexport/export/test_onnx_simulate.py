@@ -50,6 +50,13 @@ def test_simulate_with_ort_devices(bundle: Path, tmp_path: Path, capsys) -> None
     assert ort["test_loss"] == pytest.approx(mono["test_loss"], abs=1e-5)
     assert ort["test_accuracy"] == pytest.approx(mono["test_accuracy"])
     assert ort["test_accuracy"] > 0.15  # it learned something (chance is 0.1)
+    # the ORT run's own weights against the monolithic run's (not the torch split's)
+    diffs = metrics["weight_differences"]
+    assert set(diffs) == {"split (torch)", "split (onnx devices)"}
+    assert diffs["split (torch)"]["max"] == metrics["max_weight_difference"] == 0.0
+    assert 0.0 < diffs["split (onnx devices)"]["max"] <= 1e-5
+    out = capsys.readouterr().out
+    assert "max |split (onnx devices) - monolithic|" in out and "max |split (torch) - monolithic|" in out
 
 
 def test_simulate_refuses_an_optimizer_the_artifacts_were_not_built_for(bundle: Path, capsys) -> None:
