@@ -93,3 +93,14 @@ def test_app_serves_page_runtime_and_tfjs(mlp_bundle: Path, tmp_path: Path) -> N
     with threaded_server(mlp_bundle, tmp_path / "s2") as (url, _):
         assert httpx.get(f"{url}/app/").status_code == 404  # only with --app
         assert httpx.get(f"{url}/dashboard").status_code == 404
+
+
+def test_app_without_the_js_package_is_one_clear_line(tmp_path: Path) -> None:
+    from server._browser import check_js_package
+
+    with pytest.raises(ValueError, match=r"--app: .*app/index.html is missing; serve --app needs a checkout"):
+        check_js_package(tmp_path)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "index.html").write_text("<title>x</title>")
+    with pytest.raises(ValueError, match=r"tf.fesm.min.js is missing; run `npm ci`"):
+        check_js_package(tmp_path)
