@@ -30,15 +30,18 @@ async function run(msg) {
     totalSteps: epochs * Math.ceil(data.xTrain.shape[0] / batchSize) });
   const started = performance.now();
   let steps = 0;
+  const reports = []; // sent without blocking training; awaited before 'done' (the page then ends the worker)
   const history = await trainSplit({
     a, c, remote, data, epochs, batchSize, seed: msg.seed ?? 0, loss: manifest.loss?.kind,
     onStep: (s) => { steps += 1; if (steps % 5 === 0) postMessage({ type: 'step', steps, loss: s.loss }); },
     onEpoch: (e) => {
       postMessage({ type: 'epoch', ...e });
-      client.reportMetrics(remote.sessionId, { epoch: e.epoch, train_loss: e.trainLoss, loss: e.testLoss,
-        accuracy: e.testAccuracy }).catch(() => {});
+      reports.push(client.reportMetrics(remote.sessionId, { epoch: e.epoch, train_loss: e.trainLoss, loss: e.testLoss,
+        accuracy: e.testAccuracy }));
     },
   });
+  const failed = (await Promise.allSettled(reports)).filter((r) => r.status === 'rejected');
+  if (failed.length) console.warn(`${failed.length} metrics reports failed: ${failed[0].reason}`);
   postMessage({ type: 'done', history, steps, seconds: (performance.now() - started) / 1000, sessionId: remote.sessionId });
 }
 
