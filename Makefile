@@ -1,12 +1,12 @@
 # Two commands a fresh clone needs:
 #   make demo   - set up the core + onnx + server extras (no TensorFlow) and walk the product path on the default
-#   make test   - set up everything (torch, ONNX Runtime training, TF, server, node deps), lint, type-check, run all tests
+#   make test   - set up everything (torch, ONNX Runtime training, TF, server, node deps, chromium), lint, type-check, run all tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 JS_DIR := device_runtime/js
 
-.PHONY: demo test setup setup-core setup-demo lint typecheck clean
+.PHONY: demo test setup setup-core setup-demo setup-browser lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,16 @@ $(VENV)/.all: $(VENV)/.core
 $(JS_DIR)/node_modules/.installed: $(wildcard $(JS_DIR)/package*.json)
 	@if [ -f $(JS_DIR)/package.json ]; then cd $(JS_DIR) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; fi
 
+# the browser tests (tests/browser/) drive Debian's chromium with puppeteer-core; apt needs root
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ]; then echo "chromium is missing: run 'sudo apt-get install -y chromium' (or set CHROMIUM=)"; exit 1; fi
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
 setup-core: $(VENV)/.core
 setup-demo: $(VENV)/.demo
-setup: $(VENV)/.all $(JS_DIR)/node_modules/.installed
+setup-browser: $(CHROMIUM)
+setup: $(VENV)/.all $(JS_DIR)/node_modules/.installed setup-browser
 
 demo: setup-demo
 	$(BIN)/splitexport demo --out splitexport-demo
@@ -41,6 +48,7 @@ demo: setup-demo
 test: setup lint typecheck
 	$(BIN)/python -m pytest
 	@if [ -f $(JS_DIR)/package.json ]; then cd $(JS_DIR) && npm test; fi
+	SPLITEXPORT_PYTHON=$(abspath $(BIN)/python) CHROMIUM=$(CHROMIUM) node --test tests/browser/
 
 lint: setup
 	$(BIN)/ruff check splitexport server device_runtime tests benchmarks

@@ -9,6 +9,7 @@ import anyio.to_thread
 import torch
 from fastapi import FastAPI, Request
 
+from ._browser import install_browser
 from ._http_errors import BodyDeadline, install_error_handlers
 from ._openapi import install_openapi
 from ._settings import ServerSettings
@@ -54,5 +55,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(artifacts.router)
     app.include_router(sessions.router)
+    install_browser(app, settings)  # before rounds: its POST /v1/sessions/{id}/metrics also feeds the dashboard
     app.include_router(rounds.router)
     return app

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_TOKEN_LENGTH = 16
 """Bearer tokens shorter than this are refused at startup (``secrets.token_urlsafe(16)`` gives 22)."""
+
+
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 def _check_token(token: str, where: str) -> str:
@@ -49,6 +53,14 @@ class ServerSettings(BaseSettings):
     """torch intra-op threads for B (default: torch's, one per core). On a machine shared with other
     processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""
 
+    # -- browsers (docs/browser.md)
+    cors_origins: list[str] = []
+    """Origins (``scheme://host[:port]``) whose pages may call the API cross-origin; none by default."""
+    cors_max_age_s: int = Field(600, ge=0)
+    """How long a browser may cache a CORS preflight (``Access-Control-Max-Age``)."""
+    app: bool = False
+    """Serve the browser training page at ``/app/`` and the operator dashboard at ``/dashboard``."""
+
     # -- multi-client strategies (docs/protocol.md); strategy=None keeps per-device sequential B steps
     strategy: str | None = None
     """A strategy of :mod:`splitexport.strategies` (ssl, psl, sfl, sglr, adasplit, fedavg)."""
@@ -65,6 +77,15 @@ class ServerSettings(BaseSettings):
     gamma: float = Field(0.87, ge=0, le=1)
     total_rounds: int = Field(10, ge=1)
     strategy_seed: int = 0
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"CORS origin {origin!r} is not scheme://host[:port] (no path, no trailing '/', "
+                                 "no wildcard)")
+        return origins
 
     def token_set(self) -> set[str]:
         """The bearer tokens; ``ValueError`` (one line) for an unreadable file or a token that breaks the rules.

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import ValidationError
 
 from . import _argtypes as at
@@ -221,7 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                    "num_clients": args.clients, "round_timeout_s": args.round_timeout,
                                    "alpha": args.alpha, "phi": args.phi, "phase_rounds": args.phase_rounds,
                                    "kappa": args.kappa, "eta": args.eta, "lam": args.lam,
-                                   "total_rounds": args.rounds}.items() if v is not None}
+                                   "total_rounds": args.rounds, "cors_origins": args.cors_origin,
+                                   "app": args.app or None}.items() if v is not None}
     try:
         settings = ServerSettings(**overrides)
     except ValidationError as exc:
@@ -340,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=at.positive_int, default=None, help="checkpoint every N steps (default 1)")
     p.add_argument("--threads", type=at.positive_int, default=None, help="torch threads for B (default: one per core)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"], default="warning")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let pages from ORIGIN (scheme://host[:port]) call the API; repeatable; none by default")
+    p.add_argument("--app", action="store_true", help="serve the browser training page at /app/ and the operator "
+                   "dashboard at /dashboard (needs device_runtime/js with its npm packages installed)")
     g = p.add_argument_group("multi-client strategy (docs/protocol.md); without --strategy devices train B "
                              "one after another")
     g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None)

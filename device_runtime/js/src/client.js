@@ -5,7 +5,8 @@
  * 5xx and 503 (honouring Retry-After); the server answers a repeated call from its stored response.
  * After a server restart between a forward and its backward (a 409, `forward_lost` or `wrong_step`, expecting
  * the forward of the same step) the forward is sent again, then the backward. A refused call (other 4xx)
- * raises {@link ServerError}.
+ * raises {@link ServerError}. In a browser, a call that never reached a cross-origin server (the browser
+ * hides why: most often a missing `--cors-origin`) fails at once instead of retrying, as does a bad URL.
  */
 import * as tf from '@tensorflow/tfjs';
 import { ERROR_STATUS, ErrorCode, MEDIA_TYPE, Tensor } from './protocol.js';
@@ -61,27 +62,51 @@ export class ServerClient {
     this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
     /** Number of retried calls (network errors, 5xx, 503). */
     this.retries = 0;
+    /** Whether any call got an HTTP response (then a network error is transient and retried). */
+    this.reached = false;
+  }
+
+  /**
+   * The one-line reason retrying cannot fix a failed fetch, or null: an invalid URL, or a first call from
+   * a page to a server on another origin (CORS refusals and an unreachable host look the same to a page).
+   * @param {unknown} exc @returns {string | null}
+   */
+  _hopeless(exc) {
+    let target;
+    try {
+      target = new URL(this.baseUrl);
+    } catch {
+      return `invalid server URL ${JSON.stringify(this.baseUrl)}`;
+    }
+    const origin = globalThis.location?.origin;
+    if (this.reached || !(exc instanceof TypeError) || origin == null || origin === 'null' || origin === target.origin) {
+      return null;
+    }
+    return `${this.baseUrl} cannot be reached from ${origin} (${exc.message}): the server does not allow this ` +
+      `origin (start it with --cors-origin ${origin}) or is down`;
   }
 
   /**
    * Send one call, retrying transport failures, 503 and 5xx until `maxWaitMs` has passed.
    * @param {string} method
    * @param {string} path
-   * @param {Uint8Array | null} [body] safetensors bytes
+   * @param {Uint8Array | null} [body] safetensors bytes (or `contentType`)
+   * @param {string} [contentType]
    * @returns {Promise<Response>}
    */
-  async request(method, path, body = null) {
+  async request(method, path, body = null, contentType = MEDIA_TYPE) {
     const deadline = Date.now() + this.maxWaitMs;
     let delay = this.backoffMs;
     /** @type {Record<string, string>} */
     const headers = {};
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
-    if (body != null) headers['Content-Type'] = MEDIA_TYPE;
+    if (body != null) headers['Content-Type'] = contentType;
     for (;;) {
       let failure;
       let wait = delay;
       try {
         const response = await this.fetch(this.baseUrl + path, { method, headers, body: body ?? undefined });
+        this.reached = true;
         if (response.status < 400) return response;
         const err = new ServerError(response.status, await errorBody(response));
         if (response.status < 500) throw err;
@@ -90,6 +115,8 @@ export class ServerClient {
         if (response.status === 503 && retryAfter > 0) wait = Math.max(wait, retryAfter * 1000);
       } catch (exc) {
         if (exc instanceof ServerError && exc.status < 500) throw exc;
+        const hopeless = this._hopeless(exc);
+        if (hopeless != null) throw new ServerError(503, { error: { code: ErrorCode.UNREACHABLE, message: hopeless } });
         failure = exc;
       }
       if (Date.now() + wait > deadline) {
@@ -116,15 +143,25 @@ export class ServerClient {
     await this.request('DELETE', `/v1/sessions/${encodeURIComponent(id)}`);
   }
 
-  /** @returns {Promise<object>} the bundle manifest with `device_files` */
+  /**
+   * Report device-side numbers (e.g. `{epoch: 1, loss: 0.4, accuracy: 0.9}`) for the operator's dashboard and
+   * the strategy (`POST /v1/sessions/{id}/metrics`). @param {string} id @param {Record<string, number>} metrics
+   */
+  async reportMetrics(id, metrics) {
+    const body = new TextEncoder().encode(JSON.stringify(metrics));
+    await this.request('POST', `/v1/sessions/${encodeURIComponent(id)}/metrics`, body, 'application/json');
+  }
+
+  /** @returns {Promise<{manifest: any, device_files: Record<string, string>}>} the bundle manifest with `device_files` */
   async manifest() {
     return (await this.request('GET', '/v1/manifest')).json();
   }
 }
 
-/** @param {tf.Tensor} t */
-function wire(t) {
-  return { shape: t.shape, data: t.dtype === 'int32' ? /** @type {Int32Array} */ (t.dataSync()) : t.dataSync() };
+/** A tensor's values without blocking the thread (`data()`, not `dataSync()`). @param {tf.Tensor} t */
+async function wire(t) {
+  const data = /** @type {Float32Array | Int32Array} */ (await t.data());
+  return { shape: t.shape, data };
 }
 
 /** @param {{shape: number[], data: Float32Array | Int32Array}} t @returns {tf.Tensor} */
@@ -176,7 +213,7 @@ export class RemoteSegment {
    * @param {tf.Tensor} activation @returns {Promise<tf.Tensor>}
    */
   async forward(activation) {
-    this._forwardBody = encodeSafetensors({ [Tensor.ACTIVATION]: wire(activation) }, { fp16: this.fp16 });
+    this._forwardBody = encodeSafetensors({ [Tensor.ACTIVATION]: await wire(activation) }, { fp16: this.fp16 });
     return /** @type {Promise<tf.Tensor>} */ (this._call(this._path('forward'), this._forwardBody, Tensor.OUTPUT));
   }
 
@@ -185,7 +222,7 @@ export class RemoteSegment {
    * @param {tf.Tensor} grad @returns {Promise<tf.Tensor>}
    */
   async backward(grad) {
-    const body = encodeSafetensors({ [Tensor.GRAD]: wire(grad) }, { fp16: this.fp16 });
+    const body = encodeSafetensors({ [Tensor.GRAD]: await wire(grad) }, { fp16: this.fp16 });
     let out;
     try {
       out = await this._call(this._path('backward'), body, Tensor.GRAD);
@@ -210,8 +247,8 @@ export class RemoteSegment {
    * @returns {Promise<{loss: number, grad: tf.Tensor, output: tf.Tensor}>}
    */
   async train(activation, labels) {
-    const y = labels.dtype === 'int32' ? { ...wire(labels), dtype: /** @type {const} */ ('I64') } : wire(labels);
-    const body = encodeSafetensors({ [Tensor.ACTIVATION]: wire(activation), [Tensor.LABELS]: y }, { fp16: this.fp16 });
+    const y = labels.dtype === 'int32' ? { ...(await wire(labels)), dtype: /** @type {const} */ ('I64') } : await wire(labels);
+    const body = encodeSafetensors({ [Tensor.ACTIVATION]: await wire(activation), [Tensor.LABELS]: y }, { fp16: this.fp16 });
     const out = /** @type {Record<string, any>} */ (await this._call(this._path('train'), body, ''));
     this.step += 1;
     return { loss: out[Tensor.LOSS].data[0], grad: toTensor(out[Tensor.GRAD]), output: toTensor(out[Tensor.OUTPUT]) };
@@ -219,7 +256,7 @@ export class RemoteSegment {
 
   /** B in inference mode; changes nothing. @param {tf.Tensor} activation @returns {Promise<tf.Tensor>} */
   async evaluate(activation) {
-    const body = encodeSafetensors({ [Tensor.ACTIVATION]: wire(activation) }, { fp16: this.fp16 });
+    const body = encodeSafetensors({ [Tensor.ACTIVATION]: await wire(activation) }, { fp16: this.fp16 });
     return /** @type {Promise<tf.Tensor>} */ (
       this._call(`/v1/sessions/${encodeURIComponent(this.sessionId)}/evaluate`, body, Tensor.OUTPUT)
     );

@@ -4,7 +4,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 
-import { DeviceSegment, DeviceRuntimeError } from './index.js';
+import { DeviceRuntimeError, DeviceSegment } from './segment.js';
 
 /** A tf.io.IOHandler that reads `model.json` and its weight shards from `dir`. */
 export function fileIO(dir) {

@@ -1,0 +1,126 @@
+// Type declarations of @splitexport/device-runtime (hand-written; the sources are JSDoc-annotated JS).
+import * as tf from '@tensorflow/tfjs';
+
+export { tf };
+
+export class DeviceRuntimeError extends Error {}
+
+export interface SegmentMeta {
+  is_last?: boolean;
+  isLast?: boolean;
+  loss?: 'cross_entropy' | 'mse';
+  optimizer?: { name?: 'sgd' | 'adam' | 'adamw'; lr?: number; momentum?: number; weight_decay?: number;
+    weightDecay?: number; betas?: [number, number]; eps?: number };
+  input_shape?: number[];
+  output_shape?: number[];
+  torch_names?: Record<string, unknown>;
+  [key: string]: unknown;
+}
+
+export function labelLoss(out: tf.Tensor, labels: tf.Tensor, kind?: 'cross_entropy' | 'mse'): tf.Scalar;
+
+export class DeviceSegment {
+  constructor(model: tf.LayersModel, meta: SegmentMeta);
+  static load(source: string | tf.io.IOHandler, meta: SegmentMeta): Promise<DeviceSegment>;
+  readonly model: tf.LayersModel;
+  readonly isLast: boolean;
+  /** Dry step on the active backend; rejects with DeviceRuntimeError naming a missing kernel. */
+  checkBackend(): Promise<string[]>;
+  forward(x: tf.Tensor): tf.Tensor;
+  evaluate(x: tf.Tensor): tf.Tensor;
+  trainWithGradient(x: tf.Tensor, gradOut: tf.Tensor): number;
+  trainWithLabels(x: tf.Tensor, labels: tf.Tensor): { loss: number; gradInput: tf.Tensor; output: tf.Tensor };
+  getWeights(): Record<string, tf.Tensor>;
+  setWeights(values: Record<string, tf.Tensor>): void;
+  getOptimizerState(): Record<string, tf.Tensor>;
+  setOptimizerState(values: Record<string, tf.Tensor>): void;
+  dispose(): void;
+}
+
+export interface LoadOptions {
+  /** Expected sha256 (hex) per file name relative to the segment directory; every file must be listed. */
+  sha256?: Record<string, string>;
+  fetch?: typeof fetch;
+  /** Check the active backend's kernels at load time (default true). */
+  checkBackend?: boolean;
+}
+
+export function sha256Hex(bytes: ArrayBuffer | Uint8Array): Promise<string>;
+export function loadSegment(url: string, options?: LoadOptions): Promise<DeviceSegment>;
+export function loadDeployedSegment(assetsUrl: string, name: string, options?: LoadOptions): Promise<DeviceSegment>;
+export function loadSegmentFromServer(client: ServerClient, name: string,
+  options?: { checkBackend?: boolean }): Promise<DeviceSegment>;
+
+export interface ClientOptions {
+  token?: string | null;
+  maxWaitMs?: number;
+  backoffMs?: number;
+  fetch?: typeof fetch;
+}
+
+export interface SessionInfo { session_id: string; next_step: number; expected: string; [key: string]: unknown }
+
+export class ServerError extends Error {
+  constructor(status: number, body: unknown);
+  readonly status: number;
+  readonly code: string;
+  readonly details: Record<string, unknown>;
+}
+
+export class ServerClient {
+  constructor(baseUrl: string, options?: ClientOptions);
+  readonly baseUrl: string;
+  retries: number;
+  reached: boolean;
+  request(method: string, path: string, body?: Uint8Array | null, contentType?: string): Promise<Response>;
+  openSession(): Promise<SessionInfo>;
+  session(id: string): Promise<SessionInfo>;
+  deleteSession(id: string): Promise<void>;
+  reportMetrics(id: string, metrics: Record<string, number>): Promise<void>;
+  manifest(): Promise<{ manifest: any; device_files: Record<string, string> }>;
+}
+
+export class RemoteSegment {
+  static open(client: ServerClient, options?: { sessionId?: string; fp16?: boolean }): Promise<RemoteSegment>;
+  readonly client: ServerClient;
+  readonly sessionId: string;
+  step: number;
+  forward(activation: tf.Tensor): Promise<tf.Tensor>;
+  backward(grad: tf.Tensor): Promise<tf.Tensor>;
+  train(activation: tf.Tensor, labels: tf.Tensor): Promise<{ loss: number; grad: tf.Tensor; output: tf.Tensor }>;
+  evaluate(activation: tf.Tensor): Promise<tf.Tensor>;
+}
+
+export interface Dataset { xTrain: tf.Tensor; yTrain: tf.Tensor; xTest: tf.Tensor; yTest: tf.Tensor }
+export interface StepInfo { epoch: number; step: number; loss: number }
+export interface EpochInfo { epoch: number; trainLoss: number; trainAccuracy: number; testLoss: number; testAccuracy: number }
+export interface TrainOptions {
+  a: DeviceSegment;
+  c?: DeviceSegment | null;
+  remote: RemoteSegment;
+  data: Dataset;
+  epochs?: number;
+  batchSize?: number;
+  seed?: number;
+  evalBatchSize?: number;
+  loss?: 'cross_entropy' | 'mse';
+  onStep?: (info: StepInfo) => void;
+  onEpoch?: (info: EpochInfo) => void;
+}
+
+export function batchIndices(n: number, batchSize: number, seed: number, epoch: number): Int32Array[];
+export function trainStep(o: TrainOptions, x: tf.Tensor, y: tf.Tensor): Promise<{ loss: number; output: tf.Tensor }>;
+export function predict(o: TrainOptions, x: tf.Tensor): Promise<tf.Tensor>;
+export function trainSplit(o: TrainOptions): Promise<EpochInfo[]>;
+
+export const MEDIA_TYPE: string;
+export const Tensor: Readonly<Record<string, string>>;
+export const ErrorCode: Readonly<Record<string, string>>;
+export const ERROR_STATUS: Readonly<Record<string, number>>;
+
+export type SafetensorsDtype = 'F32' | 'F16' | 'I32' | 'I64' | 'U8' | string;
+export class SafetensorsError extends Error {}
+export function decodeSafetensors(bytes: Uint8Array): Record<string, { dtype: SafetensorsDtype; shape: number[];
+  data: Float32Array | Int32Array | Uint8Array }>;
+export function encodeSafetensors(tensors: Record<string, { shape: number[]; data: Float32Array | Int32Array;
+  dtype?: SafetensorsDtype }>, options?: { fp16?: boolean }): Uint8Array;
