@@ -69,6 +69,11 @@ class Case:
     """Only for whole-model (Zoo) cases: train on labels (True) or on a gradient (False)."""
     builtin: bool = True
     """Whether the builtin-ops TFLite variant supports the segment."""
+    loss: str = "cross_entropy"
+    """The last segment's label loss; ``mse`` trains on random targets shaped like the output."""
+    input_dtype: str = "float32"
+    """``int64`` for token ids, drawn from ``range(vocab)``."""
+    vocab: int = 0
     kinks: bool = False
     """A ReLU at the segment output: a float-rounding-sized difference can flip an output across 0
     and send the free-running trajectory elsewhere (torch itself does so under a 1e-7 weight
@@ -122,8 +127,15 @@ class Reference:
     ``exp_avg_sq``; empty for plain SGD) and ``optimizer/step`` (Adam's step count)."""
 
 
+ARCHES: dict[str, Any] = {}
+"""Extra whole-segment architectures: name -> ``(factory, input_shape, is_last)`` (other test modules add theirs)."""
+
+
 def segment_of(case: Case) -> tuple[nn.Module, tuple[int, ...], bool]:
     torch.manual_seed(0)
+    if case.arch in ARCHES:
+        factory, shape, is_last = ARCHES[case.arch]
+        return fx.symbolic_trace(factory()), shape, is_last
     if case.arch.startswith("zoo"):
         model = Zoo(nn.GELU if case.arch == "zoo_gelu" else nn.Sigmoid)
         assert case.is_last is not None
@@ -141,7 +153,7 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
     trained = copy.deepcopy(module).train()
     o = case.optimizer
     opt = OptimizerSpec(**o).build(trained.parameters())
-    out_shape = tuple(trained(torch.zeros(shape)).shape)
+    out_shape = tuple(trained(torch.zeros(shape, dtype=getattr(torch, case.input_dtype))).shape)
     trained.load_state_dict(module.state_dict())  # undo the BN update of the shape probe
     inputs, targets, losses, grads = [], [], [], []
     states, momentum = [], []
@@ -150,18 +162,23 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
     for step in range(steps):
         states.append(_state(trained))
         momentum.append(_optimizer_state(opt, names))
-        if shape[1:] == (1, 8, 8):
+        if case.input_dtype != "float32":
+            x = torch.randint(0, case.vocab, shape, generator=gen)
+            y = torch.randint(0, 10, (BATCH,), generator=gen)
+        elif shape[1:] == (1, 8, 8):
             idx = torch.randint(0, len(digits.x_train), (BATCH,), generator=gen)
             x, y = digits.x_train[idx], digits.y_train[idx]
         else:
             x = torch.randn(shape, generator=gen).relu()
             y = torch.randint(0, 10, (BATCH,), generator=gen)
-        xr = x.clone().requires_grad_(True)
+        if case.loss == "mse":
+            y = torch.randn(out_shape, generator=gen)
+        xr = x.clone().requires_grad_(x.is_floating_point())
         out = trained(xr)
         if forward0 is None:
             forward0 = out.detach().numpy().copy()
         if is_last:
-            loss = label_loss(out, y)
+            loss = label_loss(out, y, case.loss)  # type: ignore[arg-type]
             target = y.numpy()
         else:
             g = torch.randn(out_shape, generator=gen) * GRAD_SCALE
@@ -173,8 +190,7 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
         inputs.append(x.numpy())
         targets.append(target)
         losses.append(float(loss))
-        assert xr.grad is not None
-        grads.append(xr.grad.numpy().copy())
+        grads.append(xr.grad.numpy().copy() if xr.grad is not None else np.zeros(0, np.float32))
     trained.eval()
     with torch.no_grad():
         eval_out = trained(torch.from_numpy(inputs[0])).numpy()

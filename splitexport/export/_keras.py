@@ -14,6 +14,7 @@ from torch import nn
 
 from .._errors import ExportError
 from ._layergraph import LayerGraph, layer_graph
+from ._seqops import SEQ_KINDS
 
 if TYPE_CHECKING:
     import tf_keras
@@ -49,7 +50,8 @@ def keras_model(graph: LayerGraph) -> tf_keras.Model:
 
     tensors: dict[str, Any] = {}
     weights: list[tuple[Any, list[Any]]] = []
-    inp = tf_keras.Input(shape=graph.input_shape, name="input")
+    dtype = graph.layers[0].attrs.get("dtype", "float32")
+    inp = tf_keras.Input(shape=graph.input_shape, name="input", dtype="float32" if dtype == "float32" else "int32")
     x = inp
     if len(graph.input_shape) == 3:
         x = L.Permute((2, 3, 1), name="input_to_nhwc")(x)
@@ -107,6 +109,16 @@ def keras_model(graph: LayerGraph) -> tf_keras.Model:
             layer = L.Dense(lyr.shape[0], use_bias="bias" in lyr.weights, name=lyr.name)
             out = layer(ins[0])
             weights.append((layer, [lyr.weights[k] for k in ("kernel", "bias") if k in lyr.weights]))
+        elif lyr.kind == "embedding":
+            layer = L.Embedding(a["num"], a["dim"], name=lyr.name)
+            out = layer(ins[0])
+            weights.append((layer, [lyr.weights["embeddings"]]))
+        elif lyr.kind in SEQ_KINDS:
+            from ._seqtf import keras_layer
+
+            layer = keras_layer(lyr.kind, lyr.name, lyr.weights, a)
+            out = layer(ins[0])
+            weights.append((layer, list(lyr.weights.values())))
         elif lyr.kind == "dropout":
             out = L.Dropout(a["rate"], name=lyr.name)(ins[0])
         elif lyr.kind == "add":

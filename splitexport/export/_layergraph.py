@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .._errors import ExportError
+from ._seqops import SEQ_MODULES, seq_module
 
 if TYPE_CHECKING:
     from .._bundle import Bundle
@@ -219,8 +220,11 @@ _FX_FUNCTIONS: dict[Any, str] = {
     torch.sigmoid: "sigmoid",
     torch.tanh: "tanh",
     F.gelu: "gelu",
+    operator.getitem: "getitem",
+    getattr: "getattr",
+    torch.arange: "arange",
 }
-_FX_METHODS = {"add": "add", "flatten": "flatten", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_FX_METHODS = {"add": "add", "flatten": "flatten", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "size": "size"}
 _ATEN = {
     "aten::add": "add",
     "aten::cat": "cat",
@@ -230,6 +234,10 @@ _ATEN = {
     "aten::sigmoid": "sigmoid",
     "aten::tanh": "tanh",
     "aten::gelu": "gelu",
+    "aten::size": "size",
+    "aten::__getitem__": "getitem",
+    "prim::TupleIndex": "getitem",
+    "aten::arange": "arange",
 }
 _ATEN_ARGS = {
     "add": ("input", "other", "alpha"),
@@ -239,6 +247,9 @@ _ATEN_ARGS = {
     "sigmoid": ("input",),
     "tanh": ("input",),
     "gelu": ("input", "approximate"),
+    "size": ("input", "dim"),
+    "getitem": ("input", "index"),
+    "arange": ("input",),
 }
 
 
@@ -265,6 +276,8 @@ def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
             if not isinstance(res, fx.Node):
                 raise ExportError("the segment must return a single tensor")
             out = res.name
+        elif n.op == "get_attr":
+            nodes.append(_Node(n.name, "param", [], {}, path=str(n.target)))
         elif n.op == "call_module":
             nodes.append(_Node(n.name, "module", args, kwargs, gm.get_submodule(str(n.target)), str(n.target)))
         elif n.op == "call_function":
@@ -313,11 +326,22 @@ def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
             parent = paths.get(ins[0].debugName())
             if parent is None:
                 raise ExportError(f"unsupported attribute access {node.s('name')!r} in the TorchScript segment")
-            paths[outs[0].debugName()] = f"{parent}.{node.s('name')}" if parent else node.s("name")
+            path = f"{parent}.{node.s('name')}" if parent else node.s("name")
+            if outs[0].type().kind() == "TensorType":  # a parameter or buffer used as a tensor
+                alias[outs[0].debugName()] = name = path.replace(".", "_")
+                nodes.append(_Node(name, "param", [], {}, path=path))
+            else:
+                paths[outs[0].debugName()] = path
+        elif kind == "prim::TupleUnpack":
+            source = value(ins[0])
+            for i, o in enumerate(outs):
+                alias[o.debugName()] = name = f"{source}_item{i}"
+                nodes.append(_Node(name, "getitem", [source], {"index": i}))
         elif kind == "prim::CallMethod":
-            path = paths.get(ins[0].debugName())
-            if not path or node.s("name") != "forward":
+            mpath = paths.get(ins[0].debugName())
+            if not mpath or not node.s("name").startswith("forward"):
                 raise ExportError(f"unsupported method call {node.s('name')!r} in the TorchScript segment")
+            path = mpath
             module: Any = sm
             for atom in path.split("."):
                 module = getattr(module, atom)
@@ -342,19 +366,20 @@ def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
 # --------------------------------------------------------------------------- building the IR
 
 
-def layer_graph(module: nn.Module, input_shape: Sequence[int]) -> LayerGraph:
+def layer_graph(module: nn.Module, input_shape: Sequence[int], dtype: str = "float32") -> LayerGraph:
     """Map a segment (fx GraphModule or TorchScript module) to a :class:`LayerGraph`.
 
-    ``input_shape`` is the segment's input shape in torch layout, with or without
-    the batch dimension (a 4-element shape is taken to include it for images,
-    2 elements for features). Raises :class:`ExportError` on any unsupported layer.
+    ``input_shape`` is the segment's input shape in torch layout with the batch dimension:
+    N x C x H x W images, N x T x F sequences, N x F features, or N x T integer ids
+    (``dtype`` int64 / int32). Raises :class:`ExportError` on any unsupported layer.
     """
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) in (2, 4):
-        shape = shape[1:]
-    if len(shape) not in (1, 3):
+    shape = tuple(int(s) for s in input_shape)[1:]
+    if dtype not in ("float32", "int64", "int32"):
+        raise ExportError(f"segment input dtype {dtype}: only float32, int64 and int32 inputs are supported")
+    if len(shape) not in (1, 2, 3) or (dtype != "float32" and len(shape) != 1):
         raise ExportError(
-            f"segment input of shape {tuple(input_shape)}: only N x C x H x W or N x F inputs are supported"
+            f"segment input of shape {tuple(input_shape)} ({dtype}): only N x C x H x W, N x T x F or N x F float "
+            "inputs and N x T integer ids are supported"
         )
     if isinstance(module, torch.jit.ScriptModule):
         inp, nodes, out = _script_nodes(module)
@@ -367,7 +392,8 @@ def layer_graph(module: nn.Module, input_shape: Sequence[int]) -> LayerGraph:
             raise ExportError(f"cannot trace {type(module).__name__} with torch.fx: {exc}") from exc
         inp, nodes, out = _fx_nodes(gm)
     state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
-    return _Builder(state).build(inp, nodes, out, shape)
+    graph = _Builder(state).build(inp, nodes, out, shape, dtype)
+    return graph
 
 
 class _Builder:
@@ -375,10 +401,26 @@ class _Builder:
         self.state = state
         self.layers: dict[str, Layer] = {}
         self.alias: dict[str, str] = {}
+        self.values: dict[str, Any] = {}
+        """Non-tensor values: shapes and ints, ``("arange", n)``, ``("param", path)``, ``("rows", path, n)``."""
+        self.invalid: dict[str, str] = {}
+        """Nodes whose use is an error (tuple parts of RNN outputs), with the message."""
+
+    def tuple_output(self, node: _Node, lyr: Layer, message: str) -> None:
+        """``node`` returns a tuple whose item 0 is ``lyr``; using any other item raises ``message``."""
+        del self.alias[node.name]
+        self.values[node.name] = ("tuple", lyr.name, message)
 
     def ref(self, a: Any, node: _Node) -> Layer:
         if not isinstance(a, _Ref):
             raise ExportError(f"{node.describe()}: expected a tensor argument, got {a!r}")
+        if a in self.invalid:
+            raise ExportError(f"{node.describe()}: {self.invalid[a]}")
+        if a in self.values:
+            raise ExportError(
+                f"{node.describe()}: input {a!r} is not a layer output ({self.values[a][0]}); only the supported "
+                "layers' outputs can be combined"
+            )
         name = self.alias.get(a, a)
         if name not in self.layers:
             raise ExportError(f"{node.describe()}: input {a!r} is not produced by a supported layer")
@@ -399,9 +441,9 @@ class _Builder:
         lyr.weights[key] = np.ascontiguousarray(_to_tf_layout(lyr.kind, key, self.state[full], lyr.attrs))
         lyr.torch_names[key] = full
 
-    def build(self, inp: str, nodes: list[_Node], out: str, shape: tuple[int, ...]) -> LayerGraph:
+    def build(self, inp: str, nodes: list[_Node], out: str, shape: tuple[int, ...], dtype: str) -> LayerGraph:
         internal = (shape[1], shape[2], shape[0]) if len(shape) == 3 else shape
-        first = Layer("input", "input", [], internal, source="the segment input")
+        first = Layer("input", "input", [], internal, {"dtype": dtype}, source="the segment input")
         self.layers["input"] = first
         self.alias[inp] = "input"
         for node in nodes:
@@ -411,6 +453,8 @@ class _Builder:
                 self.function(node)
         if out not in self.alias:
             raise ExportError(f"the segment output {out!r} is not produced by a supported layer")
+        if first.name == self.alias[out] and dtype != "float32":
+            raise ExportError("a segment that returns its integer input unchanged cannot train")
         last = self.layers[self.alias[out]]
         out_shape = (last.shape[2], last.shape[0], last.shape[1]) if len(last.shape) == 3 else last.shape
         reachable = _reachable(self.layers, last.name)
@@ -421,6 +465,14 @@ class _Builder:
     def module(self, node: _Node) -> None:
         m = node.module
         mtype = _module_type(m)
+        if mtype == "Embedding" and node.args and isinstance(node.args[0], _Ref):
+            value = self.values.get(node.args[0])
+            if value is not None and value[0] == "arange":
+                self.values[node.name] = ("rows", f"{node.path}.weight", value[1])  # emb(arange(T)): positions
+                return
+        if mtype in SEQ_MODULES:
+            seq_module(self, node, m, mtype)
+            return
         if len(node.args) != 1 or node.kwargs:
             raise ExportError(f"{node.describe()}: called with {len(node.args)} arguments; one tensor expected")
         x = self.ref(node.args[0], node)
@@ -554,11 +606,56 @@ class _Builder:
             return
         self.add(node, "flatten", [x], (int(np.prod(x.shape)),))
 
+    def _value(self, a: Any) -> Any:
+        """A constant argument, or the value a shape / index / arange node computed."""
+        if isinstance(a, _Ref):
+            if a in self.invalid:
+                return ("invalid", self.invalid[a])
+            if a in self.values:
+                return self.values[a]
+            if self.alias.get(a, a) in self.layers:
+                lyr = self.layers[self.alias.get(a, a)]
+                return ("tensor", lyr)
+            raise ExportError(f"value {a!r} is not available")
+        return a
+
+    def _positional(self, node: _Node, x: Layer, table: Any) -> None:
+        """``x + table``: a trainable positional table (an nn.Parameter, or Embedding rows 0..T-1)."""
+        path, rows = (table[1], table[2]) if table[0] == "rows" else (table[1], None)
+        if path not in self.state:
+            raise ExportError(f"{node.describe()}: {path!r} is not a parameter of the segment")
+        w = self.state[path]
+        if len(x.shape) != 2:
+            raise ExportError(f"{node.describe()}: a parameter can only be added to an N x T x D sequence")
+        t, d = x.shape
+        ok = (rows == t and w.ndim == 2 and w.shape[1] == d and w.shape[0] >= t) if rows is not None else (
+            tuple(w.shape) in ((t, d), (1, t, d)))
+        if not ok:
+            raise ExportError(
+                f"{node.describe()}: adding {path!r} of shape {tuple(w.shape)} to a sequence of shape (N, {t}, {d}) is "
+                "not supported; only positional tables of shape (T, D) / (1, T, D) or Embedding(arange(T))"
+            )
+        lyr = self.add(node, "positional", [x], x.shape)
+        lyr.weights["embeddings"] = np.ascontiguousarray(w)
+        lyr.torch_names["embeddings"] = path
+
     def function(self, node: _Node) -> None:
         op = node.op
         args = list(node.args)
         kw = dict(node.kwargs)
-        if op in ("relu", "sigmoid", "tanh"):
+        if op == "param":
+            self.values[node.name] = ("param", node.path)
+        elif op in ("getattr", "size", "getitem", "arange"):
+            self._shape_op(node, op, args, kw)
+        elif op == "add" and any(isinstance(v, _Ref) and v in self.values
+                                 for v in (args[0], kw.get("other", args[1] if len(args) > 1 else None))):
+            a, b = self._value(args[0]), self._value(kw.get("other", args[1] if len(args) > 1 else None))
+            if a[0] != "tensor":
+                a, b = b, a
+            if a[0] != "tensor" or b[0] not in ("param", "rows") or kw.get("alpha", 1) != 1:
+                raise ExportError(f"{node.describe()}: only tensor + positional table is supported")
+            self._positional(node, a[1], b)
+        elif op in ("relu", "sigmoid", "tanh"):
             kw.pop("inplace", None)
             if len(args) > 1 and args[1] is False:
                 args = args[:1]
@@ -598,6 +695,45 @@ class _Builder:
         else:  # pragma: no cover - the readers only produce the ops above
             raise ExportError(f"{node.describe()} has no export mapping")
 
+    def _shape_op(self, node: _Node, op: str, args: list[Any], kw: dict[str, Any]) -> None:
+        """Shape arithmetic that feeds ``torch.arange`` (``x.shape[1]``, ``x.size(1)``) and tuple indexing."""
+        src = self._value(args[0]) if args else None
+        if op == "getattr" and src and src[0] == "tensor" and args[1] == "shape":
+            self.values[node.name] = ("shape", (None, *_torch_shape(src[1])))
+        elif op == "getattr" and src and src[0] == "tensor" and args[1] in ("device", "dtype"):
+            self.values[node.name] = ("meta", args[1])  # only arange's device / dtype use it
+        elif op == "size" and src and src[0] == "tensor":
+            shape = (None, *_torch_shape(src[1]))
+            dim = kw.get("dim", args[1] if len(args) > 1 else None)
+            self.values[node.name] = ("shape", shape) if dim is None else ("int", shape[int(dim)])
+        elif op == "getitem" and src and src[0] == "shape":
+            idx = int(self._value(kw.get("index", args[1] if len(args) > 1 else None)))
+            if src[1][idx] is None:
+                raise ExportError(f"{node.describe()}: the batch size is not a constant of the exported segment")
+            self.values[node.name] = ("int", src[1][idx])
+        elif op == "getitem" and src and src[0] == "invalid":
+            self.invalid[node.name] = src[1]
+        elif op == "getitem" and src and src[0] == "tuple":
+            idx = int(self._value(kw.get("index", args[1] if len(args) > 1 else None)))
+            if idx == 0:
+                self.alias[node.name] = src[1]
+            else:
+                self.invalid[node.name] = src[2]
+        elif op == "arange" and src is not None:
+            end = src[1] if isinstance(src, tuple) and src[0] == "int" else src
+            dtype = kw.get("dtype")
+            if not isinstance(end, int) or len(args) > 1 or (dtype is not None and not isinstance(dtype, _Ref)
+                                                             and dtype not in (torch.int64, torch.int32)):
+                raise ExportError(f"{node.describe()}: only torch.arange(T) feeding an Embedding is supported")
+            self.values[node.name] = ("arange", end)
+        else:
+            raise ExportError(f"{node.describe()}: this use of {op} has no export mapping")
+
+
+def _torch_shape(lyr: Layer) -> tuple[int, ...]:
+    s = lyr.shape
+    return (s[2], s[0], s[1]) if len(s) == 3 else s
+
 
 def _safe_name(name: str) -> str:
     out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
@@ -618,10 +754,11 @@ def _reachable(layers: Mapping[str, Layer], out: str) -> set[str]:
 def segment_exporter(
     write: Callable[Concatenate[LayerGraph, _P], _R], doc: str
 ) -> Callable[Concatenate[nn.Module, Sequence[int], _P], _R]:
-    """``write(graph, ...)`` as ``export(module, input_shape, ...)``: maps the torch segment first."""
+    """``write(graph, ...)`` as ``export(module, input_shape, ..., input_dtype="float32")``: maps the segment first."""
 
     def export(module: nn.Module, input_shape: Sequence[int], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return write(layer_graph(module, input_shape), *args, **kwargs)
+        dtype = str(kwargs.pop("input_dtype", "float32"))
+        return write(layer_graph(module, input_shape, dtype), *args, **kwargs)
 
     export.__doc__ = doc
     return export
@@ -644,6 +781,7 @@ def export_device_segments(bundle: Bundle, fmt: str, export: Callable[..., dict[
     with tempfile.TemporaryDirectory() as tmp:
         for spec in m.device_segments:
             files[spec.name] = export(bundle.torch_segment(spec.name), (1, *spec.input.sample_shape),
-                                      Path(tmp) / spec.name, is_last=spec.is_last, loss=m.loss.kind, **kwargs)
+                                      Path(tmp) / spec.name, is_last=spec.is_last, loss=m.loss.kind,
+                                      input_dtype=spec.input.dtype, **kwargs)
         bundle.add_artifacts(fmt, files, options)
     return files

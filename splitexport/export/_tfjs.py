@@ -61,6 +61,7 @@ def write_tfjs(
         "loss": loss,
         "optimizer": opt,
         "input_shape": list(graph.input_shape),
+        "input_dtype": "float32" if graph.layers[0].attrs.get("dtype", "float32") == "float32" else "int32",
         "output_shape": list(graph.output_shape),
         "torch_names": graph.torch_name_map(),
     }

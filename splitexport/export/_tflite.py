@@ -77,7 +77,10 @@ def _build_module(
         if not batch_size or batch_size < 1:
             raise ExportError("the builtin-ops TFLite variant needs a fixed batch size (batch_size >= 1)")
     batch = batch_size if variant == "builtin" else None
-    x_spec = tf.TensorSpec([batch, *graph.input_shape], tf.float32, name="x")
+    input_dtype = graph.layers[0].attrs.get("dtype", "float32")
+    x_spec = tf.TensorSpec([batch, *graph.input_shape], tf.float32 if input_dtype == "float32" else tf.int32, name="x")
+    if is_last and input_dtype != "float32":
+        raise ExportError("the last segment cannot take integer ids (it must return dL/d(input)); cut after the Embedding")
     out_spec = tf.TensorSpec([batch, *graph.output_shape], tf.float32, name="grad")
     if loss == "cross_entropy":
         label_spec = tf.TensorSpec([batch], tf.int32, name="labels")
@@ -98,7 +101,8 @@ def _build_module(
     def step(x: Any, target: Any) -> dict[str, Any]:
         if variant == "flex":
             with tf.GradientTape() as tape:
-                tape.watch(x)
+                if input_dtype == "float32":
+                    tape.watch(x)
                 out, _ = seg.forward(x, "train", update_stats=True)
                 if is_last:
                     loss_value, _ = seg.label_loss(out, target, loss)
@@ -106,7 +110,8 @@ def _build_module(
                     loss_value, _ = seg.aux_loss(out, target)
             names = list(seg.trainable)
             grads = tape.gradient(loss_value, [x] + [seg.vars[n] for n in names])
-            gx, wgrads = grads[0], dict(zip(names, grads[1:]))
+            # Embedding gradients come as IndexedSlices: densify them for the optimizer's arithmetic
+            gx, wgrads = grads[0], {n: tf.convert_to_tensor(gr) for n, gr in zip(names, grads[1:])}
         else:
             out, caches = seg.forward(x, "train", update_stats=True)
             if is_last:
@@ -159,6 +164,7 @@ def _build_module(
         "loss": loss,
         "batch_size": batch,
         "input_shape": list(graph.input_shape),
+        "input_dtype": "float32" if input_dtype == "float32" else "int32",
         "output_shape": list(graph.output_shape),
         "labels_dtype": "int32" if loss == "cross_entropy" else "float32",
         "optimizer": dict(seg.opt.__dict__),

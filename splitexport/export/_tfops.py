@@ -19,12 +19,14 @@ import tensorflow as tf
 
 from .._errors import ExportError
 from ._layergraph import Layer, LayerGraph
+from ._seqops import BUILTIN_REASONS, SEQ_KINDS
+from ._seqtf import seq_backward, seq_forward
 
 Mode = Literal["eval", "train"]
 
 __all__ = ["BUILTIN_UNSUPPORTED", "OptimizerConfig", "TfSegment"]
 
-BUILTIN_UNSUPPORTED = {"gelu": "GELU needs erf, which has no builtin TFLite kernel"}
+BUILTIN_UNSUPPORTED = {"gelu": "GELU needs erf, which has no builtin TFLite kernel", **BUILTIN_REASONS}
 """Layer kinds the builtin-ops variant refuses, with the reason."""
 
 
@@ -123,6 +125,9 @@ class TfSegment(tf.Module):
     def w(self, lyr: Layer, key: str) -> tf.Tensor:
         return self.vars[f"{lyr.name}/{key}"]
 
+    def layer_weights(self, lyr: Layer) -> dict[str, tf.Tensor]:
+        return {key: self.w(lyr, key) for key in lyr.weights}
+
     def _layer_forward(
         self, lyr: Layer, ins: list[tf.Tensor], mode: Mode, update: bool
     ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
@@ -178,6 +183,8 @@ class TfSegment(tf.Module):
             if "bias" in lyr.weights:
                 y = y + self.w(lyr, "bias")
             return y, {}
+        if k in SEQ_KINDS:
+            return seq_forward(k, x, self.layer_weights(lyr), a), {}
         if k == "dropout":
             rate = a["rate"]
             if mode == "eval" or rate == 0:
@@ -204,7 +211,7 @@ class TfSegment(tf.Module):
             gin = self._layer_backward(lyr, caches[lyr.name], grads.pop(lyr.name), wgrads)
             for src, gi in zip(lyr.inputs, gin):
                 grads[src] = grads[src] + gi if src in grads else gi
-        gx = grads["input"]
+        gx = grads.get("input", tf.zeros([1]))  # integer ids have no gradient
         if len(g.input_shape) == 3:
             gx = tf.transpose(gx, [0, 3, 1, 2])
         return gx, wgrads
@@ -284,6 +291,10 @@ class TfSegment(tf.Module):
             if "bias" in lyr.weights:
                 wgrads[f"{lyr.name}/bias"] = tf.reduce_sum(g, 0)
             return [tf.matmul(g, self.w(lyr, "kernel"), transpose_b=True)]
+        if k in ("embedding", "positional"):
+            gin, wg = seq_backward(k, x, g, self.layer_weights(lyr))
+            wgrads.update({f"{lyr.name}/{key}": v for key, v in wg.items()})
+            return gin
         if k == "dropout":
             return [g * c.extra["mask"]]
         if k == "add":

@@ -103,6 +103,8 @@ def test_tflite_matches_torch(case: Case, variant: str, tmp_path: Path) -> None:
         tmp_path,
         is_last=ref.is_last,
         optimizer=case.optimizer,
+        loss=case.loss,
+        input_dtype=case.input_dtype,
         variants=(variant,),
         batch_size=BATCH,  # type: ignore[arg-type]
     )

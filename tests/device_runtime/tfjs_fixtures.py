@@ -38,8 +38,8 @@ def write_case(case: Case, out: Path) -> None:
     from splitexport.export._tfjs import write_tfjs
 
     ref = reference(case)
-    graph = layer_graph(ref.module, ref.input_shape)
-    write_tfjs(graph, out / "model", is_last=ref.is_last, optimizer=case.optimizer)
+    graph = layer_graph(ref.module, ref.input_shape, case.input_dtype)
+    write_tfjs(graph, out / "model", is_last=ref.is_last, loss=case.loss, optimizer=case.optimizer)
     names = graph.torch_name_map()
 
     def state(i: int) -> dict[str, Any]:

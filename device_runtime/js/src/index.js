@@ -17,6 +17,8 @@
  */
 import * as tf from '@tensorflow/tfjs';
 
+import './layers.js'; // registers the custom layers of the exports with tf.serialization
+
 export { tf };
 
 const LOSSES = ['cross_entropy', 'mse'];
