@@ -10,22 +10,16 @@ an :class:`~splitexport._errors.ExportError` naming the layer.
 
 from __future__ import annotations
 
-import operator
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .._errors import ExportError
-
-if TYPE_CHECKING:
-    from .._bundle import Bundle
+from .ops import REGISTRY
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -40,30 +34,19 @@ __all__ = [
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-SUPPORTED_LAYERS = (
-    "Conv2d (groups 1 or depthwise, zero padding, dilation 1)",
-    "BatchNorm2d / BatchNorm1d (affine, running stats, fixed momentum)",
-    "ReLU, GELU (exact), Sigmoid, Tanh",
-    "MaxPool2d (no padding, dilation 1, floor mode)",
-    "AdaptiveAvgPool2d(1) (global average pool)",
-    "Flatten (start_dim=1)",
-    "Linear",
-    "Dropout",
-    "Identity",
-    "residual add (a + b, same shapes)",
-    "torch.cat along a non-batch dimension",
+SUPPORTED_LAYERS = tuple(
+    f"{op.name} ({op.restrictions})" if op.restrictions else op.name
+    for op in REGISTRY.ops
+    if op.tfjs.status != "refused"
 )
-"""What :func:`layer_graph` accepts; everything else is an export-time error."""
-
-_NCHW_TO_NHWC_AXIS = {1: 3, 2: 1, 3: 2}
+"""What :func:`layer_graph` accepts (from the op table); everything else is an export-time error."""
 
 
 @dataclass
 class Layer:
     """One layer of the graph, with its weights in TensorFlow layout.
 
-    ``kind`` is one of input, conv2d, depthwise2d, batchnorm, relu, gelu, sigmoid,
-    tanh, maxpool2d, gap, flatten, linear, dropout, add, concat. ``shape`` is the
+    ``kind`` is ``input`` or a kind of the op table (``ops.REGISTRY.kinds``). ``shape`` is the
     output shape without the batch dimension in the internal layout (HWC for
     images). ``weights`` are keyed by the Keras weight names (``kernel``, ``bias``,
     ``depthwise_kernel``, ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``);
@@ -127,10 +110,7 @@ class LayerGraph:
         out: dict[str, list[str]] = {}
         for lyr in self.layers:
             for key, tname in lyr.torch_names.items():
-                transform = lyr.kind if key in ("kernel", "depthwise_kernel") else "identity"
-                if lyr.kind == "depthwise2d" and key == "depthwise_kernel":
-                    transform = f"depthwise2d:{lyr.attrs['multiplier']}"
-                out[f"{lyr.name}/{key}"] = [tname, transform]
+                out[f"{lyr.name}/{key}"] = [tname, layout_of(lyr, key)]
         return out
 
 
@@ -163,19 +143,13 @@ def tf_to_torch_layout(value: np.ndarray, transform: str) -> np.ndarray:
     raise ValueError(f"unknown layout transform {transform!r}")
 
 
-def _to_tf_layout(kind: str, key: str, w: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
-    if key == "kernel" and kind == "conv2d":
-        return w.transpose(2, 3, 1, 0)
-    if key == "depthwise_kernel":
-        c, m = attrs["in_channels"], attrs["multiplier"]
-        return w.reshape(c, m, w.shape[2], w.shape[3]).transpose(2, 3, 0, 1)
-    if key == "kernel" and kind == "linear":
-        return w.T
-    return w
+def layout_of(lyr: Layer, key: str) -> str:
+    """The layout transform of weight ``key`` of ``lyr`` (from its kind in the op table)."""
+    return REGISTRY.kind(lyr.kind).layout(lyr, key)
 
 
 def _to_torch_layout(lyr: Layer, key: str, w: np.ndarray) -> np.ndarray:
-    return tf_to_torch_layout(w, lyr.kind if key in ("kernel", "depthwise_kernel") else "identity")
+    return tf_to_torch_layout(w, layout_of(lyr, key))
 
 
 # --------------------------------------------------------------------------- reading torch graphs
@@ -208,40 +182,6 @@ def _module_type(m: Any) -> str:
     return type(m).__name__
 
 
-_FX_FUNCTIONS: dict[Any, str] = {
-    operator.add: "add",
-    torch.add: "add",
-    torch.cat: "cat",
-    torch.concat: "cat",
-    torch.flatten: "flatten",
-    torch.relu: "relu",
-    F.relu: "relu",
-    torch.sigmoid: "sigmoid",
-    torch.tanh: "tanh",
-    F.gelu: "gelu",
-}
-_FX_METHODS = {"add": "add", "flatten": "flatten", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_ATEN = {
-    "aten::add": "add",
-    "aten::cat": "cat",
-    "aten::concat": "cat",
-    "aten::flatten": "flatten",
-    "aten::relu": "relu",
-    "aten::sigmoid": "sigmoid",
-    "aten::tanh": "tanh",
-    "aten::gelu": "gelu",
-}
-_ATEN_ARGS = {
-    "add": ("input", "other", "alpha"),
-    "cat": ("tensors", "dim"),
-    "flatten": ("input", "start_dim", "end_dim"),
-    "relu": ("input",),
-    "sigmoid": ("input",),
-    "tanh": ("input",),
-    "gelu": ("input", "approximate"),
-}
-
-
 def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
     def conv(a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -268,17 +208,17 @@ def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
         elif n.op == "call_module":
             nodes.append(_Node(n.name, "module", args, kwargs, gm.get_submodule(str(n.target)), str(n.target)))
         elif n.op == "call_function":
-            fname = _FX_FUNCTIONS.get(n.target)
-            if fname is None:
+            spec = REGISTRY.for_function(n.target)
+            if spec is None:
                 raise ExportError(
                     f"node {n.name!r} calls {getattr(n.target, '__name__', n.target)}, which has no export mapping"
                 )
-            nodes.append(_Node(n.name, fname, args, kwargs))
+            nodes.append(_Node(n.name, spec.fn, args, kwargs))
         elif n.op == "call_method":
-            mname = _FX_METHODS.get(str(n.target))
-            if mname is None:
+            spec = REGISTRY.for_method(str(n.target))
+            if spec is None:
                 raise ExportError(f"node {n.name!r} calls the tensor method .{n.target}(), which has no export mapping")
-            nodes.append(_Node(n.name, mname, args, kwargs))
+            nodes.append(_Node(n.name, spec.fn, args, kwargs))
         else:
             raise ExportError(
                 f"node {n.name!r} ({n.op} {n.target}) has no export mapping (parameters used outside a layer?)"
@@ -324,9 +264,8 @@ def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
             name = path.replace(".", "_")
             alias[outs[0].debugName()] = name
             nodes.append(_Node(name, "module", [value(v) for v in ins[1:]], {}, module, path))
-        elif kind in _ATEN:
-            fname = _ATEN[kind]
-            names = _ATEN_ARGS[fname]
+        elif (spec := REGISTRY.for_aten(kind)) is not None:
+            fname, names = spec.fn, spec.aten_args
             kwargs = {names[i]: value(v) for i, v in enumerate(ins) if i < len(names)}
             args = [kwargs.pop(names[0])]
             count = counts.get(fname, 0)
@@ -396,7 +335,7 @@ class _Builder:
         full = f"{node.path}.{torch_key}" if node.path else torch_key
         if full not in self.state:
             raise ExportError(f"{node.describe()}: weight {full!r} not found in the segment's state dict")
-        lyr.weights[key] = np.ascontiguousarray(_to_tf_layout(lyr.kind, key, self.state[full], lyr.attrs))
+        lyr.weights[key] = torch_to_tf_layout(self.state[full], layout_of(lyr, key))
         lyr.torch_names[key] = full
 
     def build(self, inp: str, nodes: list[_Node], out: str, shape: tuple[int, ...]) -> LayerGraph:
@@ -417,186 +356,29 @@ class _Builder:
         layers = [lyr for lyr in self.layers.values() if lyr.name in reachable or lyr.kind == "input"]
         return LayerGraph(layers, last.name, shape, out_shape)
 
-    # -- modules
+    def same(self, node: _Node, x: Layer) -> None:
+        """``node`` passes ``x`` through unchanged (Identity, flatten of a flat tensor)."""
+        self.alias[node.name] = x.name
+
     def module(self, node: _Node) -> None:
         m = node.module
         mtype = _module_type(m)
         if len(node.args) != 1 or node.kwargs:
             raise ExportError(f"{node.describe()}: called with {len(node.args)} arguments; one tensor expected")
         x = self.ref(node.args[0], node)
-        handler: Callable[[_Node, Any, Layer], None] | None = getattr(self, f"_m_{mtype}", None)
-        if handler is None:
+        spec = REGISTRY.for_module(mtype)
+        if spec is None or spec.build_module is None:
             raise ExportError(
                 f"{node.describe()} is not supported by the TF.js / TFLite export. Supported: "
                 + "; ".join(SUPPORTED_LAYERS)
             )
-        handler(node, m, x)
-
-    def _m_Conv2d(self, node: _Node, m: Any, x: Layer) -> None:
-        if len(x.shape) != 3:
-            raise ExportError(f"{node.describe()}: expects an N x C x H x W input")
-        if m.padding_mode != "zeros":
-            raise ExportError(f"{node.describe()}: padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
-        if tuple(m.dilation) != (1, 1):
-            raise ExportError(f"{node.describe()}: dilation {tuple(m.dilation)} is not supported (only 1)")
-        kh, kw = (int(k) for k in m.kernel_size)
-        sh, sw = (int(s) for s in m.stride)
-        if isinstance(m.padding, str):
-            if m.padding == "valid":
-                pads = (0, 0, 0, 0)
-            else:
-                th, tw = kh - 1, kw - 1
-                pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-        else:
-            ph, pw = (int(p) for p in m.padding)
-            pads = (ph, ph, pw, pw)
-        cin, cout, groups = int(m.in_channels), int(m.out_channels), int(m.groups)
-        h, w, _ = x.shape
-        ho = (h + pads[0] + pads[1] - kh) // sh + 1
-        wo = (w + pads[2] + pads[3] - kw) // sw + 1
-        attrs = {"kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "in_channels": cin, "out_channels": cout}
-        if groups == 1:
-            lyr = self.add(node, "conv2d", [x], (ho, wo, cout), **attrs)
-            self.param(node, lyr, "kernel", "weight")
-        elif groups == cin:
-            lyr = self.add(node, "depthwise2d", [x], (ho, wo, cout), multiplier=cout // cin, **attrs)
-            self.param(node, lyr, "depthwise_kernel", "weight")
-        else:
-            raise ExportError(
-                f"{node.describe()}: groups={groups} is not supported (TF.js has no grouped convolution); "
-                "use groups=1 or depthwise (groups=in_channels)"
-            )
-        if m.bias is not None:
-            self.param(node, lyr, "bias", "bias")
-
-    def _bn(self, node: _Node, m: Any, x: Layer, rank: int) -> None:
-        if len(x.shape) != rank:
-            raise ExportError(f"{node.describe()}: unsupported input rank {len(x.shape) + 1}")
-        if not m.affine or not m.track_running_stats or m.momentum is None:
-            raise ExportError(
-                f"{node.describe()}: only BatchNorm with affine=True, track_running_stats=True and a fixed momentum "
-                "is supported"
-            )
-        lyr = self.add(node, "batchnorm", [x], x.shape, epsilon=float(m.eps), momentum=float(m.momentum))
-        for key, tkey in (
-            ("gamma", "weight"),
-            ("beta", "bias"),
-            ("moving_mean", "running_mean"),
-            ("moving_variance", "running_var"),
-        ):
-            self.param(node, lyr, key, tkey)
-
-    def _m_BatchNorm2d(self, node: _Node, m: Any, x: Layer) -> None:
-        self._bn(node, m, x, 3)
-
-    def _m_BatchNorm1d(self, node: _Node, m: Any, x: Layer) -> None:
-        self._bn(node, m, x, 1)
-
-    def _m_ReLU(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "relu", [x], x.shape)
-
-    def _m_Sigmoid(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "sigmoid", [x], x.shape)
-
-    def _m_Tanh(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "tanh", [x], x.shape)
-
-    def _m_GELU(self, node: _Node, m: Any, x: Layer) -> None:
-        if m.approximate != "none":
-            raise ExportError(f"{node.describe()}: approximate={m.approximate!r} is not supported (only 'none')")
-        self.add(node, "gelu", [x], x.shape)
-
-    def _m_Identity(self, node: _Node, m: Any, x: Layer) -> None:
-        self.alias[node.name] = x.name
-
-    def _m_Dropout(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "dropout", [x], x.shape, rate=float(m.p))
-
-    def _m_MaxPool2d(self, node: _Node, m: Any, x: Layer) -> None:
-        def pair(v: Any) -> tuple[int, int]:
-            return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-        k = pair(m.kernel_size)
-        s = pair(m.stride if m.stride is not None else m.kernel_size)
-        if pair(m.padding) != (0, 0) or pair(m.dilation) != (1, 1) or m.ceil_mode or m.return_indices:
-            raise ExportError(
-                f"{node.describe()}: only MaxPool2d without padding, dilation, ceil_mode or return_indices is supported"
-            )
-        if len(x.shape) != 3:
-            raise ExportError(f"{node.describe()}: expects an N x C x H x W input")
-        h, w, c = x.shape
-        self.add(node, "maxpool2d", [x], ((h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1, c), pool=k, strides=s)
-
-    def _m_AdaptiveAvgPool2d(self, node: _Node, m: Any, x: Layer) -> None:
-        size = m.output_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if size != (1, 1) or len(x.shape) != 3:
-            raise ExportError(f"{node.describe()}: only AdaptiveAvgPool2d(1) (global average pooling) is supported")
-        self.add(node, "gap", [x], (1, 1, x.shape[2]))
-
-    def _m_Flatten(self, node: _Node, m: Any, x: Layer) -> None:
-        self.flatten(node, x, int(m.start_dim), int(m.end_dim))
-
-    def _m_Linear(self, node: _Node, m: Any, x: Layer) -> None:
-        if len(x.shape) != 1:
-            raise ExportError(f"{node.describe()}: Linear is supported on N x F inputs only (flatten first)")
-        lyr = self.add(node, "linear", [x], (int(m.out_features),))
-        self.param(node, lyr, "kernel", "weight")
-        if m.bias is not None:
-            self.param(node, lyr, "bias", "bias")
-
-    # -- functions
-    def flatten(self, node: _Node, x: Layer, start: int, end: int) -> None:
-        if start != 1 or end != -1:
-            raise ExportError(f"{node.describe()}: only flatten(start_dim=1, end_dim=-1) is supported")
-        if len(x.shape) == 1:
-            self.alias[node.name] = x.name
-            return
-        self.add(node, "flatten", [x], (int(np.prod(x.shape)),))
+        spec.build_module(self, node, m, x)
 
     def function(self, node: _Node) -> None:
-        op = node.op
-        args = list(node.args)
-        kw = dict(node.kwargs)
-        if op in ("relu", "sigmoid", "tanh"):
-            kw.pop("inplace", None)
-            if len(args) > 1 and args[1] is False:
-                args = args[:1]
-            if len(args) != 1 or kw:
-                raise ExportError(f"{node.describe()}: unsupported arguments")
-            x = self.ref(args[0], node)
-            self.add(node, op, [x], x.shape)
-        elif op == "gelu":
-            approx = kw.pop("approximate", args[1] if len(args) > 1 else "none")
-            if approx != "none":
-                raise ExportError(f"{node.describe()}: approximate={approx!r} is not supported (only 'none')")
-            x = self.ref(args[0], node)
-            self.add(node, "gelu", [x], x.shape)
-        elif op == "flatten":
-            start = kw.pop("start_dim", args[1] if len(args) > 1 else 0)
-            end = kw.pop("end_dim", args[2] if len(args) > 2 else -1)
-            self.flatten(node, self.ref(args[0], node), int(start), int(end))
-        elif op == "add":
-            other = kw.pop("other", args[1] if len(args) > 1 else None)
-            alpha = kw.pop("alpha", args[2] if len(args) > 2 else 1)
-            a, b = self.ref(args[0], node), self.ref(other, node)
-            if alpha != 1 or a.shape != b.shape:
-                raise ExportError(f"{node.describe()}: only a + b of two tensors with the same shape is supported")
-            self.add(node, "add", [a, b], a.shape)
-        elif op == "cat":
-            tensors = args[0]
-            dim = int(kw.pop("dim", args[1] if len(args) > 1 else 0))
-            ins = [self.ref(t, node) for t in tensors]
-            rank = len(ins[0].shape) + 1
-            dim = dim + rank if dim < 0 else dim
-            if dim == 0 or any(len(i.shape) + 1 != rank for i in ins):
-                raise ExportError(f"{node.describe()}: only concatenation of same-rank tensors along a non-batch dim")
-            axis = _NCHW_TO_NHWC_AXIS[dim] if rank == 4 else dim
-            shape = list(ins[0].shape)
-            shape[axis - 1] = sum(i.shape[axis - 1] for i in ins)
-            self.add(node, "concat", ins, tuple(shape), axis=axis, sizes=[i.shape[axis - 1] for i in ins])
-        else:  # pragma: no cover - the readers only produce the ops above
+        spec = REGISTRY.for_fn(node.op)
+        if spec is None or spec.build_function is None:  # pragma: no cover - the readers only produce table ops
             raise ExportError(f"{node.describe()} has no export mapping")
+        spec.build_function(self, node)
 
 
 def _safe_name(name: str) -> str:
@@ -625,25 +407,3 @@ def segment_exporter(
 
     export.__doc__ = doc
     return export
-
-
-def cli_optimizer(bundle: Bundle, args: Any) -> dict[str, Any]:
-    """The bundle's optimizer as export options, with the CLI's ``--lr`` override."""
-    opt = bundle.manifest.optimizer.model_dump()
-    if getattr(args, "lr", None):
-        opt["lr"] = float(args.lr)
-    return opt
-
-
-def export_device_segments(bundle: Bundle, fmt: str, export: Callable[..., dict[str, Path]],
-                           options: dict[str, object], **kwargs: Any) -> dict[str, dict[str, Path]]:
-    """``export(module, input_shape, out_dir, is_last=, loss=, **kwargs)`` for every device segment, in a
-    temporary directory; the files are recorded in the bundle under ``fmt`` with ``options``."""
-    m = bundle.manifest
-    files: dict[str, dict[str, Path]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in m.device_segments:
-            files[spec.name] = export(bundle.torch_segment(spec.name), (1, *spec.input.sample_shape),
-                                      Path(tmp) / spec.name, is_last=spec.is_last, loss=m.loss.kind, **kwargs)
-        bundle.add_artifacts(fmt, files, options)
-    return files
