@@ -129,7 +129,7 @@ def encoder_layer(x: tf.Tensor, w: Mapping[str, tf.Tensor], *, heads: int, activ
 
 
 def seq_forward(kind: str, x: tf.Tensor, w: Mapping[str, tf.Tensor], attrs: Mapping[str, Any]) -> tf.Tensor:
-    """The forward pass of a sequence layer kind (see :mod:`._seqops`)."""
+    """The forward pass of a sequence layer kind (see :mod:`.ops.embedding`, `.ops.recurrent`, `.ops.attention`)."""
     if kind == "embedding":
         return tf.gather(w["embeddings"], tf.cast(x, tf.int32))
     if kind == "positional":
