@@ -74,6 +74,8 @@ class Case:
     input_dtype: str = "float32"
     """``int64`` for token ids, drawn from ``range(vocab)``."""
     vocab: int = 0
+    classes: int = 10
+    """Label range of a cross-entropy case."""
     kinks: bool = False
     """A ReLU at the segment output: a float-rounding-sized difference can flip an output across 0
     and send the free-running trajectory elsewhere (torch itself does so under a 1e-7 weight
@@ -164,13 +166,13 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
         momentum.append(_optimizer_state(opt, names))
         if case.input_dtype != "float32":
             x = torch.randint(0, case.vocab, shape, generator=gen)
-            y = torch.randint(0, 10, (BATCH,), generator=gen)
+            y = torch.randint(0, case.classes, (BATCH,), generator=gen)
         elif shape[1:] == (1, 8, 8):
             idx = torch.randint(0, len(digits.x_train), (BATCH,), generator=gen)
             x, y = digits.x_train[idx], digits.y_train[idx]
         else:
             x = torch.randn(shape, generator=gen).relu()
-            y = torch.randint(0, 10, (BATCH,), generator=gen)
+            y = torch.randint(0, case.classes, (BATCH,), generator=gen)
         if case.loss == "mse":
             y = torch.randn(out_shape, generator=gen)
         xr = x.clone().requires_grad_(x.is_floating_point())

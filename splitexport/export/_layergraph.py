@@ -391,6 +391,8 @@ class _Builder:
                 self.module(node)
             else:
                 self.function(node)
+        if out in self.invalid:
+            raise ExportError(f"the segment output {out!r}: {self.invalid[out]}")
         if out not in self.alias:
             raise ExportError(f"the segment output {out!r} is not produced by a supported layer")
         if self.alias[out] == "input" and dtype != "float32":
@@ -417,7 +419,10 @@ class _Builder:
         if not node.args or any(
             not (v is None or isinstance(v, bool) or (isinstance(v, _Ref) and v == node.args[0])) for v in extra
         ):
-            raise ExportError(f"{node.describe()}: called with {len(node.args)} arguments; one tensor expected")
+            raise ExportError(
+                f"{node.describe()}: called with further tensor arguments (masks, states or distinct q / k / v); "
+                "only calls on one tensor are supported: cut so that it runs on the server"
+            )
         x = self.ref(node.args[0], node)
         spec = REGISTRY.for_module(mtype)
         if spec is None or spec.build_module is None:

@@ -55,6 +55,7 @@ function normalizeConfig(meta) {
     loss,
     optimizer,
     inputShape: meta.inputShape ?? meta.input_shape ?? null,
+    inputDtype: meta.inputDtype ?? meta.input_dtype ?? 'float32',
     outputShape: meta.outputShape ?? meta.output_shape ?? null,
     torchNames: meta.torchNames ?? meta.torch_names ?? {},
   };
@@ -173,6 +174,15 @@ function checkShape(what, tensor, expected) {
   }
 }
 
+/** Shape check plus dtype: a segment exported for token ids takes int32 tensors, any other takes float32. */
+function checkInput(x, config) {
+  checkShape('input', x, config.inputShape);
+  if (x.dtype !== config.inputDtype) {
+    const what = config.inputDtype === 'int32' ? 'int32 token ids' : 'float32 inputs';
+    throw new DeviceRuntimeError(`segment takes ${what}, got a ${x.dtype} tensor`);
+  }
+}
+
 /** A trainable device segment (A: trains on a received gradient; C: trains on labels). */
 export class DeviceSegment {
   /**
@@ -203,7 +213,7 @@ export class DeviceSegment {
 
   /** Training-mode forward (batch statistics) without changing any state: the activation to send. */
   forward(x) {
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     this._bn.frozen = true;
     try {
       return tf.tidy(() => this.model.apply(x, { training: true }));
@@ -214,14 +224,14 @@ export class DeviceSegment {
 
   /** Inference-mode forward (BatchNorm running statistics, no dropout). */
   evaluate(x) {
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     return tf.tidy(() => this.model.apply(x, { training: false }));
   }
 
   /** Aux-loss step for a segment that is not last: `gradOut` = dL/d(output). Returns the aux loss. */
   trainWithGradient(x, gradOut) {
     if (this.config.isLast) throw new DeviceRuntimeError('the last segment trains with labels (trainWithLabels)');
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     checkShape('gradient', gradOut, this.config.outputShape);
     const vars = this.optimizer.vars;
     const { value, grads } = tf.variableGrads(() => auxLoss(this.model.apply(x, { training: true }), gradOut), vars);
@@ -238,7 +248,7 @@ export class DeviceSegment {
    */
   trainWithLabels(x, labels) {
     if (!this.config.isLast) throw new DeviceRuntimeError('only the last segment trains with labels; use trainWithGradient');
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     if (labels.shape[0] !== x.shape[0]) throw new DeviceRuntimeError(`${labels.shape[0]} labels for a batch of ${x.shape[0]}`);
     const input = tf.variable(x, true);
     const vars = [...this.optimizer.vars, input];
