@@ -153,3 +153,14 @@ def test_tflite_runtime_takes_int64_ids_and_refuses_floats(tmp_path: Path) -> No
         seg.forward(ids.astype(np.float32))
     with pytest.raises(TfliteRuntimeError, match="outside the int32 range"):
         seg.forward(ids * 2**40)
+
+    # the split trainer's runner keeps torch int64 ids integer through forward and the aux-loss step
+    from device_runtime._tflite_runner import TfliteRunner
+
+    runner = TfliteRunner(seg)
+    out = runner.forward(torch.from_numpy(ids))
+    assert out.dtype == torch.float32 and out.shape == (4, 5, D)
+    before = runner.state_dict()["layer.weight"].clone()
+    assert runner.train_with_gradient(torch.ones(4, 5, D)) is None
+    moved = (runner.state_dict()["layer.weight"] != before).any(dim=1)
+    assert moved.tolist() == [i in (1, 2, 3, 4, 9) for i in range(10)]  # only the rows of the ids seen
