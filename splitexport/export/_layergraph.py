@@ -64,8 +64,8 @@ class Layer:
 
     @property
     def trainable(self) -> list[str]:
-        """Weight keys updated by the optimizer (BN moving statistics are not)."""
-        return [k for k in self.weights if not k.startswith("moving_")]
+        """Weight keys updated by the optimizer (not BN moving statistics or dropout seeds)."""
+        return [k for k in self.weights if not k.startswith("moving_") and k != "seed"]
 
 
 @dataclass
@@ -116,6 +116,8 @@ class LayerGraph:
 
 def torch_to_tf_layout(value: np.ndarray, transform: str) -> np.ndarray:
     """The export's layout of a torch weight (inverse of :func:`tf_to_torch_layout`)."""
+    if transform.startswith(("conv2d1d", "depthwise2d1d")):  # Conv1d weights (co, ci, k) as height-1 kernels
+        return torch_to_tf_layout(value[:, :, None, :], transform.replace("1d", "", 1))
     if transform == "conv2d":
         return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
     if transform.startswith("depthwise2d"):
@@ -130,7 +132,10 @@ def torch_to_tf_layout(value: np.ndarray, transform: str) -> np.ndarray:
 
 
 def tf_to_torch_layout(value: np.ndarray, transform: str) -> np.ndarray:
-    """Undo the weight layout change of the export: ``transform`` is conv2d, depthwise2d[:m], linear or identity."""
+    """Undo the weight layout change of the export: ``transform`` is conv2d, depthwise2d[:m], linear or identity
+    (``conv2d1d`` / ``depthwise2d1d[:m]``: a Conv1d weight stored as a height-1 kernel)."""
+    if transform.startswith(("conv2d1d", "depthwise2d1d")):
+        return tf_to_torch_layout(value, transform.replace("1d", "", 1))[:, :, 0, :]
     if transform == "conv2d":
         return value.transpose(3, 2, 0, 1)
     if transform.startswith("depthwise2d"):
@@ -284,16 +289,14 @@ def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
 def layer_graph(module: nn.Module, input_shape: Sequence[int]) -> LayerGraph:
     """Map a segment (fx GraphModule or TorchScript module) to a :class:`LayerGraph`.
 
-    ``input_shape`` is the segment's input shape in torch layout, with or without
-    the batch dimension (a 4-element shape is taken to include it for images,
-    2 elements for features). Raises :class:`ExportError` on any unsupported layer.
+    ``input_shape`` is the segment's input shape in torch layout with the batch dimension:
+    N x F, N x T x F (or N x C x L) or N x C x H x W. Raises :class:`ExportError` on any
+    unsupported layer.
     """
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) in (2, 4):
-        shape = shape[1:]
-    if len(shape) not in (1, 3):
+    shape = tuple(int(s) for s in input_shape)[1:]
+    if len(shape) not in (1, 2, 3):
         raise ExportError(
-            f"segment input of shape {tuple(input_shape)}: only N x C x H x W or N x F inputs are supported"
+            f"segment input of shape {tuple(input_shape)}: only N x F, N x T x F and N x C x H x W inputs are supported"
         )
     if isinstance(module, torch.jit.ScriptModule):
         inp, nodes, out = _script_nodes(module)
@@ -314,6 +317,8 @@ class _Builder:
         self.state = state
         self.layers: dict[str, Layer] = {}
         self.alias: dict[str, str] = {}
+        self.values: dict[str, Any] = {}
+        """Non-tensor results of nodes (e.g. ``x.size(0)``), by node name."""
 
     def ref(self, a: Any, node: _Node) -> Layer:
         if not isinstance(a, _Ref):
@@ -323,8 +328,19 @@ class _Builder:
             raise ExportError(f"{node.describe()}: input {a!r} is not produced by a supported layer")
         return self.layers[name]
 
-    def add(self, node: _Node, kind: str, inputs: list[Layer], shape: tuple[int, ...], **attrs: Any) -> Layer:
-        lyr = Layer(_safe_name(node.name), kind, [i.name for i in inputs], shape, dict(attrs), source=node.describe())
+    def value(self, a: Any) -> Any:
+        """``a`` with references to non-tensor node results (``values``) replaced by those results."""
+        if isinstance(a, _Ref) and a in self.values:
+            return self.values[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.value(x) for x in a)
+        return a
+
+    def add(self, node: _Node, kind: str, inputs: list[Layer], shape: tuple[int, ...], *, suffix: str = "",
+            **attrs: Any) -> Layer:
+        """Add a layer for ``node`` (``suffix`` names the extra layers of a node mapped to several)."""
+        lyr = Layer(_safe_name(node.name) + suffix, kind, [i.name for i in inputs], shape, dict(attrs),
+                    source=node.describe())
         if lyr.name in self.layers:
             raise ExportError(f"{node.describe()} runs twice (shared weights); every layer may run only once")
         self.layers[lyr.name] = lyr
