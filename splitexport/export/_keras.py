@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .._errors import ExportError
 from ._layergraph import LayerGraph, layer_graph
 from .ops import REGISTRY, KerasContext
 
@@ -23,19 +22,7 @@ __all__ = ["check_device_segment", "keras_model", "to_keras"]
 
 
 def check_device_segment(graph: LayerGraph, is_last: bool) -> None:
-    """Refuse layers a device segment cannot train exactly.
-
-    Dropout in a segment that trains on a received gradient would draw one mask in
-    ``forward`` (the activation sent downstream) and another in the training step.
-    """
-    if not is_last:
-        for lyr in graph.layers:
-            if lyr.kind == "dropout" and lyr.attrs["rate"] > 0:
-                raise ExportError(
-                    f"{lyr.source}: Dropout in a segment that trains on a received gradient is not supported "
-                    "(its forward and training step would draw different masks); move it to the last segment "
-                    "or the server"
-                )
+    """Refuse layers a device segment cannot train (none today: dropout masks are seeded, see ops/dropout.py)."""
 
 
 def to_keras(module: nn.Module, input_shape: tuple[int, ...]) -> tf_keras.Model:

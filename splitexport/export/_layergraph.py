@@ -64,8 +64,8 @@ class Layer:
 
     @property
     def trainable(self) -> list[str]:
-        """Weight keys updated by the optimizer (BN moving statistics are not)."""
-        return [k for k in self.weights if not k.startswith("moving_")]
+        """Weight keys updated by the optimizer (not BN moving statistics or dropout seeds)."""
+        return [k for k in self.weights if not k.startswith("moving_") and k != "seed"]
 
 
 @dataclass
@@ -116,6 +116,8 @@ class LayerGraph:
 
 def torch_to_tf_layout(value: np.ndarray, transform: str) -> np.ndarray:
     """The export's layout of a torch weight (inverse of :func:`tf_to_torch_layout`)."""
+    if transform.startswith(("conv2d1d", "depthwise2d1d")):  # Conv1d weights (co, ci, k) as height-1 kernels
+        return torch_to_tf_layout(value[:, :, None, :], transform.replace("1d", "", 1))
     if transform == "conv2d":
         return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
     if transform.startswith("depthwise2d"):
@@ -130,7 +132,10 @@ def torch_to_tf_layout(value: np.ndarray, transform: str) -> np.ndarray:
 
 
 def tf_to_torch_layout(value: np.ndarray, transform: str) -> np.ndarray:
-    """Undo the weight layout change of the export: ``transform`` is conv2d, depthwise2d[:m], linear or identity."""
+    """Undo the weight layout change of the export: ``transform`` is conv2d, depthwise2d[:m], linear or identity
+    (``conv2d1d`` / ``depthwise2d1d[:m]``: a Conv1d weight stored as a height-1 kernel)."""
+    if transform.startswith(("conv2d1d", "depthwise2d1d")):
+        return tf_to_torch_layout(value, transform.replace("1d", "", 1))[:, :, 0, :]
     if transform == "conv2d":
         return value.transpose(3, 2, 0, 1)
     if transform.startswith("depthwise2d"):
@@ -298,7 +303,7 @@ def layer_graph(module: nn.Module, input_shape: Sequence[int], dtype: str = "flo
     """Map a segment (fx GraphModule or TorchScript module) to a :class:`LayerGraph`.
 
     ``input_shape`` is the segment's input shape in torch layout with the batch dimension:
-    N x C x H x W images, N x T x F sequences, N x F features, or N x T integer ids
+    N x C x H x W images, N x T x F sequences (or N x C x L), N x F features, or N x T integer ids
     (``dtype`` int64 / int32). Raises :class:`ExportError` on any unsupported layer.
     """
     shape = tuple(int(s) for s in input_shape)[1:]
@@ -328,9 +333,10 @@ class _Builder:
         self.state = state
         self.layers: dict[str, Layer] = {}
         self.alias: dict[str, str] = {}
-        self.values: dict[str, tuple[Any, ...]] = {}
-        """Nodes that compute no layer: ``("shape", dims)``, ``("int", n)``, ``("arange", n)``, ``("param", path)``,
-        ``("rows", path, n)`` (Embedding rows 0..n-1), ``("tuple", layer, message)``, ``("meta", attr)``."""
+        self.values: dict[str, Any] = {}
+        """Non-tensor results of nodes by node name: ``x.size(d)`` (ops.shape.Size) and the tagged tuples of the
+        sequence ops: ``("shape", dims)``, ``("arange", n)``, ``("param", path)``, ``("rows", path, n)`` (Embedding
+        rows 0..n-1), ``("tuple", layer, message)`` (an RNN / attention output), ``("meta", attr)``."""
         self.invalid: dict[str, str] = {}
         """Nodes whose use is an error (the state parts of an RNN's output tuple), with the message."""
 
@@ -339,7 +345,7 @@ class _Builder:
         del self.alias[node.name]
         self.values[node.name] = ("tuple", lyr.name, message)
 
-    def value(self, a: Any) -> Any:
+    def lookup(self, a: Any) -> Any:
         """A constant argument, a :attr:`values` entry, ``("invalid", message)`` or ``("tensor", layer)``."""
         if not isinstance(a, _Ref):
             return a
@@ -357,17 +363,29 @@ class _Builder:
         if a in self.invalid:
             raise ExportError(f"{node.describe()}: {self.invalid[a]}")
         if a in self.values:
+            v = self.values[a]
             raise ExportError(
-                f"{node.describe()}: input {a!r} is not a layer output ({self.values[a][0]}); only the supported "
-                "layers' outputs can be combined"
+                f"{node.describe()}: input {a!r} is not a layer output ({v[0] if isinstance(v, tuple) else v!r}); "
+                "only the supported layers' outputs can be combined"
             )
         name = self.alias.get(a, a)
         if name not in self.layers:
             raise ExportError(f"{node.describe()}: input {a!r} is not produced by a supported layer")
         return self.layers[name]
 
-    def add(self, node: _Node, kind: str, inputs: list[Layer], shape: tuple[int, ...], **attrs: Any) -> Layer:
-        lyr = Layer(_safe_name(node.name), kind, [i.name for i in inputs], shape, dict(attrs), source=node.describe())
+    def value(self, a: Any) -> Any:
+        """``a`` with references to non-tensor node results (``values``) replaced by those results."""
+        if isinstance(a, _Ref) and a in self.values:
+            return self.values[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.value(x) for x in a)
+        return a
+
+    def add(self, node: _Node, kind: str, inputs: list[Layer], shape: tuple[int, ...], *, suffix: str = "",
+            **attrs: Any) -> Layer:
+        """Add a layer for ``node`` (``suffix`` names the extra layers of a node mapped to several)."""
+        lyr = Layer(_safe_name(node.name) + suffix, kind, [i.name for i in inputs], shape, dict(attrs),
+                    source=node.describe())
         if lyr.name in self.layers:
             raise ExportError(f"{node.describe()} runs twice (shared weights); every layer may run only once")
         self.layers[lyr.name] = lyr
@@ -410,7 +428,7 @@ class _Builder:
     def module(self, node: _Node) -> None:
         m = node.module
         mtype = _module_type(m)
-        first = self.value(node.args[0]) if node.args else None
+        first = self.lookup(node.args[0]) if node.args else None
         if mtype == "Embedding" and isinstance(first, tuple) and first[0] == "arange":
             self.values[node.name] = ("rows", f"{node.path}.weight", first[1])  # emb(arange(T)): positional rows
             return
@@ -438,7 +456,7 @@ class _Builder:
             return
         if node.op == "add":  # x + a positional table (nn.Parameter or Embedding rows 0..T-1)
             other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
-            a, b = self.value(node.args[0]), self.value(other)
+            a, b = self.lookup(node.args[0]), self.lookup(other)
             if isinstance(a, tuple) and a[0] in ("param", "rows"):
                 a, b = b, a
             if isinstance(b, tuple) and b[0] in ("param", "rows"):

@@ -163,6 +163,10 @@ class TfSegment(tf.Module):
         """One optimizer step with torch semantics."""
         o = self.opt
         self.step.assign_add([1.0])
+        for lyr in self.graph.layers:
+            after = REGISTRY.kind(lyr.kind).after_step if lyr.kind != "input" else None
+            if after is not None:
+                after(self, lyr)
         for name in self.trainable:
             p = self.vars[name]
             gr = wgrads[name]

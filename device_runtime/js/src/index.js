@@ -16,8 +16,8 @@
  * BatchNorm running variance is updated with the unbiased batch variance, as torch does.
  */
 import * as tf from '@tensorflow/tfjs';
+import './layers.js';
 
-import './layers.js'; // registers the custom layers of the exports with tf.serialization
 
 export { tf };
 
@@ -236,6 +236,7 @@ export class DeviceSegment {
     const vars = this.optimizer.vars;
     const { value, grads } = tf.variableGrads(() => auxLoss(this.model.apply(x, { training: true }), gradOut), vars);
     this.optimizer.apply(vars.map((v) => grads[v.name]));
+    this._afterStep();
     const loss = value.dataSync()[0];
     value.dispose();
     tf.dispose(grads);
@@ -259,12 +260,18 @@ export class DeviceSegment {
       return labelLoss(out, labels, this.config.loss);
     }, vars);
     this.optimizer.apply(this.optimizer.vars.map((v) => grads[v.name]));
+    this._afterStep();
     const gradInput = tf.keep(grads[input.name].clone());
     const loss = value.dataSync()[0];
     value.dispose();
     tf.dispose(grads);
     input.dispose();
     return { loss, gradInput, output };
+  }
+
+  /** Per-step state updates of the layers (the dropout seeds advance after every training step). */
+  _afterStep() {
+    for (const layer of this.model.layers) if (typeof layer.afterTrainStep === 'function') layer.afterTrainStep();
   }
 
   /** Every weight (trainable and BatchNorm statistics) keyed by its Keras name, e.g. `stem_0/kernel`. */
@@ -321,3 +328,4 @@ export class DeviceSegment {
 export { RemoteSegment, ServerClient, ServerError } from './client.js';
 export { decodeSafetensors, encodeSafetensors, SafetensorsError } from './safetensors.js';
 export { batchIndices, predict, trainSplit, trainStep } from './train.js';
+export { GroupNorm, SeededDropout, TorchActivation, TorchReduce } from './layers.js';

@@ -170,6 +170,8 @@ class LayerKind:
     """Why the builtin-ops TFLite variant cannot train this layer (``None``: it can)."""
     layout: Callable[[Layer, str], str] = _identity_layout
     """Layout transform of a weight key (see :func:`..._layergraph.torch_to_tf_layout`)."""
+    after_step: Callable[[TfSegment, Layer], None] | None = None
+    """State update after every training step (e.g. advancing a dropout seed)."""
 
 
 class Registry:

@@ -1,4 +1,4 @@
-"""Convolutions: Conv2d (groups 1 and depthwise)."""
+"""Convolutions: Conv2d (groups 1 and depthwise) and Conv1d (as a conv2d of height 1)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def _build_conv2d(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
     h, w, _ = x.shape
     ho = (h + pads[0] + pads[1] - kh) // sh + 1
     wo = (w + pads[2] + pads[3] - kw) // sw + 1
-    attrs = {"kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "in_channels": cin, "out_channels": cout}
+    attrs: dict[str, Any] = {"kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "in_channels": cin,
+                             "out_channels": cout}
     if groups == 1:
         lyr = b.add(node, "conv2d", [x], (ho, wo, cout), **attrs)
         b.param(node, lyr, "kernel", "weight")
@@ -50,6 +51,40 @@ def _build_conv2d(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
         )
     if m.bias is not None:
         b.param(node, lyr, "bias", "bias")
+
+
+def _build_conv1d(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
+    """N x C x L as an NHWC image of height 1: permute to (L, C), reshape to (1, L, C), conv2d, and back."""
+    if len(x.shape) != 2:
+        raise ExportError(f"{node.describe()}: expects an N x C x L input")
+    if m.padding_mode != "zeros" or int(m.dilation[0]) != 1:
+        raise ExportError(f"{node.describe()}: only zero padding and dilation 1 are supported")
+    c, length = x.shape
+    k, s = int(m.kernel_size[0]), int(m.stride[0])
+    if isinstance(m.padding, str):
+        pads = (0, 0) if m.padding == "valid" else ((k - 1) // 2, k - 1 - (k - 1) // 2)
+    else:
+        pads = (int(m.padding[0]), int(m.padding[0]))
+    cin, cout, groups = int(m.in_channels), int(m.out_channels), int(m.groups)
+    if groups not in (1, cin):
+        raise ExportError(f"{node.describe()}: groups={groups} is not supported; use groups=1 or depthwise "
+                          "(groups=in_channels)")
+    lo = (length + pads[0] + pads[1] - k) // s + 1
+    h = b.add(node, "permute", [x], (length, c), suffix="_nlc", dims=(2, 1))
+    h = b.add(node, "reshape", [h], (1, length, c), suffix="_nhwc", target=(1, length, c))
+    attrs: dict[str, Any] = {"kernel": (1, k), "strides": (1, s), "pads": (0, 0, *pads), "in_channels": cin,
+                             "out_channels": cout}
+    if groups == 1:
+        conv = b.add(node, "conv2d", [h], (1, lo, cout), suffix="_conv", conv1d=True, **attrs)
+        b.param(node, conv, "kernel", "weight")
+    else:
+        conv = b.add(node, "depthwise2d", [h], (1, lo, cout), suffix="_conv", conv1d=True, multiplier=cout // cin,
+                     **attrs)
+        b.param(node, conv, "depthwise_kernel", "weight")
+    if m.bias is not None:
+        b.param(node, conv, "bias", "bias")
+    h = b.add(node, "reshape", [conv], (lo, cout), suffix="_nlc_out", target=(lo, cout))
+    b.add(node, "permute", [h], (cout, lo), dims=(2, 1))
 
 
 def _keras(ctx: KerasContext, lyr: Layer, ins: list[Any]) -> Any:
@@ -119,10 +154,11 @@ def _backward(seg: TfSegment, lyr: Layer, c: _Cache, g: Any, wgrads: dict[str, A
 
 
 def _layout(lyr: Layer, key: str) -> str:
+    one_d = "1d" if lyr.attrs.get("conv1d") else ""
     if key == "kernel":
-        return "conv2d"
+        return f"conv2d{one_d}"
     if key == "depthwise_kernel":
-        return f"depthwise2d:{lyr.attrs['multiplier']}"
+        return f"depthwise2d{one_d}:{lyr.attrs['multiplier']}"
     return "identity"
 
 
@@ -138,6 +174,13 @@ register(
         restrictions="groups 1 or in_channels (depthwise, any multiplier); zero padding (incl. 'same'); dilation 1",
         build_module=_build_conv2d,
         kinds=("conv2d", "depthwise2d"),
+    ),
+    OpSpec(
+        "Conv1d", "conv", modules=("Conv1d",),
+        onnx=native("Conv"), tfjs=decomposed("Permute + Reshape + Conv2D / DepthwiseConv2D of height 1"),
+        tflite_flex=decomposed("conv2d of height 1"), tflite_builtin=decomposed("as Conv2d"),
+        restrictions="groups 1 or in_channels; zero padding; dilation 1",
+        build_module=_build_conv1d, kinds=("permute", "reshape", "conv2d", "depthwise2d"),
     ),
     LayerKind("conv2d", _keras, _forward, _backward, layout=_layout),
     LayerKind("depthwise2d", _keras, _forward, _backward, layout=_layout),

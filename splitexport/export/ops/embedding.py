@@ -43,11 +43,12 @@ def _build_embedding(b: _Builder, node: _Node, m: Any, ids: Layer) -> None:
 def build_positional(b: _Builder, node: _Node) -> None:
     """``x + table`` where one operand is a positional table value (``("param", path)`` / ``("rows", path, n)``)."""
     other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
-    a, t = b.value(node.args[0]), b.value(other)
-    if a[0] != "tensor":
+    a, t = b.lookup(node.args[0]), b.lookup(other)
+    if not (isinstance(a, tuple) and a[0] == "tensor"):
         a, t = t, a
     alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
-    if a[0] != "tensor" or t[0] not in ("param", "rows") or alpha != 1:
+    if not (isinstance(a, tuple) and a[0] == "tensor" and isinstance(t, tuple) and t[0] in ("param", "rows")) or \
+            alpha != 1:
         raise ExportError(f"{node.describe()}: only a sequence plus a positional table is supported")
     x: Layer = a[1]
     path, rows = t[1], (t[2] if t[0] == "rows" else None)

@@ -1,8 +1,10 @@
-"""Pooling: MaxPool2d, AdaptiveAvgPool2d(1)."""
+"""Pooling: MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..._errors import ExportError
 from ._registry import KerasContext, LayerKind, OpSpec, decomposed, native, register, tf
@@ -35,6 +37,38 @@ def _build_gap(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
     if size != (1, 1) or len(x.shape) != 3:
         raise ExportError(f"{node.describe()}: only AdaptiveAvgPool2d(1) (global average pooling) is supported")
     b.add(node, "gap", [x], (1, 1, x.shape[2]))
+
+
+def _build_avgpool(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
+    k = pair(m.kernel_size)
+    s = pair(m.stride if m.stride is not None else m.kernel_size)
+    if pair(m.padding) != (0, 0) or m.ceil_mode or m.divisor_override is not None:
+        raise ExportError(f"{node.describe()}: only AvgPool2d without padding, ceil_mode or divisor_override is "
+                          "supported")
+    if len(x.shape) != 3:
+        raise ExportError(f"{node.describe()}: expects an N x C x H x W input")
+    h, w, c = x.shape
+    b.add(node, "avgpool2d", [x], ((h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1, c), pool=k, strides=s)
+
+
+def _keras_avgpool(ctx: KerasContext, lyr: Layer, ins: list[Any]) -> Any:
+    a = lyr.attrs
+    return ctx.L.AveragePooling2D(a["pool"], strides=a["strides"], padding="valid", name=lyr.name)(ins[0])
+
+
+def _fwd_avgpool(seg: TfSegment, lyr: Layer, ins: list[Any], mode: str, update: bool) -> tuple[Any, dict[str, Any]]:
+    return tf.nn.avg_pool2d(ins[0], list(lyr.attrs["pool"]), list(lyr.attrs["strides"]), "VALID"), {}
+
+
+def _bwd_avgpool(seg: TfSegment, lyr: Layer, c: _Cache, g: Any, wgrads: dict[str, Any]) -> list[Any]:
+    """A transposed convolution with a block-diagonal constant kernel of 1 / (kh * kw)."""
+    x = c.x[0]
+    kh, kw = lyr.attrs["pool"]
+    sh, sw = lyr.attrs["strides"]
+    n, h, w, ch = (int(d) for d in x.shape)
+    kernel = np.broadcast_to(np.eye(ch, dtype=np.float32) / (kh * kw), (kh, kw, ch, ch))
+    return [tf.nn.conv2d_transpose(g, tf.constant(np.ascontiguousarray(kernel)), [n, h, w, ch], [1, sh, sw, 1],
+                                   "VALID")]
 
 
 def _keras_maxpool(ctx: KerasContext, lyr: Layer, ins: list[Any]) -> Any:
@@ -96,6 +130,14 @@ register(
         build_module=_build_maxpool, kinds=("maxpool2d",),
     ),
     OpSpec(
+        "AvgPool2d", "pool", modules=("AvgPool2d",),
+        onnx=native("AveragePool; refused with a dynamic batch (ORT's gradient crashes), use --batch-size"),
+        tfjs=native("AveragePooling2D"), tflite_flex=native("avg_pool2d"),
+        tflite_builtin=decomposed("conv2d_transpose with a constant 1/(kh*kw) kernel"),
+        restrictions="no padding, floor mode, no divisor_override",
+        build_module=_build_avgpool, kinds=("avgpool2d",),
+    ),
+    OpSpec(
         "AdaptiveAvgPool2d", "pool", modules=("AdaptiveAvgPool2d",),
         onnx=native("GlobalAveragePool"), tfjs=native("GlobalAveragePooling2D + Reshape"),
         tflite_flex=native("reduce_mean"), tflite_builtin=decomposed("broadcast of g / (H*W)"),
@@ -104,4 +146,5 @@ register(
     ),
     LayerKind("maxpool2d", _keras_maxpool, _fwd_maxpool, _bwd_maxpool, builtin_refusal=_maxpool_refusal),
     LayerKind("gap", _keras_gap, _fwd_gap, _bwd_gap),
+    LayerKind("avgpool2d", _keras_avgpool, _fwd_avgpool, _bwd_avgpool),
 )

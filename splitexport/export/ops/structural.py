@@ -1,4 +1,4 @@
-"""Values that are no tensors: ``x.shape`` / ``x.size(d)``, ``torch.arange(T)``, and items of tuple outputs.
+"""Values that are no tensors: ``x.shape``, ``torch.arange(T)``, and items of tuple outputs (``x.size(d)``: ops.shape).
 
 They compute nothing on the device: sizes are constants of the exported segment,
 ``torch.arange(T)`` feeds an ``nn.Embedding`` as positions (see :mod:`.embedding`), and
@@ -14,6 +14,7 @@ import torch
 
 from ..._errors import ExportError
 from ._registry import OpSpec, native, register
+from .shape import Size
 
 if TYPE_CHECKING:
     from .._layergraph import Layer, _Builder, _Node
@@ -26,35 +27,33 @@ def _torch_shape(lyr: Layer) -> tuple[int, ...]:
     return (s[2], s[0], s[1]) if len(s) == 3 else s
 
 
+def _tag(v: Any) -> Any:
+    """The kind of a :meth:`_Builder.lookup` result (``"tensor"``, ``"shape"``, ``"tuple"``, ...), else None."""
+    return v[0] if isinstance(v, tuple) and v and isinstance(v[0], str) else None
+
+
 def _arg(node: _Node, i: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
 
 
-def _build_size(b: _Builder, node: _Node) -> None:
-    src = b.value(node.args[0])
-    if src[0] != "tensor":
-        raise ExportError(f"{node.describe()}: size of a non-tensor value is not supported")
-    shape = (None, *_torch_shape(src[1]))
-    attr = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], str) else None
-    if attr in ("device", "dtype"):  # getattr(x, "device") feeding torch.arange
-        b.values[node.name] = ("meta", attr)
-    elif attr is not None and attr != "shape":
-        raise ExportError(f"{node.describe()}: attribute {attr!r} of a tensor is not supported")
-    else:
-        dim = None if attr else _arg(node, 1, "dim")
-        b.values[node.name] = ("shape", shape) if dim is None else ("int", shape[int(dim)])
+def _build_getattr(b: _Builder, node: _Node) -> None:
+    src = b.lookup(node.args[0])
+    attr = node.args[1] if len(node.args) > 1 else None
+    if _tag(src) != "tensor" or attr not in ("shape", "device", "dtype"):
+        raise ExportError(f"{node.describe()}: only x.shape, x.device and x.dtype of a tensor are supported")
+    # x.device / x.dtype only feed torch.arange
+    b.values[node.name] = ("shape", (None, *_torch_shape(src[1]))) if attr == "shape" else ("meta", attr)
 
 
 def _build_getitem(b: _Builder, node: _Node) -> None:
-    src = b.value(node.args[0])
-    index = b.value(_arg(node, 1, "index"))
-    if src[0] == "invalid":
+    src = b.lookup(node.args[0])
+    index = b.lookup(_arg(node, 1, "index"))
+    if _tag(src) == "invalid":
         b.invalid[node.name] = src[1]
-    elif src[0] == "shape" and isinstance(index, int):
-        if src[1][index] is None:
-            raise ExportError(f"{node.describe()}: the batch size is not a constant of the exported segment")
-        b.values[node.name] = ("int", src[1][index])
-    elif src[0] == "tuple" and isinstance(index, int):
+    elif _tag(src) == "shape" and isinstance(index, int):
+        d = index + len(src[1]) if index < 0 else index
+        b.values[node.name] = Size(d, src[1][d])  # as x.size(d)
+    elif _tag(src) == "tuple" and isinstance(index, int):
         if index == 0:
             b.alias[node.name] = src[1]
         else:
@@ -65,9 +64,8 @@ def _build_getitem(b: _Builder, node: _Node) -> None:
 
 
 def _build_arange(b: _Builder, node: _Node) -> None:
-    end = b.value(node.args[0]) if node.args else None
-    if isinstance(end, tuple) and end[0] == "int":
-        end = end[1]
+    end = b.lookup(node.args[0]) if node.args else None
+    end = end.value if isinstance(end, Size) else end  # x.size(1) / x.shape[1]
     dtype = node.kwargs.get("dtype")
     if not isinstance(end, int) or len(node.args) > 1 or dtype not in (None, torch.int64, torch.int32):
         raise ExportError(f"{node.describe()}: only torch.arange(T) feeding an Embedding (positions) is supported")
@@ -76,11 +74,10 @@ def _build_arange(b: _Builder, node: _Node) -> None:
 
 register(
     OpSpec(
-        "size", "structural", fn="size", functions=(getattr,), methods=("size",),
-        aten=("aten::size",), aten_args=("input", "dim"),
+        "shape attribute", "structural", fn="getattr", functions=(getattr,),
         onnx=_CONST, tfjs=_CONST, tflite_flex=_CONST, tflite_builtin=_CONST,
-        restrictions="x.shape / x.size(d) of a non-batch dim (feeding torch.arange)",
-        build_function=_build_size,
+        restrictions="x.shape[d] of a non-batch dim, x.device / x.dtype (feeding torch.arange)",
+        build_function=_build_getattr,
     ),
     OpSpec(
         "getitem", "structural", fn="getitem", functions=(operator.getitem,),

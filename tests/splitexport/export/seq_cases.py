@@ -1,7 +1,7 @@
 """Sequence-layer equivalence cases (Embedding, positional tables, GRU, LSTM, attention, encoder layers).
 
-Registered in :data:`tests.tf_reference.ARCHES` so the shared torch reference trains them; the
-TFLite and TF.js tests in ``test_seq_ops*.py`` compare the exported segments with it.
+Whole-model cases of :mod:`tests.tf_reference` (``model``, ``input_shape``); the TFLite and TF.js
+tests in ``test_seq_ops*.py`` compare the exported segments with torch's run.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tests.tf_reference import ARCHES, BATCH, Case
+from tests.tf_reference import BATCH, Case
 
 T, D, F, VOCAB = 5, 8, 6, 12
 
@@ -84,38 +84,28 @@ IDS = (BATCH, T)
 SEQ = (BATCH, T, F)
 EMB = (BATCH, T, D)
 
-ARCHES.update(
-    {
-        "seq_embed_param": (EmbedParam, IDS, False),
-        "seq_embed_arange": (EmbedArange, IDS, False),
-        "seq_gru_A": (lambda: Rnn(nn.GRU), SEQ, False),
-        "seq_gru_C": (lambda: Rnn(nn.GRU), SEQ, True),
-        "seq_lstm_A": (lambda: Rnn(nn.LSTM), SEQ, False),
-        "seq_lstm_C": (lambda: Rnn(nn.LSTM), SEQ, True),
-        "seq_attention_A": (SelfAttention, EMB, False),
-        "seq_attention_C": (SelfAttention, EMB, True),
-        "seq_encoder_relu_A": (lambda: Encoder("relu", False), EMB, False),
-        "seq_encoder_gelu_nf_C": (lambda: Encoder("gelu", True), EMB, True),
-        "seq_text_A": (TextEncoder, IDS, False),
-    }
-)
-
 MOMENTUM = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
 ADAM = {"name": "adam", "lr": 0.01}
 
 SEQ_CASES = [
-    Case("seq_embed_param", "seq_embed_param", optimizer=MOMENTUM, input_dtype="int64", vocab=VOCAB),
-    Case("seq_embed_arange", "seq_embed_arange", optimizer=ADAM, input_dtype="int64", vocab=VOCAB),
-    Case("seq_gru_A", "seq_gru_A", builtin=False),
-    Case("seq_gru_C", "seq_gru_C", builtin=False, loss="mse"),
-    Case("seq_lstm_A", "seq_lstm_A", builtin=False, optimizer=MOMENTUM),
-    Case("seq_lstm_C", "seq_lstm_C", builtin=False, loss="mse"),
-    Case("seq_attention_A", "seq_attention_A", builtin=False),
-    Case("seq_attention_C", "seq_attention_C", builtin=False, loss="mse"),
+    Case("seq_embed_param", "", model=EmbedParam, input_shape=IDS, is_last=False, optimizer=MOMENTUM,
+         input_dtype="int64", vocab=VOCAB),
+    Case("seq_embed_arange", "", model=EmbedArange, input_shape=IDS, is_last=False, optimizer=ADAM,
+         input_dtype="int64", vocab=VOCAB),
+    Case("seq_gru_A", "", model=lambda: Rnn(nn.GRU), input_shape=SEQ, is_last=False, builtin=False),
+    Case("seq_gru_C", "", model=lambda: Rnn(nn.GRU), input_shape=SEQ, is_last=True, builtin=False, loss="mse"),
+    Case("seq_lstm_A", "", model=lambda: Rnn(nn.LSTM), input_shape=SEQ, is_last=False, builtin=False,
+         optimizer=MOMENTUM),
+    Case("seq_lstm_C", "", model=lambda: Rnn(nn.LSTM), input_shape=SEQ, is_last=True, builtin=False, loss="mse"),
+    Case("seq_attention_A", "", model=SelfAttention, input_shape=EMB, is_last=False, builtin=False),
+    Case("seq_attention_C", "", model=SelfAttention, input_shape=EMB, is_last=True, builtin=False, loss="mse"),
     # not Adam: the key bias's gradient is 0 in exact arithmetic (softmax ignores a per-query constant), so Adam
     # normalises float noise of ~1e-10 into lr-sized steps in torch and on the device alike (measured 1.6e-4 apart)
-    Case("seq_encoder_relu_A", "seq_encoder_relu_A", builtin=False, optimizer=MOMENTUM),
-    Case("seq_encoder_gelu_nf_C", "seq_encoder_gelu_nf_C", builtin=False, loss="mse"),
-    Case("seq_text_A", "seq_text_A", builtin=False, input_dtype="int64", vocab=VOCAB),
+    Case("seq_encoder_relu_A", "", model=lambda: Encoder("relu", False), input_shape=EMB, is_last=False,
+         builtin=False, optimizer=MOMENTUM),
+    Case("seq_encoder_gelu_nf_C", "", model=lambda: Encoder("gelu", True), input_shape=EMB, is_last=True,
+         builtin=False, loss="mse"),
+    Case("seq_text_A", "", model=TextEncoder, input_shape=IDS, is_last=False, builtin=False, input_dtype="int64",
+         vocab=VOCAB),
 ]
 """``builtin``: whether the builtin-ops TFLite variant trains it (else it must refuse at export)."""

@@ -1,7 +1,6 @@
 """The zoo's sequence models (tests/zoo.py: transformer, GRU, LSTM classifiers) cut into device segments A and C.
 
-Registered in :data:`tests.tf_reference.ARCHES`: each case is one segment of the zoo's double
-cut, partitioned with a real example of the model's dtype (token ids for the transformer and
+Each case is one segment of the zoo's double cut (a whole-model case of :mod:`tests.tf_reference`), partitioned with a real example of the model's dtype (token ids for the transformer and
 the LSTM).
 """
 
@@ -12,7 +11,7 @@ import functools
 from torch import nn
 
 from splitexport import partition
-from tests.tf_reference import ARCHES, BATCH, Case
+from tests.tf_reference import BATCH, Case
 from tests.zoo import VOCAB, ZOO
 
 MODELS = ("transformer", "gru", "lstm")
@@ -38,7 +37,7 @@ for _model in MODELS:
     for _seg in ("A", "C"):
         _name = f"zoo_{_model}_{_seg}"
         _shape = _segments(_model)[_seg][1]
-        ARCHES[_name] = (functools.partial(_factory, _model, _seg), _shape, _seg == "C")
         ints = _seg == "A" and _zoo.dtype_name != "float32"
-        ZOO_CASES.append(Case(_name, _name, builtin=False, input_dtype=_zoo.dtype_name if ints else "float32",
-                              vocab=VOCAB, classes=2, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}))
+        ZOO_CASES.append(Case(_name, "", model=functools.partial(_factory, _model, _seg), input_shape=_shape,
+                              is_last=_seg == "C", builtin=False, input_dtype=_zoo.dtype_name if ints else "float32",
+                              vocab=VOCAB, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}))

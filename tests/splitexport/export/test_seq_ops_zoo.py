@@ -14,15 +14,11 @@ from tests.splitexport.export.seq_zoo_cases import ZOO_CASES
 from tests.splitexport.export.test_seq_ops import check_tfjs, check_tflite
 from tests.tf_reference import Case
 
-READY = [c for c in ZOO_CASES if c.name in ("zoo_transformer_A", "zoo_lstm_A")]
-"""The zoo segments whose every layer the TF.js / TFLite export maps so far."""
-
-
 @pytest.mark.parametrize("variant", ["flex", "builtin"])
-@pytest.mark.parametrize("case", READY, ids=[c.name for c in READY])
+@pytest.mark.parametrize("case", ZOO_CASES, ids=[c.name for c in ZOO_CASES])
 def test_zoo_seq_tflite_matches_torch(case: Case, variant: str, tmp_path: Path) -> None:
     check_tflite(case, variant, tmp_path)
 
 
 def test_zoo_seq_tfjs_matches_torch(tmp_path: Path) -> None:
-    check_tfjs(READY, tmp_path)
+    check_tfjs(ZOO_CASES, tmp_path)
