@@ -282,6 +282,12 @@ def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
             name = path.replace(".", "_")
             alias[outs[0].debugName()] = name
             nodes.append(_Node(name, "module", [value(v) for v in ins[1:]], {}, module, path))
+        elif (kind == "aten::size" and len(ins) == 1) or kind in ("prim::device", "prim::dtype"):
+            # x.shape (scripted as size(x)), x.device, x.dtype: tensor attributes (ops.structural)
+            attr = "shape" if kind == "aten::size" else kind.removeprefix("prim::")
+            alias[outs[0].debugName()] = name = f"{attr}_{counts.get(attr, 0)}"
+            counts[attr] = counts.get(attr, 0) + 1
+            nodes.append(_Node(name, "getattr", [value(ins[0]), attr], {}))
         elif (spec := REGISTRY.for_aten(kind)) is not None:
             fname, names = spec.fn, spec.aten_args
             kwargs = {names[i]: value(v) for i, v in enumerate(ins) if i < len(names)}

@@ -164,3 +164,23 @@ def test_tflite_runtime_takes_int64_ids_and_refuses_floats(tmp_path: Path) -> No
     assert runner.train_with_gradient(torch.ones(4, 5, D)) is None
     moved = (runner.state_dict()["layer.weight"] != before).any(dim=1)
     assert moved.tolist() == [i in (1, 2, 3, 4, 9) for i in range(10)]  # only the rows of the ids seen
+
+
+@pytest.mark.parametrize("name", ["seq_embed_param", "seq_embed_arange", "seq_gru_A", "seq_lstm_C", "seq_attention_A",
+                                  "seq_encoder_gelu_nf_C", "seq_text_A"])
+def test_the_torchscript_copy_maps_like_fx(name: str) -> None:
+    """A bundle stores TorchScript: it must give the same layers and torch weights as the fx module."""
+    from tests.splitexport.export.seq_cases import SEQ_CASES
+    from tests.tf_reference import segment_of
+
+    case = next(c for c in SEQ_CASES if c.name == name)
+    module, shape, _ = segment_of(case)
+    eager, scripted = layer_graph(module, shape, case.input_dtype), layer_graph(_scripted(module), shape,
+                                                                                 case.input_dtype)
+    assert [lyr.kind for lyr in scripted.layers] == [lyr.kind for lyr in eager.layers]
+    assert sorted(t for t, _ in scripted.torch_name_map().values()) == sorted(
+        t for t, _ in eager.torch_name_map().values())
+    weights = {t: w for lyr in eager.layers for k, w in lyr.weights.items() for t in [lyr.torch_names[k]]}
+    for lyr in scripted.layers:
+        for k, w in lyr.weights.items():
+            assert np.array_equal(w, weights[lyr.torch_names[k]])
