@@ -14,6 +14,7 @@ from tests.splitexport.export.seq_zoo_cases import ZOO_CASES
 from tests.splitexport.export.test_seq_ops import check_tfjs, check_tflite
 from tests.tf_reference import Case
 
+
 @pytest.mark.parametrize("variant", ["flex", "builtin"])
 @pytest.mark.parametrize("case", ZOO_CASES, ids=[c.name for c in ZOO_CASES])
 def test_zoo_seq_tflite_matches_torch(case: Case, variant: str, tmp_path: Path) -> None:
