@@ -40,10 +40,23 @@ def _interpreter(model: bytes, variant: str, backend: str) -> Any:
     raise TfliteRuntimeError(f"unknown interpreter backend {backend!r}; expected auto, litert or tensorflow")
 
 
+def _as_input(x: Any, dtype: str, name: str) -> np.ndarray:
+    """``x`` as the segment's input dtype: float32, or int32 token ids (from any integer array, range-checked)."""
+    arr = np.asarray(x)
+    if dtype == "float32":
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TfliteRuntimeError(f"segment {name} takes integer ids ({dtype}), got {arr.dtype} values")
+    if arr.size and (int(arr.min()) < np.iinfo(np.int32).min or int(arr.max()) > np.iinfo(np.int32).max):
+        raise TfliteRuntimeError(f"segment {name}: ids outside the int32 range")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
 class TfliteSegment:
     """One device segment exported by ``splitexport export --format tflite``.
 
-    Arrays are numpy, batch first, torch layout (NCHW). Labels are int class indices
+    Arrays are numpy, batch first, torch layout (NCHW). A segment exported for token ids
+    (``input_dtype`` int32) takes integer arrays (int64 included). Labels are int class indices
     (cross-entropy) or float targets shaped like the output (MSE). The builtin variant
     has a fixed batch size (``batch_size``); the flex variant takes any batch.
     """
@@ -67,6 +80,8 @@ class TfliteSegment:
         self.trains_with: Literal["labels", "gradient"] = meta["trains_with"]
         self.batch_size: int | None = meta.get("batch_size")
         self.input_shape = tuple(int(d) for d in meta["input_shape"])
+        self.input_dtype: str = meta.get("input_dtype", "float32")
+        """``float32``, or ``int32`` for token ids (int64 ids are accepted and range-checked)."""
         self.output_shape = tuple(int(d) for d in meta["output_shape"])
         self._interp = _interpreter(path.read_bytes(), self.variant, backend)
         self._runners = {
@@ -189,7 +204,7 @@ class TfliteSegment:
     # checks -------------------------------------------------------------------------------------
 
     def _check_input(self, x: np.ndarray) -> np.ndarray:
-        arr = np.ascontiguousarray(x, dtype=np.float32)
+        arr = _as_input(x, self.input_dtype, self.name)
         if arr.shape[1:] != self.input_shape:
             raise TfliteRuntimeError(
                 f"segment {self.name} takes inputs of shape (batch, {', '.join(map(str, self.input_shape))}), got {arr.shape}"

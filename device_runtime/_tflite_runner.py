@@ -58,6 +58,11 @@ class TfliteRunner(DeviceRunner[TfliteSegment]):
         except TfliteRuntimeError as exc:
             raise SplitExportError(str(exc)) from exc
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`DeviceRunner.forward`, keeping integer token ids integer."""
+        self._pending = _numpy(x)
+        return torch.from_numpy(self.segment.forward(self._pending))
+
     def train_with_labels(
         self, x: torch.Tensor, labels: torch.Tensor
     ) -> tuple[float, torch.Tensor | None, torch.Tensor]:
@@ -68,16 +73,22 @@ class TfliteRunner(DeviceRunner[TfliteSegment]):
         return loss, torch.from_numpy(np.array(grad_in)), torch.from_numpy(out)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        arr = as_float32(x)
+        arr = _numpy(x)
         size = self.segment.batch_size
         if size is None or len(arr) == size:
             return torch.from_numpy(self.segment.evaluate(arr))
         chunks = []
         for start in range(0, len(arr), size):
             part = arr[start : start + size]
-            padded = np.concatenate([part, np.zeros((size - len(part), *arr.shape[1:]), np.float32)])
+            padded = np.concatenate([part, np.zeros((size - len(part), *arr.shape[1:]), arr.dtype)])
             chunks.append(self.segment.evaluate(padded)[: len(part)])
         return torch.from_numpy(np.concatenate(chunks))
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """Float inputs as float32, integer ids unchanged (the segment checks and casts them)."""
+    t = x.detach().cpu()
+    return t.numpy() if not t.is_floating_point() else as_float32(t)
 
 
 def _norm(value: object) -> object:

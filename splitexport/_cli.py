@@ -7,7 +7,7 @@ import errno
 import pickle
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,26 +181,67 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, model=args.model, epochs=args.epochs, seed=args.seed, tfjs=not args.no_tfjs, progress=not args.no_progress)
 
 
-_EXPORTERS: dict[str, tuple[str, str]] = {
-    "onnx": ("splitexport.export._onnx", "run_export_onnx"),
-    "tfjs": ("splitexport.export._tfjs", "run_export_tfjs"),
-    "tflite": ("splitexport.export._tflite", "run_export_tflite"),
+_EXPORTERS: dict[str, str] = {
+    "onnx": "splitexport.export._onnx",
+    "tfjs": "splitexport.export._tfjs",
+    "tflite": "splitexport.export._tflite",
 }
+
+
+def _export_options(args: argparse.Namespace, bundle: Bundle) -> Any:
+    """The typed options of ``splitexport export`` (the device optimizer: the bundle's, with ``--lr`` and, for
+    ONNX, ``--optimizer sgd|adamw``)."""
+    from .export import OnnxOptions, TfjsOptions, TfliteOptions
+
+    spec = bundle.manifest.optimizer
+    lr = args.lr if args.lr is not None else spec.lr
+    if lr <= 0:
+        raise SplitExportError(f"the learning rate must be positive, got {lr}")
+    if args.format == "onnx":
+        if args.optimizer == "sgd":
+            if spec.momentum or spec.weight_decay:
+                print(f"note: the device segments train with plain SGD; the bundle's optimizer (momentum={spec.momentum}, "
+                      f"weight_decay={spec.weight_decay}) still applies to the server's segments", file=sys.stderr)
+            opt = OptimizerSpec(name="sgd", lr=lr)
+        else:
+            opt = spec.model_copy(update={"lr": lr, **({"name": args.optimizer} if args.optimizer else {})})
+        return OnnxOptions(optimizer=opt, opset=args.opset or 17, batch_size=args.batch_size,
+                           ort_format=bool(args.ort_format))
+    opt = spec.model_copy(update={"lr": lr})
+    if args.format == "tfjs":
+        return TfjsOptions(optimizer=opt)
+    both = args.tflite_variant in (None, "both")
+    return TfliteOptions(optimizer=opt, variants=("flex", "builtin") if both else (args.tflite_variant,), batch_size=int(args.batch_size or 32))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     import importlib
 
-    module_name, func = _EXPORTERS[args.format]
+    from ._bundle import load_bundle
+
     try:
-        module = importlib.import_module(module_name)
+        importlib.import_module(_EXPORTERS[args.format])
     except ImportError as exc:
         raise SplitExportError(
             f"the {args.format} exporter is not available in this installation ({exc}); "
             "install the extra it needs: pip install 'splitexport[onnx]' or 'splitexport[tf]'"
         ) from exc
-    handler: Callable[[Path, argparse.Namespace], None] = getattr(module, func)
-    handler(args.bundle, args)
+    from .export import export
+
+    bundle = load_bundle(args.bundle)
+    b = export(bundle, args.format, _export_options(args, bundle))
+    if args.format == "onnx":
+        opt = b.manifest.exports["onnx"]["optimizer"]
+        print(f"exported ONNX Runtime training artifacts to {b.path / 'onnx'} (optimizer {opt})")
+        for spec in b.manifest.device_segments:
+            print(f"  {spec.name} ({spec.trains_with}): {', '.join(sorted(spec.artifacts.get('onnx', {})))}")
+        return
+    for spec in b.manifest.device_segments:
+        arts = spec.artifacts[args.format]
+        if args.format == "tfjs":
+            print(f"tfjs: segment {spec.name} -> {b.path / arts['model']}")
+        else:
+            print(f"tflite: segment {spec.name}: " + ", ".join(f"{k} -> {b.path / v}" for k, v in sorted(arts.items())))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

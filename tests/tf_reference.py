@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,14 @@ class Case:
     """Only for whole-model (Zoo) cases: train on labels (True) or on a gradient (False)."""
     builtin: bool = True
     """Whether the builtin-ops TFLite variant supports the segment."""
+    model: Callable[[], nn.Module] | None = None
+    """A whole model to trace and train as one segment (instead of ``arch``), on ``input_shape``."""
+    input_shape: tuple[int, ...] = (BATCH, 1, 8, 8)
+    loss: str = "cross_entropy"
+    """The last segment's label loss; ``mse`` trains on random targets shaped like the output."""
+    input_dtype: str = "float32"
+    """``int64`` for token ids, drawn from ``range(vocab)``."""
+    vocab: int = 0
     kinks: bool = False
     """A ReLU at the segment output: a float-rounding-sized difference can flip an output across 0
     and send the free-running trajectory elsewhere (torch itself does so under a 1e-7 weight
@@ -125,6 +134,9 @@ class Reference:
 
 def segment_of(case: Case) -> tuple[nn.Module, tuple[int, ...], bool]:
     torch.manual_seed(0)
+    if case.model is not None:
+        assert case.is_last is not None
+        return fx.symbolic_trace(case.model()), case.input_shape, case.is_last
     if case.arch.startswith("zoo"):
         model = Zoo(nn.GELU if case.arch == "zoo_gelu" else nn.Sigmoid)
         assert case.is_last is not None
@@ -137,12 +149,22 @@ def segment_of(case: Case) -> tuple[nn.Module, tuple[int, ...], bool]:
 def reference(case: Case, steps: int = STEPS) -> Reference:
     """Train a copy of the case's segment in torch with SGD (or the case's optimizer)."""
     module, shape, is_last = segment_of(case)
+    return train_reference(module, shape, is_last, case.optimizer, loss=case.loss, steps=steps,
+                           input_dtype=case.input_dtype, vocab=case.vocab)
+
+
+def train_reference(module: nn.Module, shape: tuple[int, ...], is_last: bool, optimizer: dict[str, Any],
+                    *, loss: str = "cross_entropy", steps: int = STEPS, input_dtype: str = "float32",
+                    vocab: int = 0) -> Reference:
+    """Train a copy of ``module`` (input ``shape`` with the batch) for ``steps`` steps in torch: on labels
+    (``loss``) when it is the last segment, else on pseudo-random output gradients. Integer inputs
+    (``input_dtype`` int64 / int32) are token ids drawn from ``range(vocab)``."""
     digits = load_dataset("digits")
     gen = torch.Generator().manual_seed(1234)
     trained = copy.deepcopy(module).train()
-    o = case.optimizer
+    o = optimizer
     opt = OptimizerSpec(**o).build(trained.parameters())
-    out_shape = tuple(trained(torch.zeros(shape)).shape)
+    out_shape = tuple(trained(torch.zeros(shape, dtype=getattr(torch, input_dtype))).shape)
     trained.load_state_dict(module.state_dict())  # undo the BN update of the shape probe
     inputs, targets, losses, grads = [], [], [], []
     states, momentum = [], []
@@ -151,31 +173,35 @@ def reference(case: Case, steps: int = STEPS) -> Reference:
     for step in range(steps):
         states.append(_state(trained))
         momentum.append(_optimizer_state(opt, names))
-        if shape[1:] == (1, 8, 8):
+        if input_dtype != "float32":
+            x = torch.randint(0, vocab, shape, generator=gen, dtype=getattr(torch, input_dtype))
+            y = torch.randint(0, int(out_shape[-1]) if is_last else 10, (shape[0],), generator=gen)
+        elif shape[1:] == (1, 8, 8):
             idx = torch.randint(0, len(digits.x_train), (BATCH,), generator=gen)
             x, y = digits.x_train[idx], digits.y_train[idx]
         else:
             x = torch.randn(shape, generator=gen).relu()
-            y = torch.randint(0, 10, (BATCH,), generator=gen)
-        xr = x.clone().requires_grad_(True)
+            y = torch.randint(0, int(out_shape[-1]) if is_last else 10, (shape[0],), generator=gen)
+        xr = x.clone().requires_grad_(x.is_floating_point())
         out = trained(xr)
         if forward0 is None:
             forward0 = out.detach().numpy().copy()
+        if is_last and loss == "mse":
+            y = torch.randn(out_shape, generator=gen)
         if is_last:
-            loss = label_loss(out, y)
+            loss_value = label_loss(out, y, loss)  # type: ignore[arg-type]
             target = y.numpy()
         else:
             g = torch.randn(out_shape, generator=gen) * GRAD_SCALE
-            loss = aux_loss(out, g)
+            loss_value = aux_loss(out, g)
             target = g.numpy()
         opt.zero_grad()
-        loss.backward()
+        loss_value.backward()
         opt.step()
         inputs.append(x.numpy())
         targets.append(target)
-        losses.append(float(loss))
-        assert xr.grad is not None
-        grads.append(xr.grad.numpy().copy())
+        losses.append(float(loss_value.detach()))
+        grads.append(xr.grad.numpy().copy() if xr.grad is not None else np.zeros(0, np.float32))  # ids: none
     trained.eval()
     with torch.no_grad():
         eval_out = trained(torch.from_numpy(inputs[0])).numpy()

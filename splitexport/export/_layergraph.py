@@ -10,22 +10,16 @@ an :class:`~splitexport._errors.ExportError` naming the layer.
 
 from __future__ import annotations
 
-import operator
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .._errors import ExportError
-
-if TYPE_CHECKING:
-    from .._bundle import Bundle
+from .ops import REGISTRY
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -40,30 +34,19 @@ __all__ = [
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-SUPPORTED_LAYERS = (
-    "Conv2d (groups 1 or depthwise, zero padding, dilation 1)",
-    "BatchNorm2d / BatchNorm1d (affine, running stats, fixed momentum)",
-    "ReLU, GELU (exact), Sigmoid, Tanh",
-    "MaxPool2d (no padding, dilation 1, floor mode)",
-    "AdaptiveAvgPool2d(1) (global average pool)",
-    "Flatten (start_dim=1)",
-    "Linear",
-    "Dropout",
-    "Identity",
-    "residual add (a + b, same shapes)",
-    "torch.cat along a non-batch dimension",
+SUPPORTED_LAYERS = tuple(
+    f"{op.name} ({op.restrictions})" if op.restrictions else op.name
+    for op in REGISTRY.ops
+    if op.tfjs.status != "refused"
 )
-"""What :func:`layer_graph` accepts; everything else is an export-time error."""
-
-_NCHW_TO_NHWC_AXIS = {1: 3, 2: 1, 3: 2}
+"""What :func:`layer_graph` accepts (from the op table); everything else is an export-time error."""
 
 
 @dataclass
 class Layer:
     """One layer of the graph, with its weights in TensorFlow layout.
 
-    ``kind`` is one of input, conv2d, depthwise2d, batchnorm, relu, gelu, sigmoid,
-    tanh, maxpool2d, gap, flatten, linear, dropout, add, concat. ``shape`` is the
+    ``kind`` is ``input`` or a kind of the op table (``ops.REGISTRY.kinds``). ``shape`` is the
     output shape without the batch dimension in the internal layout (HWC for
     images). ``weights`` are keyed by the Keras weight names (``kernel``, ``bias``,
     ``depthwise_kernel``, ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``);
@@ -81,8 +64,8 @@ class Layer:
 
     @property
     def trainable(self) -> list[str]:
-        """Weight keys updated by the optimizer (BN moving statistics are not)."""
-        return [k for k in self.weights if not k.startswith("moving_")]
+        """Weight keys updated by the optimizer (not BN moving statistics or dropout seeds)."""
+        return [k for k in self.weights if not k.startswith("moving_") and k != "seed"]
 
 
 @dataclass
@@ -127,15 +110,14 @@ class LayerGraph:
         out: dict[str, list[str]] = {}
         for lyr in self.layers:
             for key, tname in lyr.torch_names.items():
-                transform = lyr.kind if key in ("kernel", "depthwise_kernel") else "identity"
-                if lyr.kind == "depthwise2d" and key == "depthwise_kernel":
-                    transform = f"depthwise2d:{lyr.attrs['multiplier']}"
-                out[f"{lyr.name}/{key}"] = [tname, transform]
+                out[f"{lyr.name}/{key}"] = [tname, layout_of(lyr, key)]
         return out
 
 
 def torch_to_tf_layout(value: np.ndarray, transform: str) -> np.ndarray:
     """The export's layout of a torch weight (inverse of :func:`tf_to_torch_layout`)."""
+    if transform.startswith(("conv2d1d", "depthwise2d1d")):  # Conv1d weights (co, ci, k) as height-1 kernels
+        return torch_to_tf_layout(value[:, :, None, :], transform.replace("1d", "", 1))
     if transform == "conv2d":
         return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
     if transform.startswith("depthwise2d"):
@@ -150,7 +132,10 @@ def torch_to_tf_layout(value: np.ndarray, transform: str) -> np.ndarray:
 
 
 def tf_to_torch_layout(value: np.ndarray, transform: str) -> np.ndarray:
-    """Undo the weight layout change of the export: ``transform`` is conv2d, depthwise2d[:m], linear or identity."""
+    """Undo the weight layout change of the export: ``transform`` is conv2d, depthwise2d[:m], linear or identity
+    (``conv2d1d`` / ``depthwise2d1d[:m]``: a Conv1d weight stored as a height-1 kernel)."""
+    if transform.startswith(("conv2d1d", "depthwise2d1d")):
+        return tf_to_torch_layout(value, transform.replace("1d", "", 1))[:, :, 0, :]
     if transform == "conv2d":
         return value.transpose(3, 2, 0, 1)
     if transform.startswith("depthwise2d"):
@@ -163,19 +148,13 @@ def tf_to_torch_layout(value: np.ndarray, transform: str) -> np.ndarray:
     raise ValueError(f"unknown layout transform {transform!r}")
 
 
-def _to_tf_layout(kind: str, key: str, w: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
-    if key == "kernel" and kind == "conv2d":
-        return w.transpose(2, 3, 1, 0)
-    if key == "depthwise_kernel":
-        c, m = attrs["in_channels"], attrs["multiplier"]
-        return w.reshape(c, m, w.shape[2], w.shape[3]).transpose(2, 3, 0, 1)
-    if key == "kernel" and kind == "linear":
-        return w.T
-    return w
+def layout_of(lyr: Layer, key: str) -> str:
+    """The layout transform of weight ``key`` of ``lyr`` (from its kind in the op table)."""
+    return REGISTRY.kind(lyr.kind).layout(lyr, key)
 
 
 def _to_torch_layout(lyr: Layer, key: str, w: np.ndarray) -> np.ndarray:
-    return tf_to_torch_layout(w, lyr.kind if key in ("kernel", "depthwise_kernel") else "identity")
+    return tf_to_torch_layout(w, layout_of(lyr, key))
 
 
 # --------------------------------------------------------------------------- reading torch graphs
@@ -208,40 +187,6 @@ def _module_type(m: Any) -> str:
     return type(m).__name__
 
 
-_FX_FUNCTIONS: dict[Any, str] = {
-    operator.add: "add",
-    torch.add: "add",
-    torch.cat: "cat",
-    torch.concat: "cat",
-    torch.flatten: "flatten",
-    torch.relu: "relu",
-    F.relu: "relu",
-    torch.sigmoid: "sigmoid",
-    torch.tanh: "tanh",
-    F.gelu: "gelu",
-}
-_FX_METHODS = {"add": "add", "flatten": "flatten", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_ATEN = {
-    "aten::add": "add",
-    "aten::cat": "cat",
-    "aten::concat": "cat",
-    "aten::flatten": "flatten",
-    "aten::relu": "relu",
-    "aten::sigmoid": "sigmoid",
-    "aten::tanh": "tanh",
-    "aten::gelu": "gelu",
-}
-_ATEN_ARGS = {
-    "add": ("input", "other", "alpha"),
-    "cat": ("tensors", "dim"),
-    "flatten": ("input", "start_dim", "end_dim"),
-    "relu": ("input",),
-    "sigmoid": ("input",),
-    "tanh": ("input",),
-    "gelu": ("input", "approximate"),
-}
-
-
 def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
     def conv(a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -265,20 +210,22 @@ def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
             if not isinstance(res, fx.Node):
                 raise ExportError("the segment must return a single tensor")
             out = res.name
+        elif n.op == "get_attr":  # a parameter used as a tensor (e.g. a positional table)
+            nodes.append(_Node(n.name, "param", [], {}, path=str(n.target)))
         elif n.op == "call_module":
             nodes.append(_Node(n.name, "module", args, kwargs, gm.get_submodule(str(n.target)), str(n.target)))
         elif n.op == "call_function":
-            fname = _FX_FUNCTIONS.get(n.target)
-            if fname is None:
+            spec = REGISTRY.for_function(n.target)
+            if spec is None:
                 raise ExportError(
                     f"node {n.name!r} calls {getattr(n.target, '__name__', n.target)}, which has no export mapping"
                 )
-            nodes.append(_Node(n.name, fname, args, kwargs))
+            nodes.append(_Node(n.name, spec.fn, args, kwargs))
         elif n.op == "call_method":
-            mname = _FX_METHODS.get(str(n.target))
-            if mname is None:
+            spec = REGISTRY.for_method(str(n.target))
+            if spec is None:
                 raise ExportError(f"node {n.name!r} calls the tensor method .{n.target}(), which has no export mapping")
-            nodes.append(_Node(n.name, mname, args, kwargs))
+            nodes.append(_Node(n.name, spec.fn, args, kwargs))
         else:
             raise ExportError(
                 f"node {n.name!r} ({n.op} {n.target}) has no export mapping (parameters used outside a layer?)"
@@ -313,20 +260,36 @@ def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
             parent = paths.get(ins[0].debugName())
             if parent is None:
                 raise ExportError(f"unsupported attribute access {node.s('name')!r} in the TorchScript segment")
-            paths[outs[0].debugName()] = f"{parent}.{node.s('name')}" if parent else node.s("name")
+            path = f"{parent}.{node.s('name')}" if parent else node.s("name")
+            if outs[0].type().kind() == "TensorType":  # a parameter used as a tensor (e.g. a positional table)
+                alias[outs[0].debugName()] = name = path.replace(".", "_")
+                nodes.append(_Node(name, "param", [], {}, path=path))
+            else:
+                paths[outs[0].debugName()] = path
+        elif kind == "prim::TupleUnpack":  # `out, state = rnn(x)`
+            source = value(ins[0])
+            for i, o in enumerate(outs):
+                alias[o.debugName()] = name = f"{source}_item{i}"
+                nodes.append(_Node(name, "getitem", [source], {"index": i}))
         elif kind == "prim::CallMethod":
-            path = paths.get(ins[0].debugName())
-            if not path or node.s("name") != "forward":
+            mpath = paths.get(ins[0].debugName())
+            if not mpath or not node.s("name").startswith("forward"):  # RNNs script as forward__0
                 raise ExportError(f"unsupported method call {node.s('name')!r} in the TorchScript segment")
+            path = mpath
             module: Any = sm
             for atom in path.split("."):
                 module = getattr(module, atom)
             name = path.replace(".", "_")
             alias[outs[0].debugName()] = name
             nodes.append(_Node(name, "module", [value(v) for v in ins[1:]], {}, module, path))
-        elif kind in _ATEN:
-            fname = _ATEN[kind]
-            names = _ATEN_ARGS[fname]
+        elif (kind == "aten::size" and len(ins) == 1) or kind in ("prim::device", "prim::dtype"):
+            # x.shape (scripted as size(x)), x.device, x.dtype: tensor attributes (ops.structural)
+            attr = "shape" if kind == "aten::size" else kind.removeprefix("prim::")
+            alias[outs[0].debugName()] = name = f"{attr}_{counts.get(attr, 0)}"
+            counts[attr] = counts.get(attr, 0) + 1
+            nodes.append(_Node(name, "getattr", [value(ins[0]), attr], {}))
+        elif (spec := REGISTRY.for_aten(kind)) is not None:
+            fname, names = spec.fn, spec.aten_args
             kwargs = {names[i]: value(v) for i, v in enumerate(ins) if i < len(names)}
             args = [kwargs.pop(names[0])]
             count = counts.get(fname, 0)
@@ -342,19 +305,20 @@ def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
 # --------------------------------------------------------------------------- building the IR
 
 
-def layer_graph(module: nn.Module, input_shape: Sequence[int]) -> LayerGraph:
+def layer_graph(module: nn.Module, input_shape: Sequence[int], dtype: str = "float32") -> LayerGraph:
     """Map a segment (fx GraphModule or TorchScript module) to a :class:`LayerGraph`.
 
-    ``input_shape`` is the segment's input shape in torch layout, with or without
-    the batch dimension (a 4-element shape is taken to include it for images,
-    2 elements for features). Raises :class:`ExportError` on any unsupported layer.
+    ``input_shape`` is the segment's input shape in torch layout with the batch dimension:
+    N x C x H x W images, N x T x F sequences (or N x C x L), N x F features, or N x T integer ids
+    (``dtype`` int64 / int32). Raises :class:`ExportError` on any unsupported layer.
     """
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) in (2, 4):
-        shape = shape[1:]
-    if len(shape) not in (1, 3):
+    shape = tuple(int(s) for s in input_shape)[1:]
+    if dtype not in ("float32", "int64", "int32"):
+        raise ExportError(f"segment input dtype {dtype}: only float32, int64 and int32 inputs are supported")
+    if len(shape) not in (1, 2, 3) or (dtype != "float32" and len(shape) != 1):
         raise ExportError(
-            f"segment input of shape {tuple(input_shape)}: only N x C x H x W or N x F inputs are supported"
+            f"segment input of shape {tuple(input_shape)} ({dtype}): only N x C x H x W, N x T x F or N x F float "
+            "inputs and N x T integer ids are supported"
         )
     if isinstance(module, torch.jit.ScriptModule):
         inp, nodes, out = _script_nodes(module)
@@ -367,7 +331,7 @@ def layer_graph(module: nn.Module, input_shape: Sequence[int]) -> LayerGraph:
             raise ExportError(f"cannot trace {type(module).__name__} with torch.fx: {exc}") from exc
         inp, nodes, out = _fx_nodes(gm)
     state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
-    return _Builder(state).build(inp, nodes, out, shape)
+    return _Builder(state).build(inp, nodes, out, shape, dtype)
 
 
 class _Builder:
@@ -375,17 +339,59 @@ class _Builder:
         self.state = state
         self.layers: dict[str, Layer] = {}
         self.alias: dict[str, str] = {}
+        self.values: dict[str, Any] = {}
+        """Non-tensor results of nodes by node name: ``x.size(d)`` (ops.shape.Size) and the tagged tuples of the
+        sequence ops: ``("shape", dims)``, ``("arange", n)``, ``("param", path)``, ``("rows", path, n)`` (Embedding
+        rows 0..n-1), ``("tuple", layer, message)`` (an RNN / attention output), ``("meta", attr)``."""
+        self.invalid: dict[str, str] = {}
+        """Nodes whose use is an error (the state parts of an RNN's output tuple), with the message."""
+
+    def tuple_output(self, node: _Node, lyr: Layer, message: str) -> None:
+        """``node`` returns a tuple whose item 0 is ``lyr``; using another item raises ``message``."""
+        del self.alias[node.name]
+        self.values[node.name] = ("tuple", lyr.name, message)
+
+    def lookup(self, a: Any) -> Any:
+        """A constant argument, a :attr:`values` entry, ``("invalid", message)`` or ``("tensor", layer)``."""
+        if not isinstance(a, _Ref):
+            return a
+        if a in self.invalid:
+            return ("invalid", self.invalid[a])
+        if a in self.values:
+            return self.values[a]
+        if self.alias.get(a, a) in self.layers:
+            return ("tensor", self.layers[self.alias.get(a, a)])
+        raise ExportError(f"value {a!r} is not produced by a supported layer")
 
     def ref(self, a: Any, node: _Node) -> Layer:
         if not isinstance(a, _Ref):
             raise ExportError(f"{node.describe()}: expected a tensor argument, got {a!r}")
+        if a in self.invalid:
+            raise ExportError(f"{node.describe()}: {self.invalid[a]}")
+        if a in self.values:
+            v = self.values[a]
+            raise ExportError(
+                f"{node.describe()}: input {a!r} is not a layer output ({v[0] if isinstance(v, tuple) else v!r}); "
+                "only the supported layers' outputs can be combined"
+            )
         name = self.alias.get(a, a)
         if name not in self.layers:
             raise ExportError(f"{node.describe()}: input {a!r} is not produced by a supported layer")
         return self.layers[name]
 
-    def add(self, node: _Node, kind: str, inputs: list[Layer], shape: tuple[int, ...], **attrs: Any) -> Layer:
-        lyr = Layer(_safe_name(node.name), kind, [i.name for i in inputs], shape, dict(attrs), source=node.describe())
+    def value(self, a: Any) -> Any:
+        """``a`` with references to non-tensor node results (``values``) replaced by those results."""
+        if isinstance(a, _Ref) and a in self.values:
+            return self.values[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.value(x) for x in a)
+        return a
+
+    def add(self, node: _Node, kind: str, inputs: list[Layer], shape: tuple[int, ...], *, suffix: str = "",
+            **attrs: Any) -> Layer:
+        """Add a layer for ``node`` (``suffix`` names the extra layers of a node mapped to several)."""
+        lyr = Layer(_safe_name(node.name) + suffix, kind, [i.name for i in inputs], shape, dict(attrs),
+                    source=node.describe())
         if lyr.name in self.layers:
             raise ExportError(f"{node.describe()} runs twice (shared weights); every layer may run only once")
         self.layers[lyr.name] = lyr
@@ -396,12 +402,12 @@ class _Builder:
         full = f"{node.path}.{torch_key}" if node.path else torch_key
         if full not in self.state:
             raise ExportError(f"{node.describe()}: weight {full!r} not found in the segment's state dict")
-        lyr.weights[key] = np.ascontiguousarray(_to_tf_layout(lyr.kind, key, self.state[full], lyr.attrs))
+        lyr.weights[key] = torch_to_tf_layout(self.state[full], layout_of(lyr, key))
         lyr.torch_names[key] = full
 
-    def build(self, inp: str, nodes: list[_Node], out: str, shape: tuple[int, ...]) -> LayerGraph:
+    def build(self, inp: str, nodes: list[_Node], out: str, shape: tuple[int, ...], dtype: str) -> LayerGraph:
         internal = (shape[1], shape[2], shape[0]) if len(shape) == 3 else shape
-        first = Layer("input", "input", [], internal, source="the segment input")
+        first = Layer("input", "input", [], internal, {"dtype": dtype}, source="the segment input")
         self.layers["input"] = first
         self.alias[inp] = "input"
         for node in nodes:
@@ -409,194 +415,66 @@ class _Builder:
                 self.module(node)
             else:
                 self.function(node)
+        if out in self.invalid:
+            raise ExportError(f"the segment output {out!r}: {self.invalid[out]}")
         if out not in self.alias:
             raise ExportError(f"the segment output {out!r} is not produced by a supported layer")
+        if self.alias[out] == "input" and dtype != "float32":
+            raise ExportError("a segment that returns its integer input unchanged cannot train")
         last = self.layers[self.alias[out]]
         out_shape = (last.shape[2], last.shape[0], last.shape[1]) if len(last.shape) == 3 else last.shape
         reachable = _reachable(self.layers, last.name)
         layers = [lyr for lyr in self.layers.values() if lyr.name in reachable or lyr.kind == "input"]
         return LayerGraph(layers, last.name, shape, out_shape)
 
-    # -- modules
+    def same(self, node: _Node, x: Layer) -> None:
+        """``node`` passes ``x`` through unchanged (Identity, flatten of a flat tensor)."""
+        self.alias[node.name] = x.name
+
     def module(self, node: _Node) -> None:
         m = node.module
         mtype = _module_type(m)
-        if len(node.args) != 1 or node.kwargs:
-            raise ExportError(f"{node.describe()}: called with {len(node.args)} arguments; one tensor expected")
+        first = self.lookup(node.args[0]) if node.args else None
+        if mtype == "Embedding" and isinstance(first, tuple) and first[0] == "arange":
+            self.values[node.name] = ("rows", f"{node.path}.weight", first[1])  # emb(arange(T)): positional rows
+            return
+        # further arguments must be defaults (None / flags, which the op's mapping checks) or the same tensor (q, k, v)
+        extra = [*node.args[1:], *node.kwargs.values()]
+        if not node.args or any(
+            not (v is None or isinstance(v, bool) or (isinstance(v, _Ref) and v == node.args[0])) for v in extra
+        ):
+            raise ExportError(
+                f"{node.describe()}: called with further tensor arguments (masks, states or distinct q / k / v); "
+                "only calls on one tensor are supported: cut so that it runs on the server"
+            )
         x = self.ref(node.args[0], node)
-        handler: Callable[[_Node, Any, Layer], None] | None = getattr(self, f"_m_{mtype}", None)
-        if handler is None:
+        spec = REGISTRY.for_module(mtype)
+        if spec is None or spec.build_module is None:
             raise ExportError(
                 f"{node.describe()} is not supported by the TF.js / TFLite export. Supported: "
                 + "; ".join(SUPPORTED_LAYERS)
             )
-        handler(node, m, x)
-
-    def _m_Conv2d(self, node: _Node, m: Any, x: Layer) -> None:
-        if len(x.shape) != 3:
-            raise ExportError(f"{node.describe()}: expects an N x C x H x W input")
-        if m.padding_mode != "zeros":
-            raise ExportError(f"{node.describe()}: padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
-        if tuple(m.dilation) != (1, 1):
-            raise ExportError(f"{node.describe()}: dilation {tuple(m.dilation)} is not supported (only 1)")
-        kh, kw = (int(k) for k in m.kernel_size)
-        sh, sw = (int(s) for s in m.stride)
-        if isinstance(m.padding, str):
-            if m.padding == "valid":
-                pads = (0, 0, 0, 0)
-            else:
-                th, tw = kh - 1, kw - 1
-                pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-        else:
-            ph, pw = (int(p) for p in m.padding)
-            pads = (ph, ph, pw, pw)
-        cin, cout, groups = int(m.in_channels), int(m.out_channels), int(m.groups)
-        h, w, _ = x.shape
-        ho = (h + pads[0] + pads[1] - kh) // sh + 1
-        wo = (w + pads[2] + pads[3] - kw) // sw + 1
-        attrs = {"kernel": (kh, kw), "strides": (sh, sw), "pads": pads, "in_channels": cin, "out_channels": cout}
-        if groups == 1:
-            lyr = self.add(node, "conv2d", [x], (ho, wo, cout), **attrs)
-            self.param(node, lyr, "kernel", "weight")
-        elif groups == cin:
-            lyr = self.add(node, "depthwise2d", [x], (ho, wo, cout), multiplier=cout // cin, **attrs)
-            self.param(node, lyr, "depthwise_kernel", "weight")
-        else:
-            raise ExportError(
-                f"{node.describe()}: groups={groups} is not supported (TF.js has no grouped convolution); "
-                "use groups=1 or depthwise (groups=in_channels)"
-            )
-        if m.bias is not None:
-            self.param(node, lyr, "bias", "bias")
-
-    def _bn(self, node: _Node, m: Any, x: Layer, rank: int) -> None:
-        if len(x.shape) != rank:
-            raise ExportError(f"{node.describe()}: unsupported input rank {len(x.shape) + 1}")
-        if not m.affine or not m.track_running_stats or m.momentum is None:
-            raise ExportError(
-                f"{node.describe()}: only BatchNorm with affine=True, track_running_stats=True and a fixed momentum "
-                "is supported"
-            )
-        lyr = self.add(node, "batchnorm", [x], x.shape, epsilon=float(m.eps), momentum=float(m.momentum))
-        for key, tkey in (
-            ("gamma", "weight"),
-            ("beta", "bias"),
-            ("moving_mean", "running_mean"),
-            ("moving_variance", "running_var"),
-        ):
-            self.param(node, lyr, key, tkey)
-
-    def _m_BatchNorm2d(self, node: _Node, m: Any, x: Layer) -> None:
-        self._bn(node, m, x, 3)
-
-    def _m_BatchNorm1d(self, node: _Node, m: Any, x: Layer) -> None:
-        self._bn(node, m, x, 1)
-
-    def _m_ReLU(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "relu", [x], x.shape)
-
-    def _m_Sigmoid(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "sigmoid", [x], x.shape)
-
-    def _m_Tanh(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "tanh", [x], x.shape)
-
-    def _m_GELU(self, node: _Node, m: Any, x: Layer) -> None:
-        if m.approximate != "none":
-            raise ExportError(f"{node.describe()}: approximate={m.approximate!r} is not supported (only 'none')")
-        self.add(node, "gelu", [x], x.shape)
-
-    def _m_Identity(self, node: _Node, m: Any, x: Layer) -> None:
-        self.alias[node.name] = x.name
-
-    def _m_Dropout(self, node: _Node, m: Any, x: Layer) -> None:
-        self.add(node, "dropout", [x], x.shape, rate=float(m.p))
-
-    def _m_MaxPool2d(self, node: _Node, m: Any, x: Layer) -> None:
-        def pair(v: Any) -> tuple[int, int]:
-            return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-        k = pair(m.kernel_size)
-        s = pair(m.stride if m.stride is not None else m.kernel_size)
-        if pair(m.padding) != (0, 0) or pair(m.dilation) != (1, 1) or m.ceil_mode or m.return_indices:
-            raise ExportError(
-                f"{node.describe()}: only MaxPool2d without padding, dilation, ceil_mode or return_indices is supported"
-            )
-        if len(x.shape) != 3:
-            raise ExportError(f"{node.describe()}: expects an N x C x H x W input")
-        h, w, c = x.shape
-        self.add(node, "maxpool2d", [x], ((h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1, c), pool=k, strides=s)
-
-    def _m_AdaptiveAvgPool2d(self, node: _Node, m: Any, x: Layer) -> None:
-        size = m.output_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if size != (1, 1) or len(x.shape) != 3:
-            raise ExportError(f"{node.describe()}: only AdaptiveAvgPool2d(1) (global average pooling) is supported")
-        self.add(node, "gap", [x], (1, 1, x.shape[2]))
-
-    def _m_Flatten(self, node: _Node, m: Any, x: Layer) -> None:
-        self.flatten(node, x, int(m.start_dim), int(m.end_dim))
-
-    def _m_Linear(self, node: _Node, m: Any, x: Layer) -> None:
-        if len(x.shape) != 1:
-            raise ExportError(f"{node.describe()}: Linear is supported on N x F inputs only (flatten first)")
-        lyr = self.add(node, "linear", [x], (int(m.out_features),))
-        self.param(node, lyr, "kernel", "weight")
-        if m.bias is not None:
-            self.param(node, lyr, "bias", "bias")
-
-    # -- functions
-    def flatten(self, node: _Node, x: Layer, start: int, end: int) -> None:
-        if start != 1 or end != -1:
-            raise ExportError(f"{node.describe()}: only flatten(start_dim=1, end_dim=-1) is supported")
-        if len(x.shape) == 1:
-            self.alias[node.name] = x.name
-            return
-        self.add(node, "flatten", [x], (int(np.prod(x.shape)),))
+        spec.build_module(self, node, m, x)
 
     def function(self, node: _Node) -> None:
-        op = node.op
-        args = list(node.args)
-        kw = dict(node.kwargs)
-        if op in ("relu", "sigmoid", "tanh"):
-            kw.pop("inplace", None)
-            if len(args) > 1 and args[1] is False:
-                args = args[:1]
-            if len(args) != 1 or kw:
-                raise ExportError(f"{node.describe()}: unsupported arguments")
-            x = self.ref(args[0], node)
-            self.add(node, op, [x], x.shape)
-        elif op == "gelu":
-            approx = kw.pop("approximate", args[1] if len(args) > 1 else "none")
-            if approx != "none":
-                raise ExportError(f"{node.describe()}: approximate={approx!r} is not supported (only 'none')")
-            x = self.ref(args[0], node)
-            self.add(node, "gelu", [x], x.shape)
-        elif op == "flatten":
-            start = kw.pop("start_dim", args[1] if len(args) > 1 else 0)
-            end = kw.pop("end_dim", args[2] if len(args) > 2 else -1)
-            self.flatten(node, self.ref(args[0], node), int(start), int(end))
-        elif op == "add":
-            other = kw.pop("other", args[1] if len(args) > 1 else None)
-            alpha = kw.pop("alpha", args[2] if len(args) > 2 else 1)
-            a, b = self.ref(args[0], node), self.ref(other, node)
-            if alpha != 1 or a.shape != b.shape:
-                raise ExportError(f"{node.describe()}: only a + b of two tensors with the same shape is supported")
-            self.add(node, "add", [a, b], a.shape)
-        elif op == "cat":
-            tensors = args[0]
-            dim = int(kw.pop("dim", args[1] if len(args) > 1 else 0))
-            ins = [self.ref(t, node) for t in tensors]
-            rank = len(ins[0].shape) + 1
-            dim = dim + rank if dim < 0 else dim
-            if dim == 0 or any(len(i.shape) + 1 != rank for i in ins):
-                raise ExportError(f"{node.describe()}: only concatenation of same-rank tensors along a non-batch dim")
-            axis = _NCHW_TO_NHWC_AXIS[dim] if rank == 4 else dim
-            shape = list(ins[0].shape)
-            shape[axis - 1] = sum(i.shape[axis - 1] for i in ins)
-            self.add(node, "concat", ins, tuple(shape), axis=axis, sizes=[i.shape[axis - 1] for i in ins])
-        else:  # pragma: no cover - the readers only produce the ops above
+        if node.op == "param":  # a parameter used as a tensor: only a positional table (see ops.embedding)
+            self.values[node.name] = ("param", node.path)
+            return
+        if node.op == "add":  # x + a positional table (nn.Parameter or Embedding rows 0..T-1)
+            other = node.kwargs.get("other", node.args[1] if len(node.args) > 1 else None)
+            a, b = self.lookup(node.args[0]), self.lookup(other)
+            if isinstance(a, tuple) and a[0] in ("param", "rows"):
+                a, b = b, a
+            if isinstance(b, tuple) and b[0] in ("param", "rows"):
+                spec = REGISTRY.for_fn("positional")
+                if spec is None or spec.build_function is None:  # pragma: no cover - registered by ops.embedding
+                    raise ExportError(f"{node.describe()} has no export mapping")
+                spec.build_function(self, node)
+                return
+        spec = REGISTRY.for_fn(node.op)
+        if spec is None or spec.build_function is None:  # pragma: no cover - the readers only produce table ops
             raise ExportError(f"{node.describe()} has no export mapping")
+        spec.build_function(self, node)
 
 
 def _safe_name(name: str) -> str:
@@ -618,32 +496,11 @@ def _reachable(layers: Mapping[str, Layer], out: str) -> set[str]:
 def segment_exporter(
     write: Callable[Concatenate[LayerGraph, _P], _R], doc: str
 ) -> Callable[Concatenate[nn.Module, Sequence[int], _P], _R]:
-    """``write(graph, ...)`` as ``export(module, input_shape, ...)``: maps the torch segment first."""
+    """``write(graph, ...)`` as ``export(module, input_shape, ..., input_dtype="float32")``: maps the segment first."""
 
     def export(module: nn.Module, input_shape: Sequence[int], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return write(layer_graph(module, input_shape), *args, **kwargs)
+        dtype = str(kwargs.pop("input_dtype", "float32"))
+        return write(layer_graph(module, input_shape, dtype), *args, **kwargs)
 
     export.__doc__ = doc
     return export
-
-
-def cli_optimizer(bundle: Bundle, args: Any) -> dict[str, Any]:
-    """The bundle's optimizer as export options, with the CLI's ``--lr`` override."""
-    opt = bundle.manifest.optimizer.model_dump()
-    if getattr(args, "lr", None):
-        opt["lr"] = float(args.lr)
-    return opt
-
-
-def export_device_segments(bundle: Bundle, fmt: str, export: Callable[..., dict[str, Path]],
-                           options: dict[str, object], **kwargs: Any) -> dict[str, dict[str, Path]]:
-    """``export(module, input_shape, out_dir, is_last=, loss=, **kwargs)`` for every device segment, in a
-    temporary directory; the files are recorded in the bundle under ``fmt`` with ``options``."""
-    m = bundle.manifest
-    files: dict[str, dict[str, Path]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in m.device_segments:
-            files[spec.name] = export(bundle.torch_segment(spec.name), (1, *spec.input.sample_shape),
-                                      Path(tmp) / spec.name, is_last=spec.is_last, loss=m.loss.kind, **kwargs)
-        bundle.add_artifacts(fmt, files, options)
-    return files

@@ -27,7 +27,6 @@ serves the three models (see ``device_runtime.OrtSegment``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import json
@@ -58,7 +57,7 @@ from ._onnx_rewrite import DropoutMask, draw_mask, prepare
 if TYPE_CHECKING:
     from .._bundle import Bundle
 
-__all__ = ["ARTIFACTS", "DeviceOptimizer", "export_onnx", "export_segment_onnx", "run_export_onnx"]
+__all__ = ["ARTIFACTS", "DeviceOptimizer", "export_onnx", "export_segment_onnx"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 15, 20
@@ -519,7 +518,7 @@ def _quiet_native(what: str) -> Iterator[None]:
 def export_onnx(
     bundle: Bundle | str | Path,
     *,
-    optimizer: str | None = None,
+    optimizer: str | OptimizerSpec | None = None,
     lr: float | None = None,
     ort_format: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -527,14 +526,17 @@ def export_onnx(
 ) -> Bundle:
     """Export every device segment of ``bundle`` and record the artifacts (with sha256) in its manifest.
 
-    ``optimizer`` (``"sgd"`` or ``"adamw"``) and ``lr`` override the bundle's
-    optimizer; without them its settings must map onto ONNX Runtime's.
+    ``optimizer`` (an :class:`OptimizerSpec`, or the name ``"sgd"`` / ``"adamw"``) and ``lr``
+    override the bundle's optimizer; without them its settings must map onto ONNX Runtime's.
     """
     from .._bundle import Bundle, load_bundle
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     manifest = b.manifest
-    device_opt = DeviceOptimizer.from_spec(manifest.optimizer, name=optimizer, lr=lr)
+    if isinstance(optimizer, OptimizerSpec):
+        device_opt = DeviceOptimizer.from_spec(optimizer, lr=lr)
+    else:
+        device_opt = DeviceOptimizer.from_spec(manifest.optimizer, name=optimizer, lr=lr)
     files: dict[str, dict[str, Path]] = {}
     masks: dict[str, list[DropoutMask]] = {}
     with tempfile.TemporaryDirectory(prefix="splitexport-onnx-") as tmp:
@@ -569,31 +571,3 @@ def export_onnx(
         }
         b.add_artifacts(FORMAT, files, options)
     return b
-
-
-def run_export_onnx(bundle_path: Path, args: argparse.Namespace) -> None:
-    """``splitexport export BUNDLE --format onnx [--ort-format] [--optimizer sgd|adamw] [--lr LR]``."""
-    from .._bundle import load_bundle
-
-    b = load_bundle(bundle_path)
-    name = getattr(args, "optimizer", None)
-    spec = b.manifest.optimizer
-    if name == "sgd" and (spec.momentum or spec.weight_decay):
-        print(
-            f"note: the device segments train with plain SGD; the bundle's optimizer (momentum={spec.momentum}, "
-            f"weight_decay={spec.weight_decay}) still applies to the server's segments",
-            file=sys.stderr,
-        )
-    b = export_onnx(
-        b,
-        optimizer=name,
-        lr=getattr(args, "lr", None),
-        ort_format=bool(getattr(args, "ort_format", False)),
-        opset=getattr(args, "opset", None) or DEFAULT_OPSET,
-        batch_size=getattr(args, "batch_size", None),
-    )
-    opt = b.manifest.exports[FORMAT]["optimizer"]
-    print(f"exported ONNX Runtime training artifacts to {b.path / FORMAT} (optimizer {opt})")
-    for spec_ in b.manifest.device_segments:
-        kinds = ", ".join(sorted(spec_.artifacts.get(FORMAT, {})))
-        print(f"  {spec_.name} ({spec_.trains_with}): {kinds}")

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import ExportError
+from .._manifest import OptimizerSpec
 from ._keras import check_device_segment, keras_model
-from ._layergraph import LayerGraph, cli_optimizer, export_device_segments, segment_exporter
+from ._layergraph import LayerGraph, segment_exporter
+from ._options import optimizer_spec
 
 META_FORMAT = "splitexport-tfjs/1"
 META_FILE = "splitexport.json"
 
-__all__ = ["META_FILE", "META_FORMAT", "export_tfjs_segment", "run_export_tfjs", "write_tfjs"]
+__all__ = ["META_FILE", "META_FORMAT", "export_tfjs_segment", "write_tfjs"]
 
 
 def write_tfjs(
@@ -31,7 +33,7 @@ def write_tfjs(
     *,
     is_last: bool,
     loss: str = "cross_entropy",
-    optimizer: Mapping[str, Any] | None = None,
+    optimizer: OptimizerSpec | Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the TF.js artifacts of ``graph`` into ``out_dir``; returns artifact kind -> file."""
     # tensorflowjs imports tensorflow_decision_forests, whose welcome message imports IPython
@@ -41,10 +43,7 @@ def write_tfjs(
 
     if loss not in ("cross_entropy", "mse"):
         raise ExportError(f"unknown loss kind {loss!r}; expected cross_entropy or mse")
-    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
-    opt.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in (optimizer or {}).items()})
-    if opt["name"] not in ("sgd", "adam", "adamw"):
-        raise ExportError(f"unknown optimizer {opt['name']!r}; expected sgd, adam or adamw")
+    opt = optimizer_spec(optimizer).model_dump(mode="json")
     check_device_segment(graph, is_last)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +60,7 @@ def write_tfjs(
         "loss": loss,
         "optimizer": opt,
         "input_shape": list(graph.input_shape),
+        "input_dtype": "float32" if graph.layers[0].attrs.get("dtype", "float32") == "float32" else "int32",
         "output_shape": list(graph.output_shape),
         "torch_names": graph.torch_name_map(),
     }
@@ -72,14 +72,3 @@ def write_tfjs(
 export_tfjs_segment = segment_exporter(
     write_tfjs, "Export one device segment (fx GraphModule or TorchScript) as TF.js artifacts."
 )
-
-
-def run_export_tfjs(bundle_path: Path, args: Any) -> None:
-    """CLI handler of ``splitexport export BUNDLE --format tfjs``: exports every device segment."""
-    from .._bundle import load_bundle
-
-    bundle = load_bundle(bundle_path)
-    files = export_device_segments(bundle, "tfjs", export_tfjs_segment, {"format": "layers-model", "keras": "tf_keras"},
-                                   optimizer=cli_optimizer(bundle, args))
-    for name in files:
-        print(f"tfjs: segment {name} -> {bundle.path / bundle.segment(name).artifacts['tfjs']['model']}")

@@ -31,30 +31,17 @@ from typing import Any, Literal
 import numpy as np
 
 from .._errors import ExportError
+from .._manifest import OptimizerSpec
 from ._keras import check_device_segment
-from ._layergraph import LayerGraph, cli_optimizer, export_device_segments, segment_exporter
+from ._layergraph import LayerGraph, segment_exporter
 
 Variant = Literal["flex", "builtin"]
 VARIANTS: tuple[Variant, ...] = ("flex", "builtin")
 META_FORMAT = "splitexport-tflite/1"
 
-__all__ = ["VARIANTS", "export_tflite_segment", "run_export_tflite", "tflite_model_bytes", "write_tflite"]
+__all__ = ["VARIANTS", "export_tflite_segment", "tflite_model_bytes", "write_tflite"]
 
-
-def _optimizer(opt: Mapping[str, Any] | None) -> Any:
-    from ._tfops import OptimizerConfig
-
-    o = dict(opt or {})
-    cfg = OptimizerConfig(
-        name=str(o.get("name", "sgd")),
-        lr=float(o.get("lr", 0.05)),  # type: ignore[arg-type]
-        momentum=float(o.get("momentum", 0.0)),  # type: ignore[arg-type]
-        weight_decay=float(o.get("weight_decay", 0.0)),  # type: ignore[arg-type]
-        betas=tuple(float(b) for b in o.get("betas", (0.9, 0.999))),  # type: ignore[arg-type]
-        eps=float(o.get("eps", 1e-8)),  # type: ignore[arg-type]
-    )
-    cfg.slots()  # validates the name
-    return cfg
+OptimizerLike = OptimizerSpec | Mapping[str, Any] | None
 
 
 def _build_module(
@@ -62,22 +49,26 @@ def _build_module(
     *,
     is_last: bool,
     loss: str,
-    optimizer: Mapping[str, Any] | None,
+    optimizer: OptimizerLike,
     variant: Variant,
     batch_size: int | None,
 ) -> tuple[Any, dict[str, Any]]:
     """The tf.Module with the five signatures, and the signature functions."""
     import tensorflow as tf
 
+    from ._options import optimizer_spec
     from ._tfops import TfSegment
 
-    seg = TfSegment(graph, _optimizer(optimizer))
+    seg = TfSegment(graph, optimizer_spec(optimizer))
     if variant == "builtin":
         seg.check_builtin()
         if not batch_size or batch_size < 1:
             raise ExportError("the builtin-ops TFLite variant needs a fixed batch size (batch_size >= 1)")
     batch = batch_size if variant == "builtin" else None
-    x_spec = tf.TensorSpec([batch, *graph.input_shape], tf.float32, name="x")
+    input_dtype = graph.layers[0].attrs.get("dtype", "float32")
+    x_spec = tf.TensorSpec([batch, *graph.input_shape], tf.float32 if input_dtype == "float32" else tf.int32, name="x")
+    if is_last and input_dtype != "float32":
+        raise ExportError("the last segment cannot take integer ids (it must return dL/d(input)); cut after the Embedding")
     out_spec = tf.TensorSpec([batch, *graph.output_shape], tf.float32, name="grad")
     if loss == "cross_entropy":
         label_spec = tf.TensorSpec([batch], tf.int32, name="labels")
@@ -98,7 +89,8 @@ def _build_module(
     def step(x: Any, target: Any) -> dict[str, Any]:
         if variant == "flex":
             with tf.GradientTape() as tape:
-                tape.watch(x)
+                if input_dtype == "float32":
+                    tape.watch(x)
                 out, _ = seg.forward(x, "train", update_stats=True)
                 if is_last:
                     loss_value, _ = seg.label_loss(out, target, loss)
@@ -106,7 +98,8 @@ def _build_module(
                     loss_value, _ = seg.aux_loss(out, target)
             names = list(seg.trainable)
             grads = tape.gradient(loss_value, [x] + [seg.vars[n] for n in names])
-            gx, wgrads = grads[0], dict(zip(names, grads[1:]))
+            # Embedding gradients come as IndexedSlices: densify them for the optimizer's arithmetic
+            gx, wgrads = grads[0], {n: tf.convert_to_tensor(gr) for n, gr in zip(names, grads[1:])}
         else:
             out, caches = seg.forward(x, "train", update_stats=True)
             if is_last:
@@ -159,9 +152,10 @@ def _build_module(
         "loss": loss,
         "batch_size": batch,
         "input_shape": list(graph.input_shape),
+        "input_dtype": "float32" if input_dtype == "float32" else "int32",
         "output_shape": list(graph.output_shape),
         "labels_dtype": "int32" if loss == "cross_entropy" else "float32",
-        "optimizer": dict(seg.opt.__dict__),
+        "optimizer": seg.opt.model_dump(mode="json"),
         "state": layout,
         "state_size": total,
         "torch_names": graph.torch_name_map(),
@@ -175,7 +169,7 @@ def tflite_model_bytes(
     *,
     is_last: bool,
     loss: str = "cross_entropy",
-    optimizer: Mapping[str, Any] | None = None,
+    optimizer: OptimizerLike = None,
     variant: Variant = "flex",
     batch_size: int | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
@@ -207,7 +201,7 @@ def tflite_model_bytes(
 
 
 def write_tflite(graph: LayerGraph, out_dir: str | Path, *, is_last: bool, loss: str = "cross_entropy",
-                 optimizer: Mapping[str, Any] | None = None, variants: tuple[Variant, ...] = VARIANTS,
+                 optimizer: OptimizerLike = None, variants: tuple[Variant, ...] = VARIANTS,
                  batch_size: int = 32) -> dict[str, Path]:
     """Write the TFLite artifacts of ``graph``; returns artifact kind -> file (``flex``, ``builtin``, ``meta``).
 
@@ -240,20 +234,3 @@ def write_tflite(graph: LayerGraph, out_dir: str | Path, *, is_last: bool, loss:
 export_tflite_segment = segment_exporter(
     write_tflite, "Export one device segment (fx GraphModule or TorchScript) as TFLite training models."
 )
-
-
-def run_export_tflite(bundle_path: Path, args: Any) -> None:
-    """CLI handler of ``splitexport export BUNDLE --format tflite``: exports every device segment."""
-    from .._bundle import load_bundle
-
-    bundle = load_bundle(bundle_path)
-    variant_arg = getattr(args, "tflite_variant", None) or "both"
-    variants: tuple[Variant, ...] = VARIANTS if variant_arg == "both" else (variant_arg,)  # type: ignore[assignment]
-    batch_size = int(getattr(args, "batch_size", None) or 32)
-    opt = cli_optimizer(bundle, args)
-    files = export_device_segments(bundle, "tflite", export_tflite_segment,
-                                   {"variants": list(variants), "batch_size": batch_size, "optimizer": opt},
-                                   optimizer=opt, variants=variants, batch_size=batch_size)
-    for name in files:
-        arts = bundle.segment(name).artifacts["tflite"]
-        print(f"tflite: segment {name}: " + ", ".join(f"{k} -> {bundle.path / v}" for k, v in sorted(arts.items())))

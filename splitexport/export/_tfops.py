@@ -10,49 +10,27 @@ NCHW at the boundary. Only imported when exporting (imports TensorFlow).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import tensorflow as tf
 
 from .._errors import ExportError
+from .._manifest import OptimizerSpec
 from ._layergraph import Layer, LayerGraph
+from .ops import REGISTRY
 
 Mode = Literal["eval", "train"]
 
-__all__ = ["BUILTIN_UNSUPPORTED", "OptimizerConfig", "TfSegment"]
-
-BUILTIN_UNSUPPORTED = {"gelu": "GELU needs erf, which has no builtin TFLite kernel"}
-"""Layer kinds the builtin-ops variant refuses, with the reason."""
+__all__ = ["TfSegment", "optimizer_slots"]
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """Optimizer of a device segment (torch semantics): sgd (momentum, weight decay), adam, adamw."""
-
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-    def slots(self) -> tuple[str, ...]:
-        if self.name == "sgd":
-            return ("momentum",) if self.momentum else ()
-        if self.name in ("adam", "adamw"):
-            return ("exp_avg", "exp_avg_sq")
-        raise ExportError(f"unknown optimizer {self.name!r}; expected sgd, adam or adamw")
-
-
-def _count(x: tf.Tensor, axes: list[int]) -> tf.Tensor:
-    """Number of elements reduced over ``axes`` (static when the shape is known)."""
-    dims = [x.shape[i] for i in axes]
-    if all(d is not None for d in dims):
-        return tf.constant(float(np.prod([int(d) for d in dims])))
-    return tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+def optimizer_slots(opt: OptimizerSpec) -> tuple[str, ...]:
+    """Per-weight optimizer state kept by the TFLite graphs (torch.optim's buffers)."""
+    if opt.name == "sgd":
+        return ("momentum",) if opt.momentum else ()
+    return ("exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -67,7 +45,7 @@ class _Cache:
 class TfSegment(tf.Module):
     """Variables of a segment plus its forward, backward, loss and optimizer ops."""
 
-    def __init__(self, graph: LayerGraph, optimizer: OptimizerConfig) -> None:
+    def __init__(self, graph: LayerGraph, optimizer: OptimizerSpec) -> None:
         super().__init__(name="segment")
         self.graph = graph
         self.opt = optimizer
@@ -80,7 +58,7 @@ class TfSegment(tf.Module):
                 if key in lyr.trainable:
                     self.trainable.append(name)
         self.slot_vars: dict[str, tf.Variable] = {}
-        for slot in optimizer.slots():
+        for slot in optimizer_slots(optimizer):
             for name in self.trainable:
                 self.slot_vars[f"{name}/{slot}"] = tf.Variable(
                     tf.zeros_like(self.vars[name]), name=f"{name}/{slot}".replace("/", "__")
@@ -126,69 +104,7 @@ class TfSegment(tf.Module):
     def _layer_forward(
         self, lyr: Layer, ins: list[tf.Tensor], mode: Mode, update: bool
     ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        a = lyr.attrs
-        k = lyr.kind
-        x: Any = ins[0] if ins else None
-        if k in ("conv2d", "depthwise2d"):
-            t, b, left, r = a["pads"]
-            xp = tf.pad(x, [[0, 0], [t, b], [left, r], [0, 0]]) if any(a["pads"]) else x
-            strides = [1, a["strides"][0], a["strides"][1], 1]
-            if k == "conv2d":
-                y = tf.nn.conv2d(xp, self.w(lyr, "kernel"), strides, "VALID")
-            else:
-                y = tf.nn.depthwise_conv2d(xp, self.w(lyr, "depthwise_kernel"), strides, "VALID")
-            if "bias" in lyr.weights:
-                y = y + self.w(lyr, "bias")
-            return y, {"xp": xp}
-        if k == "batchnorm":
-            axes = list(range(len(x.shape) - 1))
-            gamma, beta = self.w(lyr, "gamma"), self.w(lyr, "beta")
-            eps = a["epsilon"]
-            if mode == "eval":
-                inv = tf.math.rsqrt(self.w(lyr, "moving_variance") + eps)
-                return (x - self.w(lyr, "moving_mean")) * (inv * gamma) + beta, {}
-            mean = tf.reduce_mean(x, axes)
-            xc = x - mean
-            var = tf.reduce_mean(xc * xc, axes)
-            inv = tf.math.rsqrt(var + eps)
-            xhat = xc * inv
-            if update:
-                n = _count(x, axes)
-                m = a["momentum"]
-                mm, mv = self.vars[f"{lyr.name}/moving_mean"], self.vars[f"{lyr.name}/moving_variance"]
-                mm.assign(mm * (1.0 - m) + tf.stop_gradient(mean) * m)
-                mv.assign(mv * (1.0 - m) + tf.stop_gradient(var) * (m * n / tf.maximum(n - 1.0, 1.0)))
-            return xhat * gamma + beta, {"xhat": xhat, "inv": inv}
-        if k == "relu":
-            return tf.nn.relu(x), {}
-        if k == "sigmoid":
-            return tf.math.sigmoid(x), {}
-        if k == "tanh":
-            return tf.math.tanh(x), {}
-        if k == "gelu":
-            return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0)))), {}
-        if k == "maxpool2d":
-            return tf.nn.max_pool2d(x, list(a["pool"]), list(a["strides"]), "VALID"), {}
-        if k == "gap":
-            return tf.reduce_mean(x, [1, 2], keepdims=True), {}
-        if k == "flatten":
-            return tf.reshape(tf.transpose(x, [0, 3, 1, 2]), [-1, lyr.shape[0]]), {}
-        if k == "linear":
-            y = tf.matmul(x, self.w(lyr, "kernel"))
-            if "bias" in lyr.weights:
-                y = y + self.w(lyr, "bias")
-            return y, {}
-        if k == "dropout":
-            rate = a["rate"]
-            if mode == "eval" or rate == 0:
-                return tf.identity(x), {"mask": tf.ones_like(x)}
-            keep = tf.cast(tf.random.uniform(tf.shape(x)) >= rate, tf.float32) * (1.0 / (1.0 - rate))
-            return x * keep, {"mask": keep}
-        if k == "add":
-            return ins[0] + ins[1], {}
-        if k == "concat":
-            return tf.concat(ins, axis=a["axis"]), {}
-        raise ExportError(f"{lyr.source}: no TensorFlow mapping for {k}")  # pragma: no cover
+        return REGISTRY.kind(lyr.kind).forward(self, lyr, ins, mode, update)
 
     # ------------------------------------------------------------------ backward (builtin ops only)
     def backward(self, caches: dict[str, _Cache], grad_out: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
@@ -204,112 +120,13 @@ class TfSegment(tf.Module):
             gin = self._layer_backward(lyr, caches[lyr.name], grads.pop(lyr.name), wgrads)
             for src, gi in zip(lyr.inputs, gin):
                 grads[src] = grads[src] + gi if src in grads else gi
-        gx = grads["input"]
+        gx = grads.get("input", tf.zeros([1]))  # integer ids have no gradient
         if len(g.input_shape) == 3:
             gx = tf.transpose(gx, [0, 3, 1, 2])
         return gx, wgrads
 
     def _layer_backward(self, lyr: Layer, c: _Cache, g: tf.Tensor, wgrads: dict[str, tf.Tensor]) -> list[tf.Tensor]:
-        a = lyr.attrs
-        k = lyr.kind
-        x: Any = c.x[0] if c.x else None
-        if k in ("conv2d", "depthwise2d"):
-            xp = c.extra["xp"]
-            n, hp, wp, cin = (int(d) for d in xp.shape)
-            kh, kw = a["kernel"]
-            sh, sw = a["strides"]
-            cout = a["out_channels"]
-            if k == "conv2d":
-                kernel = self.w(lyr, "kernel")
-            else:  # depthwise as a block-diagonal full convolution
-                m = a["multiplier"]
-                eye = tf.constant(np.eye(cin, dtype=np.float32).reshape(1, 1, cin, cin, 1))
-                kernel = tf.reshape(
-                    tf.reshape(self.w(lyr, "depthwise_kernel"), [kh, kw, cin, 1, m]) * eye, [kh, kw, cin, cout]
-                )
-            gxp = tf.nn.conv2d_transpose(g, kernel, [n, hp, wp, cin], [1, sh, sw, 1], "VALID")
-            t, _, left, _ = a["pads"]
-            h, w = int(x.shape[1]), int(x.shape[2])
-            gx = tf.slice(gxp, [0, t, left, 0], [n, h, w, cin]) if any(a["pads"]) else gxp
-            # dW[i, j, ci, co] = sum_{n, y, x} xp[n, y*s + i, x*s + j, ci] * g[n, y, x, co]
-            full = tf.nn.conv2d(
-                tf.transpose(xp, [3, 1, 2, 0]),
-                tf.transpose(g, [1, 2, 0, 3]),
-                [1, 1, 1, 1],
-                "VALID",
-                dilations=[1, sh, sw, 1],
-            )
-            full = tf.transpose(tf.slice(full, [0, 0, 0, 0], [cin, kh, kw, cout]), [1, 2, 0, 3])
-            if k == "conv2d":
-                wgrads[f"{lyr.name}/kernel"] = full
-            else:
-                m = a["multiplier"]
-                eye = tf.constant(np.eye(cin, dtype=np.float32).reshape(1, 1, cin, cin, 1))
-                wgrads[f"{lyr.name}/depthwise_kernel"] = tf.reduce_sum(
-                    tf.reshape(full, [kh, kw, cin, cin, m]) * eye, axis=3
-                )
-            if "bias" in lyr.weights:
-                wgrads[f"{lyr.name}/bias"] = tf.reduce_sum(g, [0, 1, 2])
-            return [gx]
-        if k == "batchnorm":
-            axes = list(range(len(x.shape) - 1))
-            count = float(math.prod(int(x.shape[i]) for i in axes))
-            xhat, inv = c.extra["xhat"], c.extra["inv"]
-            dbeta = tf.reduce_sum(g, axes)
-            dgamma = tf.reduce_sum(g * xhat, axes)
-            wgrads[f"{lyr.name}/gamma"] = dgamma
-            wgrads[f"{lyr.name}/beta"] = dbeta
-            scale = self.w(lyr, "gamma") * inv * (1.0 / count)
-            return [scale * (g * count - dbeta - xhat * dgamma)]
-        if k == "relu":
-            return [g * tf.cast(c.y > 0.0, tf.float32)]
-        if k == "sigmoid":
-            return [g * c.y * (1.0 - c.y)]
-        if k == "tanh":
-            return [g * (1.0 - c.y * c.y)]
-        if k == "gelu":
-            cdf = 0.5 * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
-            pdf = tf.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-            return [g * (cdf + x * pdf)]
-        if k == "maxpool2d":
-            return [self._maxpool_backward(lyr, x, g)]
-        if k == "gap":
-            h, w = int(x.shape[1]), int(x.shape[2])
-            return [tf.broadcast_to(g * (1.0 / (h * w)), tf.shape(x))]
-        if k == "flatten":
-            n, h, w, ch = (int(d) for d in x.shape)
-            return [tf.transpose(tf.reshape(g, [n, ch, h, w]), [0, 2, 3, 1])]
-        if k == "linear":
-            wgrads[f"{lyr.name}/kernel"] = tf.matmul(x, g, transpose_a=True)
-            if "bias" in lyr.weights:
-                wgrads[f"{lyr.name}/bias"] = tf.reduce_sum(g, 0)
-            return [tf.matmul(g, self.w(lyr, "kernel"), transpose_b=True)]
-        if k == "dropout":
-            return [g * c.extra["mask"]]
-        if k == "add":
-            return [g, g]
-        if k == "concat":
-            return list(tf.split(g, a["sizes"], axis=a["axis"]))
-        raise ExportError(f"{lyr.source}: no backward for {k}")  # pragma: no cover
-
-    @staticmethod
-    def _maxpool_backward(lyr: Layer, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
-        """Route ``g`` to the first maximum of each window (torch's choice), for kernel == stride."""
-        kh, kw = lyr.attrs["pool"]
-        if (kh, kw) != tuple(lyr.attrs["strides"]) or kh != kw:
-            raise ExportError(
-                f"{lyr.source}: the builtin-ops TFLite variant supports square MaxPool2d with kernel == stride"
-            )
-        n, h, w, ch = (int(d) for d in x.shape)
-        ho, wo = h // kh, w // kw
-        xc = tf.slice(x, [0, 0, 0, 0], [n, ho * kh, wo * kw, ch]) if (ho * kh, wo * kw) != (h, w) else x
-        win = tf.reshape(tf.nn.space_to_depth(xc, kh), [n, ho, wo, kh * kw, ch])
-        first = tf.one_hot(tf.argmax(win, axis=3, output_type=tf.int32), kh * kw, axis=3, dtype=tf.float32)
-        routed = tf.reshape(first * tf.expand_dims(g, 3), [n, ho, wo, kh * kw * ch])
-        gx = tf.nn.depth_to_space(routed, kh)
-        if (ho * kh, wo * kw) != (h, w):
-            gx = tf.pad(gx, [[0, 0], [0, h - ho * kh], [0, w - wo * kw], [0, 0]])
-        return gx
+        return REGISTRY.kind(lyr.kind).backward(self, lyr, c, g, wgrads)
 
     # ------------------------------------------------------------------ losses
     @staticmethod
@@ -346,6 +163,10 @@ class TfSegment(tf.Module):
         """One optimizer step with torch semantics."""
         o = self.opt
         self.step.assign_add([1.0])
+        for lyr in self.graph.layers:
+            after = REGISTRY.kind(lyr.kind).after_step if lyr.kind != "input" else None
+            if after is not None:
+                after(self, lyr)
         for name in self.trainable:
             p = self.vars[name]
             gr = wgrads[name]
@@ -373,15 +194,11 @@ class TfSegment(tf.Module):
             p.assign_sub(m1 / denom * (o.lr / bc1))
 
     def check_builtin(self) -> None:
-        """Raise if a layer cannot be trained with builtin TFLite ops."""
+        """Raise if a layer cannot be trained with builtin TFLite ops (the op table's refusal, naming the layer)."""
         for lyr in self.graph.layers:
-            if lyr.kind in BUILTIN_UNSUPPORTED:
-                raise ExportError(
-                    f"{lyr.source}: not supported by the builtin-ops TFLite variant ({BUILTIN_UNSUPPORTED[lyr.kind]}); use the flex variant"
-                )
-            if lyr.kind == "maxpool2d" and (
-                tuple(lyr.attrs["pool"]) != tuple(lyr.attrs["strides"]) or lyr.attrs["pool"][0] != lyr.attrs["pool"][1]
-            ):
-                raise ExportError(
-                    f"{lyr.source}: the builtin-ops TFLite variant supports square MaxPool2d with kernel == stride only; use the flex variant"
-                )
+            if lyr.kind == "input":
+                continue
+            why = REGISTRY.kind(lyr.kind).builtin_refusal(lyr)
+            if why:
+                raise ExportError(f"{lyr.source}: not supported by the builtin-ops TFLite variant ({why}); "
+                                  "use the flex variant, or cut the model so that this layer runs on the server")

@@ -103,7 +103,9 @@ def test_tflite_matches_torch(case: Case, variant: str, tmp_path: Path) -> None:
         tmp_path,
         is_last=ref.is_last,
         optimizer=case.optimizer,
-        variants=(variant,),  # type: ignore[arg-type]
+        loss=case.loss,
+        input_dtype=case.input_dtype,
+        variants=(variant,),
         batch_size=BATCH,  # type: ignore[arg-type]
     )
     seg = TfliteSegment.from_directory(tmp_path, variant=variant)  # type: ignore[arg-type]

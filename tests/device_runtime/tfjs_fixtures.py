@@ -18,7 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from tests.tf_reference import CASES, STATS_TOL, STEPS, TOL, Case, reference, tf_optimizer_state, tf_state
+from tests.tf_reference import (
+    CASES,
+    STATS_TOL,
+    STEPS,
+    TOL,
+    Case,
+    Reference,
+    reference,
+    tf_optimizer_state,
+    tf_state,
+)
 
 
 def _tensor(a: np.ndarray) -> dict[str, Any]:
@@ -38,9 +48,13 @@ def write_case(case: Case, out: Path) -> None:
     from splitexport.export._tfjs import write_tfjs
 
     ref = reference(case)
-    graph = layer_graph(ref.module, ref.input_shape)
-    write_tfjs(graph, out / "model", is_last=ref.is_last, optimizer=case.optimizer)
-    names = graph.torch_name_map()
+    graph = layer_graph(ref.module, ref.input_shape, case.input_dtype)
+    write_tfjs(graph, out / "model", is_last=ref.is_last, loss=case.loss, optimizer=case.optimizer)
+    write_reference(ref, graph.torch_name_map(), out, case.name, kinks=case.kinks)
+
+
+def write_reference(ref: Reference, names: dict[str, list[str]], out: Path, name: str, *, kinks: bool = False) -> None:
+    """``out/case.json``: the torch run ``ref`` in the export's weight names (``names``: torch_names of the meta)."""
 
     def state(i: int) -> dict[str, Any]:
         return {k: _tensor(v) for k, v in tf_state(names, ref.states[i]).items()}
@@ -59,9 +73,9 @@ def write_case(case: Case, out: Path) -> None:
             }
         )
     doc = {
-        "name": case.name,
+        "name": name,
         "is_last": ref.is_last,
-        "kinks": case.kinks,
+        "kinks": kinks,
         "tol": TOL,
         "stats_tol": STATS_TOL,
         "steps": steps,

@@ -10,6 +10,7 @@
  * BatchNorm running variance is updated with the unbiased batch variance, as torch does.
  */
 import * as tf from '@tensorflow/tfjs';
+import './layers.js';
 
 const LOSSES = ['cross_entropy', 'mse'];
 const OPTIMIZERS = ['sgd', 'adam', 'adamw'];
@@ -45,6 +46,7 @@ function normalizeConfig(meta) {
     loss,
     optimizer,
     inputShape: meta.inputShape ?? meta.input_shape ?? null,
+    inputDtype: meta.inputDtype ?? meta.input_dtype ?? 'float32',
     outputShape: meta.outputShape ?? meta.output_shape ?? null,
     torchNames: meta.torchNames ?? meta.torch_names ?? {},
   };
@@ -163,6 +165,15 @@ function checkShape(what, tensor, expected) {
   }
 }
 
+/** Shape check plus dtype: a segment exported for token ids takes int32 tensors, any other takes float32. */
+function checkInput(x, config) {
+  checkShape('input', x, config.inputShape);
+  if (x.dtype !== config.inputDtype) {
+    const what = config.inputDtype === 'int32' ? 'int32 token ids' : 'float32 inputs';
+    throw new DeviceRuntimeError(`segment takes ${what}, got a ${x.dtype} tensor`);
+  }
+}
+
 /** A trainable device segment (A: trains on a received gradient; C: trains on labels). */
 export class DeviceSegment {
   /**
@@ -237,7 +248,7 @@ export class DeviceSegment {
 
   /** Training-mode forward (batch statistics) without changing any state: the activation to send. */
   forward(x) {
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     this._bn.frozen = true;
     try {
       return tf.tidy(() => this.model.apply(x, { training: true }));
@@ -248,18 +259,19 @@ export class DeviceSegment {
 
   /** Inference-mode forward (BatchNorm running statistics, no dropout). */
   evaluate(x) {
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     return tf.tidy(() => this.model.apply(x, { training: false }));
   }
 
   /** Aux-loss step for a segment that is not last: `gradOut` = dL/d(output). Returns the aux loss. */
   trainWithGradient(x, gradOut) {
     if (this.config.isLast) throw new DeviceRuntimeError('the last segment trains with labels (trainWithLabels)');
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     checkShape('gradient', gradOut, this.config.outputShape);
     const vars = this.optimizer.vars;
     const { value, grads } = tf.variableGrads(() => auxLoss(this.model.apply(x, { training: true }), gradOut), vars);
     this.optimizer.apply(vars.map((v) => grads[v.name]));
+    this._afterStep();
     const loss = value.dataSync()[0];
     value.dispose();
     tf.dispose(grads);
@@ -272,7 +284,7 @@ export class DeviceSegment {
    */
   trainWithLabels(x, labels) {
     if (!this.config.isLast) throw new DeviceRuntimeError('only the last segment trains with labels; use trainWithGradient');
-    checkShape('input', x, this.config.inputShape);
+    checkInput(x, this.config);
     if (labels.shape[0] !== x.shape[0]) throw new DeviceRuntimeError(`${labels.shape[0]} labels for a batch of ${x.shape[0]}`);
     const input = tf.variable(x, true);
     const vars = [...this.optimizer.vars, input];
@@ -283,12 +295,18 @@ export class DeviceSegment {
       return labelLoss(out, labels, this.config.loss);
     }, vars);
     this.optimizer.apply(this.optimizer.vars.map((v) => grads[v.name]));
+    this._afterStep();
     const gradInput = tf.keep(grads[input.name].clone());
     const loss = value.dataSync()[0];
     value.dispose();
     tf.dispose(grads);
     input.dispose();
     return { loss, gradInput, output };
+  }
+
+  /** Per-step state updates of the layers (the dropout seeds advance after every training step). */
+  _afterStep() {
+    for (const layer of this.model.layers) if (typeof layer.afterTrainStep === 'function') layer.afterTrainStep();
   }
 
   /** Every weight (trainable and BatchNorm statistics) keyed by its Keras name, e.g. `stem_0/kernel`. */

@@ -4,13 +4,14 @@
  */
 import * as tf from '@tensorflow/tfjs';
 
-import { DeviceRuntimeError, labelLoss } from './index.js';
+import { DeviceRuntimeError, labelLoss } from './segment.js';
 
 /**
- * @typedef {import('./index.js').DeviceSegment} DeviceSegment
+ * @typedef {import('./segment.js').DeviceSegment} DeviceSegment
  * @typedef {import('./client.js').RemoteSegment} RemoteSegment
  * @typedef {{xTrain: tf.Tensor, yTrain: tf.Tensor, xTest: tf.Tensor, yTest: tf.Tensor}} Dataset
- *   images float32 `[N, ...A.input]`; labels int32 class ids (cross-entropy) or float targets (MSE)
+ *   inputs `[N, ...A.input]`: float32, or int32 token ids when A starts with an Embedding (its splitexport.json
+ *   says input_dtype int32); labels int32 class ids (cross-entropy) or float targets (MSE)
  * @typedef {{epoch: number, step: number, loss: number}} StepInfo  step: the server's step number
  * @typedef {{epoch: number, trainLoss: number, trainAccuracy: number, testLoss: number,
  *   testAccuracy: number}} EpochInfo

@@ -1,0 +1,168 @@
+"""Every non-sequence op of the op table trains in a device segment like torch (issue 10).
+
+tests/op_models.py holds three small models that together contain the ops; each is trained as
+a last segment (labels, C) and as a segment that trains on a received gradient (A), for 20
+steps, in TFLite flex, TFLite builtin (stock LiteRT) and TF.js (Node), and compared with torch
+per step (weights, BN statistics, input gradients within 1e-5, torch's state loaded before
+every step) and free-running. Exports are shared per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import fx, nn
+
+from tests.op_models import MODELS
+from tests.tf_reference import STATS_TOL, TOL, Case, Reference, reference
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
+pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+
+from device_runtime._tflite import TfliteSegment
+from splitexport import ExportError
+from splitexport.export._tflite import export_tflite_segment
+from tests.device_runtime.test_tflite_runtime import _free_running, _per_step
+
+JS = Path(__file__).resolve().parents[3] / "device_runtime" / "js"
+
+CASES = [
+    Case(f"{name}_{role}", name, model=factory, input_shape=shape, is_last=role == "C",
+         optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9} if role == "A" else {"name": "sgd", "lr": 0.05})
+    for name, (factory, shape) in MODELS.items()
+    for role in ("A", "C")
+]
+IDS = [c.name for c in CASES]
+_REFS: dict[str, Reference] = {}
+
+
+def _ref(case: Case) -> Reference:
+    if case.name not in _REFS:
+        _REFS[case.name] = reference(case)
+    return _REFS[case.name]
+
+
+@pytest.mark.parametrize("variant", ["flex", "builtin"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_tflite_trains_every_op_like_torch(case: Case, variant: str, tmp_path: Path) -> None:
+    ref = _ref(case)
+    export_tflite_segment(ref.module, ref.input_shape, tmp_path, is_last=ref.is_last, optimizer=case.optimizer,
+                          variants=(variant,), batch_size=ref.input_shape[0])  # type: ignore[arg-type]
+    seg = TfliteSegment.from_directory(tmp_path, variant=variant)  # type: ignore[arg-type]
+    free = _free_running(seg, ref)
+    step = _per_step(seg, ref)
+    print(f"\n{case.name} tflite-{variant}: per step {step} | free-running {free}")
+    assert step["weights"] <= TOL and step["grad_input"] <= TOL and step["running_stats"] <= TOL, step
+    assert free["forward"] <= TOL and free["loss_rel"] <= TOL, free
+    assert free["weights"] <= TOL and free["grad_input"] <= TOL and free["running_stats"] <= STATS_TOL, free
+
+
+def test_tfjs_trains_every_op_like_torch(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflowjs")
+    from tests.device_runtime.tfjs_fixtures import write_fixtures
+
+    node = shutil.which("node")
+    assert node, "node (>= 18) is required for the JS device runtime tests"
+    write_fixtures(tmp_path / "fixtures", CASES)
+    results = tmp_path / "results.jsonl"
+    env = {**os.environ, "SPLITEXPORT_TFJS_FIXTURES": str(tmp_path / "fixtures"),
+           "SPLITEXPORT_TFJS_RESULTS": str(results)}
+    proc = subprocess.run([node, "--test", "test/equivalence.test.js"], cwd=JS, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    rows = {r["name"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(rows) == set(IDS)
+    for name in IDS:
+        r = rows[name]
+        print(f"\n{name} tfjs: per step {r['per_step']} | free-running {r['free']}")
+        assert max(r["per_step"].values()) <= TOL
+        assert r["free"]["weights"] <= TOL and r["free"]["grad_input"] <= TOL
+
+
+class _Drop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 32)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc(x))
+
+
+@pytest.mark.parametrize("variant", ["flex", "builtin"])
+def test_dropout_trains_on_the_mask_it_sent(variant: str, tmp_path: Path) -> None:
+    """forward() (the activation sent) and the training step draw the same mask; the next step a new one."""
+    torch.manual_seed(0)
+    model = _Drop()
+    export_tflite_segment(fx.symbolic_trace(model), (8, 12), tmp_path, is_last=False, variants=(variant,),
+                          batch_size=8, optimizer={"name": "sgd", "lr": 0.1})
+    seg = TfliteSegment.from_directory(tmp_path, variant=variant)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(3)
+    masks = []
+    for _ in range(3):
+        x = torch.randn(8, 12, generator=gen)
+        g = torch.randn(8, 32, generator=gen)
+        before = seg.parameters()
+        sent = seg.forward(x.numpy())
+        assert np.array_equal(sent, seg.forward(x.numpy()))  # forward has no side effects
+        with torch.no_grad():
+            lin = torch.nn.functional.linear(x, torch.from_numpy(before["fc.weight"]), torch.from_numpy(before["fc.bias"]))
+        mask = torch.from_numpy(sent) / lin  # 0 or 1 / (1 - p)
+        assert torch.all((mask.abs() < 1e-4) | ((mask - 2.0).abs() < 1e-4))
+        mask = (mask > 1.0).float() * 2.0
+        keep = float(mask.mean() / 2.0)
+        assert 0.3 < keep < 0.7, keep
+        masks.append(mask)
+        seg.train_with_gradient(x.numpy(), g.numpy())
+        gm = g * mask  # torch's step with the mask that was sent
+        after = seg.parameters()
+        assert np.abs(after["fc.weight"] - (before["fc.weight"] - 0.1 * (gm.T @ x).numpy())).max() <= TOL
+        assert np.abs(after["fc.bias"] - (before["fc.bias"] - 0.1 * gm.sum(0).numpy())).max() <= TOL
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "message"),
+    [
+        (nn.Conv2d(4, 4, 3, groups=2), (2, 4, 8, 8), r"'body\.0' \(Conv2d\): groups=2"),
+        (nn.LayerNorm([4, 8, 8]), (2, 4, 8, 8), r"'body\.0' \(LayerNorm\): only LayerNorm over the last"),
+        (nn.Softmax(dim=1), (2, 4, 8, 8), r"'body\.0' \(Softmax\): Softmax is supported over the last"),
+        (nn.AvgPool2d(2, padding=1), (2, 4, 8, 8), r"'body\.0' \(AvgPool2d\): only AvgPool2d without padding"),
+        (nn.GroupNorm(2, 4, affine=False), (2, 4, 8, 8), r"'body\.0' \(GroupNorm\): only affine"),
+    ],
+)
+def test_unsupported_settings_name_the_layer_in_one_line(layer: nn.Module, shape: tuple[int, ...], message: str,
+                                                         tmp_path: Path) -> None:
+    gm = fx.symbolic_trace(_wrap(layer))
+    with pytest.raises(ExportError, match=message) as info:
+        export_tflite_segment(gm, shape, tmp_path, is_last=True, variants=("flex",))
+    assert "\n" not in str(info.value)
+
+
+def _wrap(layer: nn.Module) -> nn.Module:
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(layer)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)  # type: ignore[no-any-return]
+
+    return Wrap()
+
+
+def test_builtin_refuses_exact_gelu_naming_the_layer(tmp_path: Path) -> None:
+    gm = fx.symbolic_trace(_wrap(nn.GELU()))
+    with pytest.raises(ExportError, match=r"'body\.0' \(GELU\): not supported by the builtin-ops TFLite variant "
+                                          r"\(approximate='none' needs erf") as info:
+        export_tflite_segment(gm, (4, 12), tmp_path, is_last=True, variants=("builtin",), batch_size=4)
+    assert "\n" not in str(info.value)
