@@ -30,7 +30,7 @@ pytest.importorskip("ai_edge_litert")
 
 from device_runtime._tflite import TfliteSegment
 from splitexport import ExportError
-from splitexport.export._tflite import export_tflite_segment
+from splitexport.export._tflite import Variant, export_tflite_segment
 from tests.device_runtime.test_tflite_runtime import _free_running, _per_step
 
 JS = Path(__file__).resolve().parents[3] / "device_runtime" / "js"
@@ -103,7 +103,8 @@ def test_dropout_trains_on_the_mask_it_sent(variant: str, tmp_path: Path) -> Non
     """forward() (the activation sent) and the training step draw the same mask; the next step a new one."""
     torch.manual_seed(0)
     model = _Drop()
-    export_tflite_segment(fx.symbolic_trace(model), (8, 12), tmp_path, is_last=False, variants=(variant,),
+    variants: tuple[Variant, ...] = (variant,)  # type: ignore[assignment]
+    export_tflite_segment(fx.symbolic_trace(model), (8, 12), tmp_path, is_last=False, variants=variants,
                           batch_size=8, optimizer={"name": "sgd", "lr": 0.1})
     seg = TfliteSegment.from_directory(tmp_path, variant=variant)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(3)

@@ -132,7 +132,7 @@ def test_integer_ids_cannot_feed_the_last_segment(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match="^the last segment cannot take integer ids"):
         export_tflite_segment(fx.symbolic_trace(Pool()), IDS, tmp_path, is_last=True, loss="mse",
-                              input_dtype="int64", variants=("flex",))
+                              input_dtype="int64", variants=("flex",))  # type: ignore[call-arg]
     assert not list(tmp_path.iterdir())
 
 
@@ -144,8 +144,8 @@ def test_tflite_runtime_takes_int64_ids_and_refuses_floats(tmp_path: Path) -> No
 
     torch.manual_seed(0)
     emb = Wrap(nn.Embedding(10, D))
-    export_tflite_segment(fx.symbolic_trace(emb), IDS, tmp_path, is_last=False, input_dtype="int64",
-                          variants=("flex",))
+    export_tflite_segment(fx.symbolic_trace(emb), IDS, tmp_path, is_last=False,
+                          input_dtype="int64", variants=("flex",))  # type: ignore[call-arg]
     seg = TfliteSegment.from_directory(tmp_path, variant="flex")
     ids = np.array([[1, 2, 3, 4, 9]] * 4, dtype=np.int64)
     assert np.array_equal(seg.forward(ids), emb(torch.from_numpy(ids)).detach().numpy())
