@@ -39,6 +39,9 @@ def test_csv_regression_with_ort_devices_over_http(tmp_path: Path, capsys) -> No
                     ["a", "b", "c", "d", "price"])
     b = bundle(tmp_path / "b", (4,), 1, loss="mse", lr=0.01, preprocess_from=csv, target="price")
     assets = ort_app_assets(b, tmp_path / "app")
+    recorded = load_bundle(b).manifest.preprocess
+    assert recorded is not None and recorded.feature_names == ["a", "b", "c", "d"] and recorded.num_classes == 0
+    assert load_bundle(assets).manifest.preprocess == recorded  # the phone's copy carries the transform
     with threaded_server(b, tmp_path / "state") as (url, _):
         rc = device_main(["train", "--server", url, "--bundle", str(assets), "--token", TOKEN, "--runtime", "onnx",
                           "--data", str(csv), "--target", "price", "--epochs", "6", "--batch-size", "16",
@@ -90,7 +93,7 @@ def test_the_documented_transform_gives_the_same_activation(tmp_path: Path) -> N
     """An app reading only manifest.json (docs/bundle.md, "Preprocessing") feeds A what simulate feeds it."""
     from device_runtime import OrtRunner
 
-    root = write_digit_folder(tmp_path / "photos", n=40, size=8)
+    root = write_digit_folder(tmp_path / "photos", n=40, size=8, color=True)
     b = bundle(tmp_path / "b", (3, 16, 16), 10, preprocess_from=root)
     assert cli(["export", str(b), "--format", "onnx"]) == 0
     pre = json.loads((b / "manifest.json").read_text())["preprocess"]

@@ -32,12 +32,14 @@ def bundle(path: Path, shape: tuple[int, ...], classes: int, *, loss: str = "cro
     return path
 
 
-def write_digit_folder(root: Path, n: int = 120, size: int = 8) -> Path:
+def write_digit_folder(root: Path, n: int = 120, size: int = 8, *, color: bool = False) -> Path:
+    """Digits as RGB PNGs, one folder per class; ``color``: R, G, B planes differ (p, p/2, 255-p)."""
     d = load_digits()
     for i in range(n):
         folder = root / f"digit{d.target[i]}"
         folder.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray((d.images[i] * 15.9).astype(np.uint8)).convert("RGB")
+        p = (d.images[i] * 15.9).astype(np.uint8)
+        img = Image.fromarray(np.stack([p, p // 2, 255 - p], -1) if color else p).convert("RGB")
         img.resize((size, size), Image.Resampling.NEAREST).save(folder / f"{i}.png")
     return root
 
@@ -170,9 +172,11 @@ def test_bad_data_is_one_line_exit_2(tmp_path: Path, img_bundle: Path, table_bun
     np.savez(tmp_path / "tok.npz", x=np.zeros((20, 3), np.int64), y=np.arange(20) % 3)
     assert "int64" in one_line_error(capsys, ["simulate", str(table_bundle), "--data", str(tmp_path / "tok.npz"), *run])
     # labels out of range for the classifier
-    np.savez(tmp_path / "lab.npz", x=np.zeros((20, 3), np.float32), y=np.arange(20) % 5)
+    np.savez(tmp_path / "lab.npz", x=np.zeros((20, 3), np.float32), y=np.arange(20) % 4)  # label 3 of 3 classes
     err = one_line_error(capsys, ["simulate", str(table_bundle), "--data", str(tmp_path / "lab.npz"), *run])
-    assert "label 4" in err and "3 classes" in err
+    assert "label 3" in err and "3 classes" in err
+    np.savez(tmp_path / "neg.npz", x=np.zeros((20, 3), np.float32), y=np.arange(20) % 3 - 1)
+    assert "label -1" in one_line_error(capsys, ["simulate", str(table_bundle), "--data", str(tmp_path / "neg.npz"), *run])
     # NaN / Inf in features
     x = np.zeros((20, 3), np.float32)
     x[7, 1] = np.inf
