@@ -104,7 +104,8 @@ def simulate(
                 e = m  # EpochMetrics
                 log(
                     f"{run:>24} epoch {e.epoch}: train loss {e.train_loss:.4f}  "  # type: ignore[attr-defined]
-                    f"test loss {e.test_loss:.4f}  test acc {e.test_accuracy:.4f}"  # type: ignore[attr-defined]
+                    f"test loss {e.test_loss:.4f}"  # type: ignore[attr-defined]
+                    + ("" if loss == "mse" else f"  test acc {e.test_accuracy:.4f}")  # type: ignore[attr-defined]
                 )
 
         histories.append(

@@ -214,3 +214,19 @@ def test_partition_with_bad_data_writes_nothing(tmp_path: Path, capsys) -> None:
                                   "--cut", "relu1", "-o", str(tmp_path / "b"), "--data", str(cat), "--target", "y"])
     assert "'color'" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_device_runtime_bad_data_is_one_line(tmp_path: Path, table_bundle: Path, capsys) -> None:
+    """The device reads its data before any server call: bad data is one line, exit 2, nothing sent."""
+    from device_runtime._train import main as device_main
+
+    rows: list[list[object]] = [[1, "red", 3, 0], [2, "blue", 4, 1]]
+    cat = write_csv(tmp_path / "cat.csv", rows, ["a", "color", "c", "y"])
+    base = ["train", "--server", "http://127.0.0.1:9", "--bundle", str(table_bundle), "--runtime", "torch",
+            "--out", str(tmp_path / "o")]
+    for extra, message in ((["--data", str(cat), "--target", "y"], "'color'"),
+                           (["--data", str(cat)], "--target COLUMN"),
+                           (["--target", "y"], "--target needs --data")):
+        assert device_main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("device_runtime: error: ") and "\n" not in err and message in err, err
