@@ -162,6 +162,15 @@ def test_multi_client_simulate_on_a_csv_with_client_data(tmp_path: Path, table_b
         assert json.loads((out / "metrics.json").read_text())["runs"][0]["partition"] == "noniid"
 
 
+def test_multi_client_simulate_refuses_a_regression_bundle(tmp_path: Path, capsys) -> None:
+    b = bundle(tmp_path / "b", (3,), 1, loss="mse")
+    rows: list[list[object]] = [[i, i + 1, i * 2, i * 0.5] for i in range(20)]
+    path = write_csv(tmp_path / "t.csv", rows, ["a", "b", "c", "y"])
+    err = one_line_error(capsys, ["simulate", str(b), "--data", str(path), "--target", "y", "--clients", "2",
+                                  "--no-progress", "--out", str(tmp_path / "r")])
+    assert "needs a classifier bundle" in err and "mse" in err
+
+
 def test_bad_data_is_one_line_exit_2(tmp_path: Path, img_bundle: Path, table_bundle: Path, capsys) -> None:
     run = ["--epochs", "1", "--no-progress", "--out", str(tmp_path / "r")]
     # shape that does not fit the bundle's input, naming the expected shape
