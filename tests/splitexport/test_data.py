@@ -115,6 +115,12 @@ def test_image_folder_is_resized_and_labelled_by_folder(tmp_path: Path) -> None:
     assert tuple(data.x_train.shape[1:]) == (3, 12, 12) and len(data.x_train) + len(data.x_test) == 40
     assert data.preprocess is not None and data.preprocess.label_names == sorted(p.name for p in root.iterdir())
     assert float(data.x_train.max()) > 200  # raw pixels 0..255 until the transform (scale 1/255)
+    for png in (root / "digit0").glob("*.png"):  # JPEG files count too; 1 channel reads them as grey (L)
+        Image.open(png).save(png.with_suffix(".jpg"), quality=95)
+        png.unlink()
+    grey = Dataset.from_image_folder(root, size=(8, 8), channels=1)
+    assert tuple(grey.x_train.shape[1:]) == (1, 8, 8) and len(grey.x_train) + len(grey.x_test) == 40
+    assert grey.preprocess is not None and grey.preprocess.channel_order == "L"
 
 
 def test_fit_accepts_a_torch_dataset() -> None:
@@ -207,6 +213,10 @@ def test_bad_data_is_one_line_exit_2(tmp_path: Path, img_bundle: Path, table_bun
     assert "--target COLUMN" in one_line_error(capsys, ["simulate", str(table_bundle), "--data", str(cat), *run])
     err = one_line_error(capsys, ["simulate", str(table_bundle), "--data", str(cat), "--target", "price", *run])
     assert "'price' is not a column" in err and "a, color, size, y" in err
+    # a fractional target for a classifier; an image folder for a bundle whose input is not C x H x W
+    frac = write_csv(tmp_path / "frac.csv", [[1, 2, 3, 0.5], [2, 3, 4, 1.5]], ["a", "b", "c", "y"])
+    assert "non-integer" in one_line_error(capsys, ["simulate", str(table_bundle), "--data", str(frac), "--target", "y", *run])
+    assert "C x H x W" in one_line_error(capsys, ["simulate", str(table_bundle), "--data", str(root), *run])
     # --target without --data; an unknown format; a path that is not there
     assert "--target needs --data" in one_line_error(capsys, ["simulate", str(table_bundle), "--target", "y", *run])
     (tmp_path / "x.txt").write_text("1")
