@@ -119,3 +119,23 @@ def test_the_documented_transform_gives_the_same_activation(tmp_path: Path) -> N
         want = torch_a(sim_x)
     got = ort_a.evaluate(app_x[match])
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_multi_client_csv_over_http_matches_in_process(tmp_path: Path) -> None:
+    """``simulate --data t.csv --clients 3 --client-data noniid --server URL``: the same rounds as in process."""
+    rng = np.random.default_rng(1)
+    rows = [[*(rng.normal(size=3) * 5 + 10 * k).round(4), k] for k in range(3) for _ in range(40)]
+    csv = write_csv(tmp_path / "t.csv", rows, ["a", "b", "c", "y"])
+    b = bundle(tmp_path / "b", (3,), 3, lr=0.1, preprocess_from=csv, target="y")
+    common = ["--data", str(csv), "--target", "y", "--clients", "3", "--client-data", "noniid", "--strategy", "psl",
+              "--rounds", "10", "--no-progress"]
+    assert cli(["simulate", str(b), *common, "--out", str(tmp_path / "local")]) == 0
+    with threaded_server(b, tmp_path / "state", strategy="psl", num_clients=3) as (url, _):
+        assert cli(["simulate", str(b), *common, "--server", url, "--token", TOKEN, "--out", str(tmp_path / "http")]) == 0
+    local = json.loads((tmp_path / "local" / "metrics.json").read_text())["runs"][0]
+    http = json.loads((tmp_path / "http" / "metrics.json").read_text())["runs"][0]
+    print(f"\nCSV, 3 non-IID clients, psl, 10 rounds: test accuracy in process {local['final_accuracy']:.4f}, "
+          f"over HTTP {http['final_accuracy']:.4f}; on each client's own classes {http['final_local_accuracy']:.4f}")
+    for lr_, hr in zip(local["rounds"], http["rounds"], strict=True):
+        assert abs(lr_["test_loss"] - hr["test_loss"]) < 1e-4, (lr_, hr)
+    assert http["final_local_accuracy"] > 0.9  # non-IID: each client's model knows the classes it holds
