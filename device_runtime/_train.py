@@ -19,9 +19,9 @@ from splitexport import (
     TorchSegment,
     fit,
     load_bundle,
-    load_dataset,
 )
 from splitexport import _argtypes as at
+from splitexport._datafiles import resolve_data
 from splitexport._plots import plot_histories
 
 from ._client import RemoteSegment, ServerClient, ServerError
@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="bearer token (default: $SPLITEXPORT_TOKEN; a token on the command line shows in process lists)")
     t.add_argument("--runtime", choices=["onnx", "tflite", "torch"], default="onnx",
                    help="tflite: the flex variant if exported (any batch), else builtin (batches of its size)")
-    t.add_argument("--dataset", default="digits")
+    t.add_argument("--dataset", default="digits", help="built-in dataset when no --data")
+    t.add_argument("--data", default=None, metavar="PATH",
+                   help="the device's own data: .npz/.npy, .csv (with --target) or an image folder, preprocessed "
+                   "as the bundle's manifest records (docs/bundle.md)")
+    t.add_argument("--target", default=None, metavar="COLUMN", help="the label column of a --data CSV")
     t.add_argument("--epochs", type=at.positive_int, default=5)
     t.add_argument("--batch-size", type=at.positive_int, default=32)
     t.add_argument("--seed", type=at.non_negative_int, default=0)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
-    data = load_dataset(args.dataset)
+    data = resolve_data(args.dataset, bundle.manifest, data=args.data, target=args.target)
     client = ServerClient(args.server, args.token if args.token is not None else os.environ.get("SPLITEXPORT_TOKEN"))
     torch.manual_seed(args.seed)
     model, remote = build_split_model(bundle, client, args.runtime, fp16=args.fp16)
@@ -101,5 +105,8 @@ def _train(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plot_histories([history], args.out / "device_training.png", title=f"device training against {args.server}")
     (args.out / "metrics.json").write_text(json.dumps({**history.to_dict(), "retries": client.retries}, indent=2))
-    print(f"final test accuracy {history.epochs[-1].test_accuracy:.4f}; wrote {args.out}/device_training.png")
+    last = history.epochs[-1]
+    score = f"test MSE {last.test_loss:.4f}" if bundle.manifest.loss.kind == "mse" else \
+        f"test accuracy {last.test_accuracy:.4f}"
+    print(f"final {score}; wrote {args.out}/device_training.png")
     return 0

@@ -22,9 +22,10 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -34,6 +35,9 @@ from ._errors import BundleError, BundleIntegrityError
 from ._loading import sha256_file
 from ._manifest import BATCH, LossSpec, Manifest, OptimizerSpec, SegmentSpec, SourceSpec, TensorSpec, TorchFormat
 from ._partition import Partition, Segment
+
+if TYPE_CHECKING:
+    from ._manifest import PreprocessSpec
 
 MANIFEST = "manifest.json"
 
@@ -157,8 +161,13 @@ def write_bundle(
     loss: LossSpec | None = None,
     optimizer: OptimizerSpec | None = None,
     force: bool = False,
+    preprocess: PreprocessSpec | Callable[[Manifest], PreprocessSpec] | None = None,
 ) -> Bundle:
-    """Write ``partition`` as a bundle directory at ``out`` (atomically)."""
+    """Write ``partition`` as a bundle directory at ``out`` (atomically).
+
+    ``preprocess``: the data transform to record, or a function of the new manifest that computes it
+    (``partition --data``: fitted on the data, checked against the bundle; an error leaves nothing written).
+    """
     out = Path(out)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
@@ -196,8 +205,11 @@ def write_bundle(
             loss=loss or LossSpec(),
             optimizer=optimizer or OptimizerSpec(),
             segments=specs,
+            preprocess=None if callable(preprocess) else preprocess,
             files=files,
         )
+        if callable(preprocess):
+            manifest = manifest.model_copy(update={"preprocess": preprocess(manifest)})
         (tmp / MANIFEST).write_text(manifest.to_json())
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from . import _argtypes as at
 from ._errors import SplitExportError
-from ._manifest import LossSpec, OptimizerSpec
+from ._manifest import LossSpec, Manifest, OptimizerSpec, PreprocessSpec
 from ._partition import INPUT_DTYPES, example_input
 
 if TYPE_CHECKING:
@@ -49,6 +49,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of the model input: int64/int32 for token ids (Embedding), default float32")
     p.add_argument("--arch", help="package.module:factory that builds the model (for a state dict)")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole nn.Module (runs code)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="built-in dataset (default digits) when no --data")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your data: .npz (x, y[, x_test, y_test]), .npy, .csv (with --target), or an image folder "
+                   "(one subfolder per class); preprocessed as docs/bundle.md describes")
+    p.add_argument("--target", default=None, metavar="COLUMN", help="the label column of a --data CSV")
 
 
 def _optimizer_args(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -96,8 +104,16 @@ def cmd_partition(args: argparse.Namespace) -> None:
     from ._manifest import SourceSpec
     from ._partition import partition
 
+    if args.target is not None and args.data is None:
+        raise SplitExportError("--target needs --data PATH (a CSV)")
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     part = partition(loaded.module, args.cut, example_input(args.input_shape, args.input_dtype))
+    preprocess = None
+    if args.data is not None:
+        from ._datafiles import preprocess_for
+
+        def preprocess(m: Manifest) -> PreprocessSpec:
+            return preprocess_for(args.data, m, target=args.target)
     bundle = write_bundle(
         part,
         args.output,
@@ -105,6 +121,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
         loss=LossSpec(kind=args.loss),
         optimizer=_optimizer_from(args, OptimizerSpec()),
         force=args.force,
+        preprocess=preprocess,
     )
     print(f"wrote {bundle.path} ({part.split} split)")
     for seg in bundle.manifest.segments:
@@ -123,6 +140,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     simulate(
         bundle,
         dataset=args.dataset,
+        data=args.data,
+        target=args.target,
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -135,7 +154,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
     """``simulate --clients N --strategy S``: multi-client split learning in process."""
+    from ._datafiles import resolve_data
     from ._multiclient import simulate_clients, write_results
+
+    data = resolve_data(args.dataset, bundle.manifest, data=args.data, target=args.target)
 
     strategy, clients = args.strategy or "psl", args.clients or 2
     link: Any = None
@@ -159,8 +181,8 @@ def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
         link = HttpLink(args.server, clients, args.token)
     try:
         result = simulate_clients(
-            bundle, strategy=strategy, clients=clients, partition=args.partition,
-            rounds=args.rounds, batch_size=args.batch_size, seed=args.seed, dataset=args.dataset,
+            bundle, strategy=strategy, clients=clients, partition=args.client_data,
+            rounds=args.rounds, batch_size=args.batch_size, seed=args.seed, dataset=data,
             optimizer=_optimizer_from(args, bundle.manifest.optimizer), alpha=args.alpha, phi=args.phi,
             phase_rounds=args.phase_rounds, kappa=args.kappa, eta=args.eta, lam=args.lam,
             link=link, progress=not args.no_progress, log=print,
@@ -169,7 +191,7 @@ def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
         if link is not None:
             link.close()
     metrics, plot = write_results([result], args.out, title=f"{result.strategy}, {result.clients} clients, "
-                                  f"{result.partition} on {args.dataset}")
+                                  f"{result.partition} on {data.name}")
     print(f"final test accuracy {result.final_accuracy:.4f}, traffic {result.total_bytes / 1e6:.2f} MB, "
           f"device FLOPs {result.device_flops:.3e}; wrote {plot} and {metrics}")
 
@@ -321,12 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=at.writable_dir, required=True, help="bundle directory to create")
     p.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--data", default=None, metavar="PATH", help="record the preprocessing fitted on this data "
+                   "(scaling, per-channel mean/std, image size, labels) in the manifest")
+    p.add_argument("--target", default=None, metavar="COLUMN", help="the label column of a --data CSV")
     _optimizer_args(p, defaults=True)
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("simulate", help="train a bundle split in process beside a monolithic run")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--dataset", default="digits")
+    _data_args(p)
     p.add_argument("--epochs", type=at.positive_int, default=3)
     p.add_argument("--batch-size", type=at.positive_int, default=32)
     p.add_argument("--seed", type=at.non_negative_int, default=0)
@@ -339,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clients", type=at.positive_int, default=None, help="number of simulated devices (default 2)")
     g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None,
                    help="multi-client strategy (default psl)")
-    g.add_argument("--partition", choices=["iid", "noniid"], default="iid",
-                   help="client data: IID shuffle, or non-IID label shards (2 per client)")
+    g.add_argument("--client-data", "--partition", dest="client_data", choices=["iid", "noniid"], default="iid",
+                   help="client data: IID shuffle, or non-IID label shards (2 per client); --partition is a "
+                   "deprecated alias")
     g.add_argument("--rounds", type=at.positive_int, default=10, help="rounds (each client passes once over its data)")
     g.add_argument("--alpha", type=at.finite_float, default=0.0, help="sglr SplitLr: server lr = lr * clients**alpha")
     g.add_argument("--phi", type=at.fraction, default=0.0, help="sglr SplitAvg: fraction of clients averaged")

@@ -80,6 +80,26 @@ class SourceSpec(_Strict):
     arch: str | None = None
 
 
+class PreprocessSpec(_Strict):
+    """How raw samples become the bundle's input: ``x' = (x * scale - mean[c]) / std[c]``, c along axis 1.
+
+    ``kind``: ``image`` (pixels 0..255 in ``channel_order``, resized to ``image_size`` = [H, W]), ``table``
+    (CSV feature columns ``feature_names`` in order), ``array`` or ``tokens`` (used as given). Empty ``mean``
+    and ``std`` mean no normalisation. ``label_names[i]`` names class ``i`` (empty for regression).
+    """
+
+    kind: Literal["image", "table", "array", "tokens"]
+    scale: float = 1.0
+    mean: list[float] = Field(default_factory=list)
+    std: list[float] = Field(default_factory=list)
+    image_size: list[int] | None = None
+    channel_order: Literal["L", "RGB"] | None = None
+    feature_names: list[str] = Field(default_factory=list)
+    label_names: list[str] = Field(default_factory=list)
+    num_classes: int = Field(0, ge=0)
+    """0 for regression."""
+
+
 class SegmentSpec(_Strict):
     """One segment: where it runs, what it takes and returns, and its files."""
 
@@ -117,6 +137,8 @@ class Manifest(_Strict):
     segments: list[SegmentSpec]
     exports: dict[str, dict[str, object]] = Field(default_factory=dict)
     """Options each export format was produced with."""
+    preprocess: PreprocessSpec | None = None
+    """The transform from raw data to the first segment's input (``partition --data``); None: none recorded."""
     files: dict[str, str]
 
     def segment(self, name: str) -> SegmentSpec:

@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ._bundle import Bundle
-from ._data import Dataset, batch_indices, load_dataset
+from ._data import Dataset, batch_indices
+from ._datafiles import resolve_data
 from ._errors import SplitExportError
 from ._manifest import OptimizerSpec
 from ._partitions import PartitionKind, partition_indices
@@ -252,10 +253,10 @@ def simulate_clients(
                                f"but the bundle is a {split} split")
     opt = optimizer or manifest.optimizer
     loss_kind = manifest.loss.kind
-    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
-    if tuple(data.x_train.shape[1:]) != manifest.segments[0].input.sample_shape:
-        raise SplitExportError(f"dataset {data.name!r} has samples of shape {tuple(data.x_train.shape[1:])}, "
-                               f"but the bundle's input is {manifest.segments[0].input.sample_shape}")
+    if loss_kind != "cross_entropy":  # rounds are scored by accuracy (and C3-Score), label shards need classes
+        raise SplitExportError(f"multi-client simulation needs a classifier bundle (loss cross_entropy); this one "
+                               f"is {loss_kind}: use simulate without --clients/--strategy")
+    data = resolve_data(dataset, manifest)
     config = StrategyConfig(num_clients=clients, client_lr=opt.lr, alpha=alpha, phi=phi, phase_rounds=phase_rounds,
                             kappa=kappa, eta=eta, lam=lam, total_rounds=rounds, seed=seed)
     torch.manual_seed(seed)

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ._bundle import Bundle
-from ._data import load_dataset
+from ._data import Dataset
+from ._datafiles import resolve_data
 from ._errors import SplitExportError
 from ._manifest import OptimizerSpec, SegmentSpec
 from ._plots import plot_histories
@@ -52,7 +53,9 @@ class SimulationResult:
 def simulate(
     bundle: Bundle,
     *,
-    dataset: str = "digits",
+    dataset: str | Dataset = "digits",
+    data: str | Path | None = None,
+    target: str | None = None,
     epochs: int = 3,
     batch_size: int = 32,
     seed: int = 0,
@@ -62,7 +65,11 @@ def simulate(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> SimulationResult:
-    """Train the bundle's segments split (device runtime for A/C, torch for B) and monolithically."""
+    """Train the bundle's segments split (device runtime for A/C, torch for B) and monolithically.
+
+    ``data``: a file or image folder (``--data``; ``target``: the CSV label column), read and
+    preprocessed as the manifest records (else as fitted on it); otherwise ``dataset``.
+    """
     if device_runtime not in DEVICE_RUNTIMES:
         raise SplitExportError(f"unknown device runtime {device_runtime!r}; choose from {sorted(DEVICE_RUNTIMES)}")
     if epochs < 1 or batch_size < 1:
@@ -70,13 +77,7 @@ def simulate(
     manifest = bundle.manifest
     opt = optimizer or manifest.optimizer
     loss = manifest.loss.kind
-    data = load_dataset(dataset)
-    expected = manifest.segments[0].input.sample_shape
-    if tuple(data.x_train.shape[1:]) != expected:
-        raise SplitExportError(
-            f"dataset {dataset!r} has samples of shape {tuple(data.x_train.shape[1:])}, "
-            f"but the bundle's input is {expected}"
-        )
+    train_data = resolve_data(dataset, manifest, data=data, target=target)
     torch.manual_seed(seed)
     StateFn = Callable[[], dict[str, torch.Tensor]]
     runs: list[tuple[str, Callable[[], tuple[object, StateFn]]]] = []
@@ -114,11 +115,12 @@ def simulate(
                 e = m  # EpochMetrics
                 log(
                     f"{run:>24} epoch {e.epoch}: train loss {e.train_loss:.4f}  "  # type: ignore[attr-defined]
-                    f"test loss {e.test_loss:.4f}  test acc {e.test_accuracy:.4f}"  # type: ignore[attr-defined]
+                    f"test loss {e.test_loss:.4f}"  # type: ignore[attr-defined]
+                    + ("" if loss == "mse" else f"  test acc {e.test_accuracy:.4f}")  # type: ignore[attr-defined]
                 )
 
         histories.append(
-            fit(model, data, name=name, epochs=epochs, batch_size=batch_size, seed=seed, loss=loss,  # type: ignore[arg-type]
+            fit(model, train_data, name=name, epochs=epochs, batch_size=batch_size, seed=seed, loss=loss,  # type: ignore[arg-type]
                 progress=progress, on_epoch=report)
         )
         states[name] = state_of()
@@ -136,12 +138,12 @@ def simulate(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        title = f"{manifest.source.file_name} cut at {', '.join(manifest.cuts)} on {dataset}"
+        title = f"{manifest.source.file_name} cut at {', '.join(manifest.cuts)} on {train_data.name}"
         plot = plot_histories(histories, out / "simulate.png", title=title)
         metrics = out / "metrics.json"
         metrics.write_text(
             json.dumps(
-                {"bundle": str(bundle.path), "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
+                {"bundle": str(bundle.path), "dataset": train_data.name, "epochs": epochs, "batch_size": batch_size,
                  "seed": seed, "optimizer": opt.model_dump(mode="json"), "device_runtime": device_runtime,
                  "max_weight_difference": diff, "where": where,
                  "weight_differences": {k: {"max": d, "where": w} for k, (d, w) in differences.items()},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -141,7 +141,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def fit(
     model: TrainableModel,
-    data: Dataset,
+    data: Dataset | torch.utils.data.Dataset[Any],
     *,
     name: str,
     epochs: int,
@@ -151,7 +151,12 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> History:
-    """Train ``model`` for ``epochs`` on ``data`` in a batch order fixed by ``seed``."""
+    """Train ``model`` for ``epochs`` on ``data`` in a batch order fixed by ``seed``.
+
+    ``data`` may be a map-style torch Dataset of ``(x, y)``: split 75/25 (seeded, stratified) and used as is.
+    """
+    if not isinstance(data, Dataset):
+        data = Dataset.from_torch(data, task="regression" if loss == "mse" else "classification")
     history = History(name)
     n = len(data.x_train)
     steps = (n + batch_size - 1) // batch_size

@@ -66,7 +66,7 @@ def test_c3_score_reproduces_the_paper(acc, bw, comp, bmax, cmax, paper) -> None
 def test_cli_simulate_clients(bundles, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     argv = ["simulate", str(bundles["single"]), "--clients", "3", "--strategy", "sglr", "--alpha", "0.5",
-            "--phi", "0.5", "--partition", "noniid", "--rounds", "2", "--out", str(out), "--no-progress"]
+            "--phi", "0.5", "--client-data", "noniid", "--rounds", "2", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     (run,) = metrics["runs"]
