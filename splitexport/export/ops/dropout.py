@@ -31,7 +31,12 @@ same in ``_keras_layers.SeededDropout`` and ``device_runtime/js/src/layers.js``.
 def uniform(x: Any, seed: Any) -> Any:
     """Pseudo-random numbers in [0, 1) of ``x``'s shape, from ``seed`` (a float tensor of shape [1])."""
     ma, mb, ms, ka, kb, ks, scale = HASH
-    i = tf.cast(tf.reshape(tf.range(tf.size(x)), tf.shape(x)), tf.float32)
+    per_sample = [int(d) for d in x.shape[1:]]
+    numel = int(np.prod(per_sample))
+    # flat element index = sample * numel + index within the sample (static shapes but the batch)
+    within = tf.constant(np.arange(numel, dtype=np.float32).reshape([1, *per_sample]))
+    sample = tf.reshape(tf.cast(tf.range(tf.shape(x)[0]), tf.float32), [-1] + [1] * len(per_sample))
+    i = within + sample * float(numel)
     a = i - tf.floor(i / ma) * ma
     q = tf.floor(i / ma)
     b = q - tf.floor(q / mb) * mb
