@@ -15,25 +15,25 @@ BATCH = 16
 
 
 class Activations(nn.Module):
-    """N x F: Linear between every activation (ReLU6, LeakyReLU, SiLU, Hardswish, Hardsigmoid, GELU tanh,
-    Sigmoid, Tanh, Softmax) so each sees a spread of inputs."""
+    """N x F: every activation (ReLU6, LeakyReLU, SiLU, Hardswish, Hardsigmoid, GELU tanh, Sigmoid, Tanh) on its
+    own Linear branch of a shared trunk, inputs spread over their kinks (about +-6), the branches concatenated
+    into LayerNorm and a Linear head: every activation's gradient reaches the output undamped."""
 
-    def __init__(self, builtin: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
         acts: list[nn.Module] = [nn.ReLU6(), nn.LeakyReLU(0.1), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(),
                                  nn.GELU(approximate="tanh"), nn.Sigmoid(), nn.Tanh()]
-        if not builtin:
-            acts.append(nn.GELU())
-        self.fcs = nn.ModuleList([nn.Linear(12 if i == 0 else 16, 16) for i in range(len(acts))])
+        self.trunk = nn.Linear(12, 16)
+        self.fcs = nn.ModuleList([nn.Linear(16, 6) for _ in acts])
+        for fc in self.fcs:
+            nn.init.uniform_(fc.weight, -1.5, 1.5)
         self.acts = nn.ModuleList(acts)
-        self.norm = nn.LayerNorm(16)
-        self.out = nn.Linear(16, 10)
-        self.soft = nn.Softmax(dim=-1)
+        self.norm = nn.LayerNorm(6 * len(acts))
+        self.out = nn.Linear(6 * len(acts), 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for fc, act in zip(self.fcs, self.acts):
-            x = act(fc(x))
-        return self.soft(self.out(self.norm(x)))
+        h = self.trunk(x)
+        return self.out(self.norm(torch.cat([act(fc(h)) for fc, act in zip(self.fcs, self.acts)], dim=1)))
 
 
 class Sequence(nn.Module):

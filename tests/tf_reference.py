@@ -9,6 +9,7 @@ must reproduce the weights and input gradients.
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ def train_reference(module: nn.Module, shape: tuple[int, ...], is_last: bool, op
     (``input_dtype`` int64 / int32) are token ids drawn from ``range(vocab)``."""
     digits = load_dataset("digits")
     gen = torch.Generator().manual_seed(1234)
-    trained = copy.deepcopy(module).train()
+    trained = _copy(module).train()
     o = optimizer
     opt = OptimizerSpec(**o).build(trained.parameters())
     out_shape = tuple(trained(torch.zeros(shape, dtype=getattr(torch, input_dtype))).shape)
@@ -211,6 +212,16 @@ def train_reference(module: nn.Module, shape: tuple[int, ...], is_last: bool, op
     return Reference(
         module, shape, is_last, inputs, targets, losses, grads, forward0, state, eval_out, states, momentum
     )
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    """An independent copy (TorchScript modules through save / load: deepcopy leaves non-leaf parameters)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        return torch.jit.load(buf)  # type: ignore[no-any-return]
+    return copy.deepcopy(module)
 
 
 def _optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, np.ndarray]:

@@ -53,7 +53,8 @@ def write_case(case: Case, out: Path) -> None:
     write_reference(ref, graph.torch_name_map(), out, case.name, kinks=case.kinks)
 
 
-def write_reference(ref: Reference, names: dict[str, list[str]], out: Path, name: str, *, kinks: bool = False) -> None:
+def write_reference(ref: Reference, names: dict[str, list[str]], out: Path, name: str, *, kinks: bool = False,
+                    gate_steps: int = 0) -> None:
     """``out/case.json``: the torch run ``ref`` in the export's weight names (``names``: torch_names of the meta)."""
 
     def state(i: int) -> dict[str, Any]:
@@ -76,6 +77,7 @@ def write_reference(ref: Reference, names: dict[str, list[str]], out: Path, name
         "name": name,
         "is_last": ref.is_last,
         "kinks": kinks,
+        "gate_steps": gate_steps,
         "tol": TOL,
         "stats_tol": STATS_TOL,
         "steps": steps,

@@ -241,7 +241,7 @@ register(
     OpSpec(
         "Hardswish", "activation", modules=("Hardswish",), fn="hardswish", functions=(F.hardswish,),
         aten=("aten::hardswish",), aten_args=("input",),
-        onnx=refused("HardSwish has no ONNX Runtime gradient (see _onnx_ops.py)"),
+        onnx=decomposed("nn.Hardswish: x * clip(x + 3, 0, 6) / 6 before export (ORT has no HardSwish gradient); F.hardswish refused"),
         tfjs=native("TorchActivation('hardswish') (custom layer, device_runtime/js/src/layers.js)"),
         tflite_flex=native("x * relu6(x + 3) / 6"), tflite_builtin=decomposed("piecewise-linear mask"),
         build_module=unary("hardswish"), build_function=unary_function("hardswish"), kinds=("hardswish",),
@@ -249,7 +249,7 @@ register(
     OpSpec(
         "Hardsigmoid", "activation", modules=("Hardsigmoid",), fn="hardsigmoid", functions=(F.hardsigmoid,),
         aten=("aten::hardsigmoid",), aten_args=("input",),
-        onnx=refused("HardSigmoid has no ONNX Runtime gradient (see _onnx_ops.py)"),
+        onnx=decomposed("nn.Hardsigmoid: clip(x + 3, 0, 6) / 6 before export (ORT has no HardSigmoid gradient); F.hardsigmoid refused"),
         tfjs=native("TorchActivation('hardsigmoid') (custom layer; Keras' hard_sigmoid is 0.2x + 0.5)"),
         tflite_flex=native("relu6(x + 3) / 6"), tflite_builtin=decomposed("mask / 6"),
         build_module=unary("hardsigmoid"), build_function=unary_function("hardsigmoid"), kinds=("hardsigmoid",),

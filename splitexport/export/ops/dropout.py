@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._registry import KerasContext, LayerKind, OpSpec, native, register, tf
+from ._registry import KerasContext, LayerKind, OpSpec, decomposed, native, register, tf
 
 if TYPE_CHECKING:
     from .._layergraph import Layer, _Builder, _Node
@@ -31,7 +31,12 @@ same in ``_keras_layers.SeededDropout`` and ``device_runtime/js/src/layers.js``.
 def uniform(x: Any, seed: Any) -> Any:
     """Pseudo-random numbers in [0, 1) of ``x``'s shape, from ``seed`` (a float tensor of shape [1])."""
     ma, mb, ms, ka, kb, ks, scale = HASH
-    i = tf.cast(tf.reshape(tf.range(tf.size(x)), tf.shape(x)), tf.float32)
+    per_sample = [int(d) for d in x.shape[1:]]
+    numel = int(np.prod(per_sample))
+    # flat element index = sample * numel + index within the sample (static shapes but the batch)
+    within = tf.constant(np.arange(numel, dtype=np.float32).reshape([1, *per_sample]))
+    sample = tf.reshape(tf.cast(tf.range(tf.shape(x)[0]), tf.float32), [-1] + [1] * len(per_sample))
+    i = within + sample * float(numel)
     a = i - tf.floor(i / ma) * ma
     q = tf.floor(i / ma)
     b = q - tf.floor(q / mb) * mb
@@ -73,7 +78,8 @@ def _after_step(seg: TfSegment, lyr: Layer) -> None:
 register(
     OpSpec(
         "Dropout", "dropout", modules=("Dropout",),
-        onnx=native("Dropout (ops-onnx: see _onnx_ops.py for gradient segments)"),
+        onnx=decomposed("x * mask in a segment trained on a gradient, the mask a model input the runtime draws "
+                        "(OrtSegment seed=); Dropout in the last segment"),
         tfjs=native("SeededDropout (custom layer; mask from a hash of index and a seed the runtime advances)"),
         tflite_flex=native("seeded hash mask"),
         tflite_builtin=native("seeded hash mask (sin, floor, range)"),

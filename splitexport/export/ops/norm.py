@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._errors import ExportError
-from ._registry import KerasContext, LayerKind, OpSpec, decomposed, native, refused, register, tf
+from ._registry import KerasContext, LayerKind, OpSpec, decomposed, native, register, tf
 
 if TYPE_CHECKING:
     from .._layergraph import Layer, _Builder, _Node
@@ -195,7 +195,7 @@ register(
     LayerKind("batchnorm", _keras, _forward, _backward),
     OpSpec(
         "LayerNorm", "norm", modules=("LayerNorm",),
-        onnx=decomposed("LayerNormalization; at opset >= 17 refused (no ORT gradient), opset 15 decomposes it"),
+        onnx=native("LayerNormalization (its optional outputs are added so ORT builds the gradient at opset 17)"),
         tfjs=native("LayerNormalization(axis=-1)"), tflite_flex=native("moments over the last axis"),
         tflite_builtin=decomposed("explicit layer-norm backward formula"),
         restrictions="normalized_shape = the last dim; elementwise_affine with bias, or no affine",
@@ -203,7 +203,7 @@ register(
     ),
     OpSpec(
         "GroupNorm", "norm", modules=("GroupNorm",),
-        onnx=refused("ORT has no InstanceNormalization gradient"),
+        onnx=decomposed("mean / variance over N x G x -1 before export (ORT has no InstanceNormalization gradient)"),
         tfjs=native("GroupNorm (custom layer, device_runtime/js/src/layers.js)"),
         tflite_flex=native("moments per sample and group"),
         tflite_builtin=decomposed("explicit group-norm backward formula"),

@@ -131,7 +131,7 @@ register(
     ),
     OpSpec(
         "AvgPool2d", "pool", modules=("AvgPool2d",),
-        onnx=native("AveragePool; refused with a dynamic batch (ORT's gradient crashes), use --batch-size"),
+        onnx=decomposed("depthwise Conv with constant 1/k^2 weights before export (AveragePool's gradient crashes ORT with a dynamic batch)"),
         tfjs=native("AveragePooling2D"), tflite_flex=native("avg_pool2d"),
         tflite_builtin=decomposed("conv2d_transpose with a constant 1/(kh*kw) kernel"),
         restrictions="no padding, floor mode, no divisor_override",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import ExportError
-from ._registry import LayerKind, OpSpec, native, refused, register
+from ._registry import LayerKind, OpSpec, decomposed, native, refused, register
 from .embedding import SERVER, forward_seq, keras_seq
 
 if TYPE_CHECKING:
@@ -70,13 +70,13 @@ _RESTRICT = "one layer, unidirectional, batch_first, no initial state; only outp
 register(
     OpSpec(
         "GRU", "recurrent", modules=("GRU",),
-        onnx=native("GRU"), tfjs=native("SplitexportLayer 'gru' (layers.js)"), tflite_flex=native(_FLEX),
+        onnx=decomposed("cell equations unrolled over the sequence before export (the fused GRU renames the weights)"), tfjs=native("SplitexportLayer 'gru' (layers.js)"), tflite_flex=native(_FLEX),
         tflite_builtin=refused(f"no backward pass through time from builtin ops; use the flex variant or {SERVER}"),
         restrictions=_RESTRICT, build_module=_build("gru"), kinds=("gru",),
     ),
     OpSpec(
         "LSTM", "recurrent", modules=("LSTM",),
-        onnx=native("LSTM"), tfjs=native("SplitexportLayer 'lstm' (layers.js)"), tflite_flex=native(_FLEX),
+        onnx=decomposed("cell equations unrolled over the sequence before export (the fused LSTM renames the weights)"), tfjs=native("SplitexportLayer 'lstm' (layers.js)"), tflite_flex=native(_FLEX),
         tflite_builtin=refused(f"no backward pass through time from builtin ops; use the flex variant or {SERVER}"),
         restrictions=_RESTRICT + "; no proj_size", build_module=_build("lstm"), kinds=("lstm",),
     ),
