@@ -24,9 +24,10 @@ class Activations(nn.Module):
         acts: list[nn.Module] = [nn.ReLU6(), nn.LeakyReLU(0.1), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(),
                                  nn.GELU(approximate="tanh"), nn.Sigmoid(), nn.Tanh()]
         self.trunk = nn.Linear(12, 16)
-        self.fcs = nn.ModuleList([nn.Linear(16, 6) for _ in acts])
-        for fc in self.fcs:
+        fcs = [nn.Linear(16, 6) for _ in acts]
+        for fc in fcs:
             nn.init.uniform_(fc.weight, -1.5, 1.5)
+        self.fcs = nn.ModuleList(fcs)
         self.acts = nn.ModuleList(acts)
         self.norm = nn.LayerNorm(6 * len(acts))
         self.out = nn.Linear(6 * len(acts), 10)

@@ -200,7 +200,7 @@ def test_tabular_mlp_with_dropout_trains_and_converges(variant: str, tmp_path: P
         return
     assert code == 0
     b = load_bundle(bundle)
-    a, c = (TfliteSegment.from_bundle(b, n, variant=variant) for n in ("A", "C"))
+    a, c = (TfliteSegment.from_bundle(b, n, variant="flex") for n in ("A", "C"))
     server = b.torch_segment("B").train()
     opt = b.manifest.optimizer.build(server.parameters())
     x_all, y_all = zm.data(DROPOUT_BATCH * 100, 7)
