@@ -11,12 +11,12 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def health(state: State) -> dict[str, object]:
+async def health(state: State) -> dict[str, object]:
     return {"status": "ok", "split": state.split, "segment": state.spec.name, "steps_applied": state.applied_steps}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(state: State) -> str:
+async def metrics(state: State) -> str:
     lines = []
     for name, value in state.metrics().items():
         lines.append(f"# TYPE splitexport_{name} {'counter' if name.endswith('_total') else 'gauge'}")
