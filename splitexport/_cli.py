@@ -223,7 +223,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         app = create_app(settings)
     except ValueError as exc:
         raise SplitExportError(str(exc)) from exc
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    # devices waiting for B or a barrier must not hold up a shutdown: their requests are cancelled after 3 s
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=3)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:

@@ -33,6 +33,8 @@ class Server:
         self.args = [sys.executable, "-m", "splitexport", "serve", str(bundle), "--port", str(self.port),
                      "--state-dir", str(state_dir), "--tokens", str(tokens), "--threads", "1", *extra]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.logs = state_dir.parent
+        self._stderr = self.logs / "stderr-0.txt"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.log: list[str] = []
@@ -43,9 +45,11 @@ class Server:
         env.pop("SPLITEXPORT_FAULT", None)
         if fault is not None:
             env["SPLITEXPORT_FAULT"] = fault
-        if self.proc is not None and self.proc.stderr is not None and self.proc.poll() is not None:
-            self.log.append(self.proc.stderr.read().decode())
-        self.proc = subprocess.Popen([*self.args, *extra], env=env, stderr=subprocess.PIPE)
+        if self.proc is not None and self.proc.poll() is not None:
+            self.log.append(self._stderr.read_text())
+        self._stderr = self.logs / f"stderr-{self.starts}.txt"
+        with self._stderr.open("wb") as err:  # a file, not a pipe: a full pipe would block the server
+            self.proc = subprocess.Popen([*self.args, *extra], env=env, stderr=err)
         self.starts += 1
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -54,7 +58,7 @@ class Server:
                     return
             except httpx.TransportError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(self.proc.stderr.read().decode() if self.proc.stderr else "server died")
+                    raise RuntimeError(self._stderr.read_text() or "server died")
                 time.sleep(0.05)
         raise RuntimeError("server did not start")
 
@@ -69,8 +73,8 @@ class Server:
             return ""
         if self.proc.poll() is None:
             self.proc.terminate()
-        _, err = self.proc.communicate(timeout=30)
-        return err.decode()
+        self.proc.wait(timeout=30)
+        return self._stderr.read_text()
 
 
 def runners(bundle: Bundle, remote: object) -> list:
