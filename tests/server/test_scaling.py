@@ -56,7 +56,7 @@ def test_256_devices_without_a_strategy_all_make_progress(mlp_bundle: Path, tmp_
             limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8)
             async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http, \
                     httpx.AsyncClient(base_url=url, timeout=10) as probe:
-                stop, latencies = asyncio.Event(), []
+                stop, latencies = asyncio.Event(), list[float]()
                 prober = asyncio.create_task(_health_probe(probe, stop, latencies))
                 done = await asyncio.wait_for(asyncio.gather(*(_device(http, fwd, bwd, steps)
                                                                for _ in range(devices))), timeout=120)
