@@ -39,6 +39,7 @@ from splitexport import Bundle, TorchSegment, load_bundle
 from splitexport.strategies import ServerReply
 
 from ._errors import APIError
+from ._metrics import Metrics
 from ._scheduler import BExecutor, Lease
 from ._settings import ServerSettings
 from ._store import FORMAT, StateError, StepRecord, Store, StoredSession
@@ -153,6 +154,7 @@ class ServerState:
         """Steps are logged (and replayed on restart); strategies snapshot every N iterations instead."""
         self.store = Store(settings.state_dir)
         self.resumed_from = self._restore()
+        self.prometheus = Metrics(self.metrics)
 
     # -- auth and sessions -------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ async def _timed_call(state: State, body: TensorBody, call: Callable[..., Awaita
     """Await a state call; the response carries its ``Server-Timing`` (docs/protocol.md)."""
     with body.timer.active("b"):
         data = await call(*args)
+    state.prometheus.observe(call.__name__, body.timer)
     response = _tensors(state, data)
     response.headers["Server-Timing"] = body.timer.header()
     return response
