@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,7 +30,7 @@ class Server:
     def __init__(self, bundle: Path, state_dir: Path, tokens: Path, *extra: str) -> None:
         self.port = free_port()
         self.args = [sys.executable, "-m", "splitexport", "serve", str(bundle), "--port", str(self.port),
-                     "--state-dir", str(state_dir), "--tokens", str(tokens), "--threads", "1", *extra]
+                     "--state-dir", str(state_dir), "--tokens", str(tokens), *extra]
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs = state_dir.parent
         self._stderr = self.logs / "stderr-0.txt"
@@ -101,15 +100,6 @@ def batches_for(digits, steps: int, devices: int, batch: int = 8) -> list[tuple[
 
 def final_snapshot(state_dir: Path) -> dict:
     return torch.load(state_dir / "checkpoint.pt", weights_only=True)  # type: ignore[no-any-return]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """B runs with one torch thread in the server; the reference here too (bit-identical steps)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
