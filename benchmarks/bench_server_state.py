@@ -5,15 +5,16 @@
 ``splitexport serve --threads 1`` runs in a child process on loopback; this process is one device
 sending fixed forward/backward bodies (batch 32) over one HTTP connection:
 
-* **sessions**: the median step time (forward + backward round trip) of one device with 1 open
-  session, then again after opening ``--sessions`` more (same server, same run).
+* **sessions**: the median step time (forward + backward round trip) of a device on a server with
+  1 open session and of one on a server with ``--sessions`` open sessions, both running, step blocks
+  alternating between them.
 * **durable bytes**: with an MLP whose B has ~10M parameters, the bytes the server process wrote to
   storage per step (``/proc/PID/io`` ``write_bytes``: SQLite WAL, snapshots) and the step time, for
   the default durability (step log + snapshot every 100 steps), a snapshot every step (the cost the
   log avoids), and none (B's step in this process, nothing written).
-* **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``) per step,
-  minus B's compute per step measured here in process with one thread, interleaved in blocks with
-  the HTTP steps (same B, same thread count), for the example models mlp and resnet_cnn.
+* **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``, 10 ms ticks:
+  use enough steps) per step, minus B's CPU time per step measured here in process with one thread,
+  interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn.
 """
 
 from __future__ import annotations
@@ -90,36 +91,44 @@ def serve(bundle: Path, state: Path, *extra: str) -> ServerProcess:
     return ServerProcess(bundle, ["--state-dir", str(state), "--threads", "1", *extra])
 
 
-def bench_sessions(root: Path, steps: int, sessions: int) -> dict[str, Any]:
+def bench_sessions(root: Path, steps: int, sessions: int, blocks: int) -> dict[str, Any]:
+    """Two servers at once, one with 1 session and one with ``sessions``; step blocks alternate between
+    them, so load swings of the machine hit both alike."""
     bundle = make_bundle(root, "mlp")
-    server = serve(bundle, root / "s-sessions")
+    one_server, many_server = serve(bundle, root / "s-one"), serve(bundle, root / "s-many")
     try:
-        device = Device(server.url, bundle)
-        device.run(10)
-        one = statistics.median(device.run(steps))
+        one, many = Device(one_server.url, bundle), Device(many_server.url, bundle)
         t0 = time.perf_counter()
         for _ in range(sessions - 1):
-            device.http.post("/v1/sessions").raise_for_status()
+            many.http.post("/v1/sessions").raise_for_status()
         opened = time.perf_counter() - t0
-        many = statistics.median(device.run(steps))
+        one.run(10)
+        many.run(10)
+        t_one: list[float] = []
+        t_many: list[float] = []
+        for _ in range(blocks):
+            t_one += one.run(steps)
+            t_many += many.run(steps)
     finally:
-        server.stop()
-    return {"model": "mlp", "sessions": sessions, "step_ms_1_session": one * 1e3, "step_ms_many": many * 1e3,
-            "ratio": many / one, "open_ms_per_session": opened / max(sessions - 1, 1) * 1e3}
+        one_server.stop()
+        many_server.stop()
+    a, b = statistics.median(t_one), statistics.median(t_many)
+    return {"model": "mlp", "sessions": sessions, "step_ms_1_session": a * 1e3, "step_ms_many": b * 1e3,
+            "ratio": b / a, "open_ms_per_session": opened / max(sessions - 1, 1) * 1e3}
 
 
 def b_compute_s(bundle: Path, x: np.ndarray, g: np.ndarray, steps: int) -> float:
-    """B's forward + aux-loss step in this process (one thread), seconds per step (median)."""
+    """B's forward + aux-loss step in this process (one thread): CPU seconds per step (median)."""
     b = load_bundle(bundle)
     spec = next(s for s in b.manifest.segments if s.role == "server")
     seg = TorchSegment(b.torch_segment(spec.name), b.manifest.optimizer, loss=b.manifest.loss.kind)
     xt, gt = torch.from_numpy(x), torch.from_numpy(g)
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         seg.forward(xt)
         seg.train_with_gradient(gt)
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times)
 
 
@@ -143,7 +152,7 @@ def bench_bytes(root: Path, steps: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     device_x = rng.standard_normal((BATCH, *spec.input.sample_shape)).astype(np.float32)
     device_g = np.full((BATCH, *spec.output.sample_shape), 1e-4, dtype=np.float32)
-    rows.append({"durability": "none (B's step in process, nothing written)", "bytes_per_step": 0.0,
+    rows.append({"durability": "none (B's step in process, nothing written; CPU time)", "bytes_per_step": 0.0,
                  "step_ms": b_compute_s(bundle, device_x, device_g, max(steps // 2, 3)) * 1e3})
     step_tensors = device_x.nbytes * 2 + device_g.nbytes  # logged activation + grad, stored reply
     for r in rows:
@@ -184,7 +193,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         result: dict[str, Any] = {"machine": machine(), "batch": BATCH,
-                  "sessions": bench_sessions(root, steps, sessions),
+                  "sessions": bench_sessions(root, max(steps // blocks, 5), sessions, blocks),
                   "bytes": bench_bytes(root, max(steps // 4, 5)),
                   "cpu": [bench_cpu(root, m, max(steps // blocks, 5), blocks) for m in ("mlp", "resnet_cnn")]}
     s = result["sessions"]
