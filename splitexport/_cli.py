@@ -304,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--host", default=None, help="default 127.0.0.1; other addresses need --tokens")
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--state-dir", type=Path, default=None, help="checkpoints of B and the sessions")
+    p.add_argument("--state-dir", type=Path, default=None, help="B's snapshots, the step log and the sessions")
     p.add_argument("--tokens", type=Path, default=None, help="file of bearer tokens, one per line")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="snapshot B every N steps (default 100, with --strategy 1); without a strategy every step "
+                   "is also logged, so a crash loses none")
     p.add_argument("--threads", type=int, default=None, help="torch threads for B (default: one per core)")
     p.add_argument("--log-level", default="warning")
     g = p.add_argument_group("multi-client strategy (docs/protocol.md); without --strategy devices train B "
