@@ -28,15 +28,22 @@ def _bodies(bundle: Path, batch: int = 4) -> tuple[bytes, bytes]:
     return save({"activation": x}), save({"grad": g})
 
 
+async def _post(http: httpx.AsyncClient, path: str, body: bytes | None = None) -> httpx.Response:
+    """POST, retrying 503 and a pooled connection the server closed meanwhile (exactly once makes it safe)."""
+    while True:
+        try:
+            r = await http.post(path, content=body, headers=ST if body is not None else AUTH)
+        except httpx.TransportError:
+            continue
+        if r.status_code != 503:
+            return r.raise_for_status()
+
+
 async def _device(http: httpx.AsyncClient, fwd: bytes, bwd: bytes, steps: int) -> int:
-    sid = (await http.post("/v1/sessions", headers=AUTH)).raise_for_status().json()["session_id"]
+    sid = (await _post(http, "/v1/sessions")).json()["session_id"]
     for n in range(steps):
         for call, body in (("forward", fwd), ("backward", bwd)):
-            while True:
-                r = await http.post(f"/v1/sessions/{sid}/steps/{n}/{call}", content=body, headers=ST)
-                if r.status_code != 503:
-                    r.raise_for_status()
-                    break
+            await _post(http, f"/v1/sessions/{sid}/steps/{n}/{call}", body)
     return steps
 
 
@@ -53,7 +60,8 @@ def test_256_devices_without_a_strategy_all_make_progress(mlp_bundle: Path, tmp_
     fwd, bwd = _bodies(mlp_bundle)
     with threaded_server(mlp_bundle, tmp_path / "s", lease_timeout_s=60) as (url, state):
         async def run() -> tuple[list[int], list[float]]:
-            limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8)
+            limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8,
+                                  keepalive_expiry=2)  # below uvicorn's 5 s keep-alive
             async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http, \
                     httpx.AsyncClient(base_url=url, timeout=10) as probe:
                 stop, latencies = asyncio.Event(), list[float]()
