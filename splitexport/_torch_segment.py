@@ -45,8 +45,8 @@ class TorchSegment:
         self.input_grad = input_grad
         self.rule = rule
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.restorable = restorable
-        """Keep a copy of the buffers (BatchNorm statistics) from before each forward, so that
+        self._buffers = list(module.buffers()) if restorable else []
+        """``restorable``: keep a copy of the buffers (BatchNorm statistics) from before each forward, so that
         :meth:`discard_pending` leaves no trace of an abandoned step (the server's rollback)."""
         self._saved_buffers: list[torch.Tensor] | None = None
         self._staged = False
@@ -68,13 +68,13 @@ class TorchSegment:
             self._staged = False
         if self._saved_buffers is not None:
             with torch.no_grad():
-                for b, saved in zip(self.module.buffers(), self._saved_buffers, strict=True):
+                for b, saved in zip(self._buffers, self._saved_buffers, strict=True):
                     b.copy_(saved)
             self._saved_buffers = None
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.restorable:
-            self._saved_buffers = [b.detach().clone() for b in self.module.buffers()]
+        if self._buffers:
+            self._saved_buffers = [b.detach().clone() for b in self._buffers]
         self.module.train()
         x = x.detach().requires_grad_(self.input_grad)
         with eager_execution():
