@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._browser import install_browser
 from ._http_errors import BodyDeadline, install_error_handlers
@@ -15,6 +16,27 @@ from ._openapi import install_openapi
 from ._settings import ServerSettings
 from ._state import ServerState
 from .routers import artifacts, health, rounds, sessions
+
+
+class CountRequests:
+    """Plain ASGI middleware counting requests and error responses (cheaper than ``@app.middleware``)."""
+
+    def __init__(self, app: ASGIApp, counters: dict[str, int]) -> None:
+        self.app = app
+        self.counters = counters
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.counters["requests"] += 1
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.counters["errors"] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -34,19 +56,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
             limiter = anyio.to_thread.current_default_thread_limiter()
             limiter.total_tokens = max(limiter.total_tokens, 4 * state.rounds.num_clients + 16)
         yield
-        state.checkpoint()
+        await state.aclose()
 
     app = FastAPI(title="splitexport server", version="1", lifespan=lifespan,
                   description="Trains the server segment of a split bundle. See docs/protocol.md.")
     app.state.server = state
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):  # type: ignore[no-untyped-def]
-        state.counters["requests"] += 1
-        response = await call_next(request)
-        if response.status_code >= 400:
-            state.counters["errors"] += 1
-        return response
+    app.add_middleware(CountRequests, counters=state.counters)
 
     install_error_handlers(app)
     install_openapi(app)

@@ -14,14 +14,14 @@ from ._timing import CallTimer
 from ._wire import ACCEPTED_MEDIA_TYPES, decode
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
     return request.app.state.server  # type: ignore[no-any-return]
 
 
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str | None:
+async def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str | None:
     if authorization is None:
         return None
     scheme, _, token = authorization.partition(" ")
@@ -30,7 +30,7 @@ def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str |
     return token.strip()
 
 
-def caller(state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
+async def caller(state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
     """The caller's token hash (401 for a missing or wrong token)."""
     return state.check_token(token)
 
@@ -38,7 +38,7 @@ def caller(state: State, token: Annotated[str | None, Depends(bearer_token)]) ->
 Caller = Annotated[str, Depends(caller)]
 
 
-def current_session(session_id: str, state: State, token_hash: Caller) -> Session:
+async def current_session(session_id: str, state: State, token_hash: Caller) -> Session:
     return state.session(session_id, token_hash)
 
 

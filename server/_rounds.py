@@ -433,7 +433,7 @@ class RoundHost:
         except Exception as exc:  # noqa: BLE001 - a failing strategy call fails the whole barrier, not the server
             bar.error = APIError(500, "strategy_failed", f"{type(exc).__name__}: {exc}")
             if self.current is not None and self.current.barrier is bar:
-                self.state.segment._pending = None
+                self.state.segment.discard_pending()
                 self._close(self.current)
         finally:
             self._cond.notify_all()
@@ -494,6 +494,7 @@ class RoundHost:
             s = self.state.sessions.get(c)
             if s is not None:
                 s.cache["end"] = _Cached("end", round_index, bar.arrived[c].body_sha, bar.responses[c])
+                self.state.touched(s)
         self.end_barrier = None
         self.round_clients = None
         self.round_left.clear()
@@ -513,10 +514,10 @@ class RoundHost:
     def _finish(self, session: Session, kind: str, step: int, body_sha: str, response: bytes) -> None:
         session.cache[kind] = _Cached(kind, step, body_sha, response)
         session.next_step, session.phase = step + 1, "forward"
+        self.state.touched(session)
 
     def _count_step(self) -> None:
-        self.state.applied_steps += 1
-        self.state._since_checkpoint += 1
+        self.state.count_step()
 
     def _close(self, it: _Iteration) -> None:
         if it.closed:
@@ -528,7 +529,7 @@ class RoundHost:
         if self.current is it:
             self.current = None
             self.next_iteration = it.index + 1
-        if self.state._since_checkpoint >= self.state.settings.checkpoint_every:
+        if self.state.snapshot_due:
             self.state.checkpoint()
         self._cond.notify_all()
 

@@ -40,8 +40,9 @@ class ServerSettings(BaseSettings):
     """Comma-separated bearer tokens (or use ``tokens_file``); with none, only loopback is allowed."""
     tokens_file: Path | None = None
     """One token per line; blank lines and lines starting with ``#`` are skipped (see :meth:`token_set`)."""
-    checkpoint_every: int = Field(1, ge=1)
-    """Checkpoint B every N applied steps (1: a crash loses no step)."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Snapshot B and its optimizer every N applied steps (default 100; with a strategy 1). Without a
+    strategy every step is also logged, so a crash loses no step whatever N is (docs/protocol.md)."""
     session_ttl_s: float = Field(3600.0, gt=0)
     lease_timeout_s: float = Field(30.0, gt=0)
     """How long one device may hold B between its forward and backward calls."""

@@ -1,33 +1,48 @@
-"""The server's training state: segment B, device sessions with exactly-once steps, checkpoints.
+"""The server's training state: segment B, device sessions with exactly-once steps, durability.
 
 Step protocol per session (double split): ``forward(n)`` then ``backward(n)``, then
-``n + 1``. A device holds B from its forward to its backward (a lease), so
-updates to the shared B are serialized and every backward finds the autograd
-graph of its own forward. A repeated call with the same body returns the
-stored response without touching B; any other step gets 409 naming the
-expected one. Single split: one ``train(n)`` call per step.
+``n + 1``. A device holds B from its forward to its backward (a :class:`~._scheduler.Lease`), so
+updates to the shared B are serialized and every backward finds the autograd graph of its own
+forward. A repeated call with the same body returns the stored response without touching B; any
+other step gets 409 naming the expected one. Single split: one ``train(n)`` call per step.
+
+A step is computed up to B's optimizer step, committed to the store (session row, response, the
+step's inputs in the log), and only then applied: a failure before the commit leaves B, its
+optimizer and the counters as they were (docs/protocol.md, Durability).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import signal
+import sqlite3
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from starlette.concurrency import run_in_threadpool
 
 from splitexport import Bundle, TorchSegment, load_bundle
 from splitexport.strategies import ServerReply
 
 from ._errors import APIError
+from ._metrics import Metrics
+from ._scheduler import BExecutor, Lease
 from ._settings import ServerSettings
+from ._store import FORMAT, StateError, StepRecord, Store, StoredSession
 from ._timing import timed
 from ._wire import encode, encode_reply, float_tensor, label_tensor
 
@@ -35,8 +50,19 @@ if TYPE_CHECKING:
     from ._rounds import RoundHost
 
 Phase = Literal["forward", "backward"]
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+log = logging.getLogger("splitexport.server")
+
+FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot")
+
+
+def fault(point: str, applied_steps: int) -> None:
+    """Test-only crash injection: ``SPLITEXPORT_FAULT=<point>:<n>`` SIGKILLs the server the first time it
+    reaches ``point`` (one of :data:`FAULT_POINTS`) at or after its ``n``-th applied step."""
+    spec = os.environ.get("SPLITEXPORT_FAULT")
+    if spec:
+        name, _, n = spec.partition(":")
+        if name == point and applied_steps >= int(n or 0):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -56,17 +82,39 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     cache: dict[str, _Cached] = field(default_factory=dict)
     """The last response of each call kind, for exactly-once retries."""
+    inflight: asyncio.Future[None] | None = None
+    """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
 
     def public(self) -> dict[str, object]:
         return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
+
+    def stored(self) -> StoredSession:
+        return StoredSession(self.id, self.token_hash, self.next_step, "forward",
+                             {k: (c.step, c.body_sha, c.response) for k, c in self.cache.items() if k != "forward"})
 
 
 def _hash(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+def storage_error(exc: BaseException) -> APIError:
+    """507 ``insufficient_storage`` for a full disk, 503 ``storage_unavailable`` for other I/O errors."""
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(exc, sqlite3.Error) and "full" in str(exc))
+    if full:
+        return APIError(507, "insufficient_storage", "the server's state directory is full; the step was not "
+                        "applied: retry it (forward first) later", retry_after_s=5)
+    return APIError(503, "storage_unavailable", f"the server could not persist the step ({type(exc).__name__}); "
+                    "it was not applied: retry it (forward first)", retry_after_s=5)
+
+
 class ServerState:
-    """Everything the endpoints share; all mutations happen under ``self._lock``."""
+    """Everything the endpoints share.
+
+    Without a strategy the per-session calls are coroutines on the event loop: bookkeeping there, B's
+    compute and the store's writes on the one :class:`BExecutor` thread. The strategy layer
+    (:mod:`._rounds`) runs in worker threads under ``self._lock``.
+    """
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -79,25 +127,34 @@ class ServerState:
         self.split = "single" if self.spec.is_last else "double"
         self.loss_kind = manifest.loss.kind
         self.num_outputs = int(self.spec.output.sample_shape[-1]) if self.spec.output.sample_shape else 1
-        self.segment = TorchSegment(
-            self.bundle.torch_segment(self.spec.name), manifest.optimizer, loss=self.loss_kind, input_grad=True
-        )
+        self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name), manifest.optimizer,
+                                    loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None)
         self.tokens = {_hash(t) for t in settings.token_set()}
-        self.sessions: dict[str, Session] = {}
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        """Least recently seen first (expiry pops from the front)."""
         self.applied_steps = 0
-        self._since_checkpoint = 0
+        self._since_snapshot = 0
+        self._log_seq = 0
         self._lock = threading.RLock()
-        self._free = threading.Condition(self._lock)
-        self._lease: tuple[str, float] | None = None  # (session id, deadline)
-        self.counters: dict[str, int] = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "retries": 0}
+        self.counters: dict[str, int] = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "retries": 0,
+                                         "storage_errors": 0}
+        self.lease = Lease(settings.lease_timeout_s, self._lease_expired)
+        self.executor = BExecutor()
+        self._forward_input: torch.Tensor | None = None
+        """The input of the lease holder's forward, logged with its backward."""
+        self._dirty: set[str] = set()
         self.rounds: RoundHost | None = None
         """The multi-client strategy layer (``--strategy``); None: per-device sequential steps."""
         if settings.strategy is not None:
             from ._rounds import RoundHost, build_strategy
 
             self.rounds = RoundHost(self, build_strategy(self))
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.snapshot_every = settings.checkpoint_every or (1 if self.rounds is not None else 100)
+        self.logged = self.rounds is None
+        """Steps are logged (and replayed on restart); strategies snapshot every N iterations instead."""
+        self.store = Store(settings.state_dir)
         self.resumed_from = self._restore()
+        self.prometheus = Metrics(self.metrics)
 
     # -- auth and sessions -------------------------------------------------------------------
 
@@ -120,6 +177,11 @@ class ServerState:
         with self._lock:
             self._expire()
             session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash)
+            try:
+                self.store.open_session(session.id, token_hash)
+            except (OSError, sqlite3.Error) as exc:
+                self.counters["storage_errors"] += 1
+                raise storage_error(exc) from exc
             self.sessions[session.id] = session
             return session
 
@@ -132,46 +194,49 @@ class ServerState:
             if not hmac.compare_digest(session.token_hash, token_hash):
                 raise APIError(403, "not_your_session", "this session was opened with another token")
             session.last_seen = time.monotonic()
+            self.sessions.move_to_end(session_id)
             return session
 
     def close_session(self, session: Session) -> None:
         with self._lock:
+            try:
+                self.store.delete_sessions([session.id])
+            except (OSError, sqlite3.Error) as exc:
+                self.counters["storage_errors"] += 1
+                raise storage_error(exc) from exc
             self.sessions.pop(session.id, None)
-            self._release(session.id)
+            self._drop_lease(session.id)
 
     def _expire(self) -> None:
-        now = time.monotonic()
-        for sid, s in list(self.sessions.items()):
-            if now - s.last_seen > self.settings.session_ttl_s:
-                del self.sessions[sid]
-                self._release(sid)
-
-    # -- the lease on B between a device's forward and backward -------------------------------
-
-    def _acquire(self, session: Session) -> None:
-        deadline = time.monotonic() + self.settings.lease_timeout_s
-        while True:
-            now = time.monotonic()
-            if self._lease is None or self._lease[0] == session.id:
+        """Drop the sessions idle longer than the TTL (oldest first: O(expired), not O(sessions))."""
+        limit = time.monotonic() - self.settings.session_ttl_s
+        gone = []
+        while self.sessions:
+            sid, s = next(iter(self.sessions.items()))
+            if s.last_seen >= limit:
                 break
-            if self._lease[1] < now:  # the holder vanished mid-step: drop its pending graph
-                holder = self.sessions.get(self._lease[0])
-                if holder is not None:
-                    holder.phase = "forward"
-                    holder.cache.pop("forward", None)
-                self.segment._pending = None
-                self._lease = None
-                break
-            if now >= deadline:
-                raise APIError(503, "busy", "segment B is busy with other devices; retry", retry_after_s=1)
-            self._free.wait(timeout=min(self._lease[1], deadline) - now + 0.01)
-        self._lease = (session.id, time.monotonic() + self.settings.lease_timeout_s)
+            del self.sessions[sid]
+            gone.append(sid)
+            self._drop_lease(sid)
+        if gone:
+            try:
+                self.store.delete_sessions(gone)
+            except (OSError, sqlite3.Error):  # they are gone from memory; the rows go with the next expiry
+                log.warning("could not delete %d expired sessions from the store", len(gone))
 
-    def _release(self, session_id: str) -> None:
-        if self._lease is not None and self._lease[0] == session_id:
-            self._lease = None
-            self.segment._pending = None
-            self._free.notify_all()
+    def _drop_lease(self, session_id: str) -> None:
+        if self.lease.held_by(session_id) and not self.lease.busy:
+            self._forward_input = None
+            self.lease.release(session_id)
+            self.executor.submit(self.segment.discard_pending)
+
+    async def _lease_expired(self, session_id: str) -> None:
+        holder = self.sessions.get(session_id)
+        if holder is not None:
+            holder.phase = "forward"
+            holder.cache.pop("forward", None)
+        self._forward_input = None
+        await self.executor.run(self.segment.discard_pending)
 
     # -- exactly-once step bookkeeping --------------------------------------------------------
 
@@ -189,87 +254,163 @@ class ServerState:
                            **session.public())
         return None
 
+    async def _exclusive(self, session: Session, call: Callable[[], Any]) -> Any:
+        """Run one tensor call of ``session`` at a time (a concurrent retry waits, then sees the result)."""
+        while session.inflight is not None:
+            await asyncio.shield(session.inflight)
+        session.inflight = asyncio.get_running_loop().create_future()
+        try:
+            return await call()
+        finally:
+            done, session.inflight = session.inflight, None
+            done.set_result(None)
+
+    async def _acquire(self, session: Session) -> None:
+        t0 = time.perf_counter()
+        if await self.lease.acquire(session.id, self.settings.lease_timeout_s):
+            from ._timing import _current
+
+            timer = _current.get()
+            if timer is not None:
+                timer.add("wait", time.perf_counter() - t0)
+
     # -- the calls ----------------------------------------------------------------------------
 
-    def forward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
+    async def forward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("double", "forward")
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         if self.rounds is not None and self.rounds.global_steps:
-            return self.rounds.forward(session, step, x, transport, body_sha)
-        with self._lock:
+            return await run_in_threadpool(self.rounds.forward, session, step, x, transport, body_sha)
+
+        async def call() -> bytes:
             replay = self._replay_or_check(session, "forward", step, "forward", body_sha)
             if replay is not None:
                 return replay
-            self._acquire(session)
+            await self._acquire(session)
+
+            def compute() -> bytes:
+                if self.rounds is None:
+                    out = self.segment.forward(x)
+                else:
+                    with self._lock:
+                        out = self.rounds.b_forward(session, x)
+                return encode({"output": out}, transport)
+
             try:
-                out = self.segment.forward(x) if self.rounds is None else self.rounds.b_forward(session, x)
-            except Exception:
-                self._release(session.id)
+                self.lease.busy = True
+                response = await self.executor.run(compute)
+            except BaseException:
+                await self._abandon(session)
                 raise
-            response = encode({"output": out}, transport)
+            finally:
+                self.lease.busy = False
+            self._forward_input = x
             session.cache["forward"] = _Cached("forward", step, body_sha, response)
             session.phase = "backward"
             return response
 
-    def backward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
+        return await self._exclusive(session, call)  # type: ignore[no-any-return]
+
+    async def backward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("double", "backward")
         if self.rounds is not None and self.rounds.global_steps:
             g, transport = float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch)
-            return self.rounds.backward(session, step, g, transport, body_sha)
-        with self._lock:
+            return await run_in_threadpool(self.rounds.backward, session, step, g, transport, body_sha)
+
+        async def call() -> bytes:
             replay = self._replay_or_check(session, "backward", step, "backward", body_sha)
             if replay is not None:
                 return replay
-            if self._lease is None or self._lease[0] != session.id or self.segment._pending is None:
+            pending_out = self.segment.pending_output
+            if not self.lease.held_by(session.id) or pending_out is None:
                 session.phase = "forward"
                 raise APIError(409, "forward_lost", f"the forward of step {step} is gone (server restart or lease "
                                "timeout); send it again", **session.public())
-            pending_out = self.segment._pending[1]
             g, transport = float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch)
             if g.shape[0] != pending_out.shape[0]:
                 raise APIError(422, "wrong_batch", f"grad has batch {g.shape[0]}, the forward had {pending_out.shape[0]}")
-            if self.rounds is None:
-                grad_in = self.segment.train_with_gradient(g)
-            else:
-                grad_in = self.rounds.b_backward(session, g)
-            assert grad_in is not None
-            response = encode({"grad": grad_in}, transport)
-            self._finish_step(session, "backward", step, body_sha, response)
-            self._release(session.id)
-            return response
+            x = self._forward_input
+            assert x is not None
 
-    def train(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
+            def compute() -> bytes:
+                if self.rounds is None:
+                    grad_in = self.segment.stage_gradient(g)
+                    assert grad_in is not None
+                    response = encode({"grad": grad_in}, transport)
+                    self._commit(session, "backward", step, body_sha, response, {"activation": x, "grad": g})
+                    return response
+                with self._lock:
+                    grad_in = self.rounds.b_backward(session, g)
+                    response = encode({"grad": grad_in}, transport)
+                    self._commit(session, "backward", step, body_sha, response, None)
+                    return response
+
+            return await self._step(session, compute)
+
+        return await self._exclusive(session, call)  # type: ignore[no-any-return]
+
+    async def train(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("single", "train")
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         y = label_tensor(arrays, x.shape[0], self.loss_kind, self.num_outputs)
         if self.rounds is not None and self.rounds.global_steps:
-            return self.rounds.train(session, step, x, y, transport, body_sha)
-        with self._lock:
+            return await run_in_threadpool(self.rounds.train, session, step, x, y, transport, body_sha)
+
+        async def call() -> bytes:
             replay = self._replay_or_check(session, "train", step, "forward", body_sha)
             if replay is not None:
                 return replay
-            self._acquire(session)
-            try:
-                if self.rounds is None:
-                    loss, grad_in, out = self.segment.train_with_labels(x, y)
-                    assert grad_in is not None
-                    reply = ServerReply(grad_in, loss, out)
-                else:
-                    reply = self.rounds.b_train(session, x, y)
-                response = encode_reply(reply, transport)
-            finally:
-                self._release(session.id)
-            self._finish_step(session, "train", step, body_sha, response)
-            return response
+            await self._acquire(session)
 
-    def evaluate(self, arrays: dict[str, np.ndarray], session: Session | None = None) -> bytes:
+            def compute() -> bytes:
+                if self.rounds is None:
+                    loss, grad_in, out = self.segment.stage_labels(x, y)
+                    assert grad_in is not None
+                    response = encode_reply(ServerReply(grad_in, loss, out), transport)
+                    self._commit(session, "train", step, body_sha, response, {"activation": x, "labels": y})
+                    return response
+                with self._lock:
+                    response = encode_reply(self.rounds.b_train(session, x, y), transport)
+                    self._commit(session, "train", step, body_sha, response, None)
+                    return response
+
+            return await self._step(session, compute)
+
+        return await self._exclusive(session, call)  # type: ignore[no-any-return]
+
+    async def _step(self, session: Session, compute: Callable[[], bytes]) -> bytes:
+        """Run a step on B's thread under the lease; on any failure the step leaves no trace."""
+        self.lease.busy = True
+        try:
+            return await self.executor.run(compute)
+        except BaseException:
+            await self._abandon(session)
+            raise
+        finally:
+            self.lease.busy = False
+            self._forward_input = None
+            self.lease.release(session.id)
+
+    async def _abandon(self, session: Session) -> None:
+        session.phase = "forward"
+        session.cache.pop("forward", None)
+        self._forward_input = None
+        self.lease.release(session.id)
+        await asyncio.shield(self.executor.run(self.segment.discard_pending))
+
+    async def evaluate(self, arrays: dict[str, np.ndarray], session: Session | None = None) -> bytes:
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
-        with self._lock:
-            if self.rounds is not None and session is not None:
-                self._need_server("evaluate")
-                out = self.rounds.evaluate(session, x)
-            else:
-                out = self.segment.evaluate(x)
+        if self.rounds is not None and session is not None:
+            self._need_server("evaluate")
+            rounds = self.rounds
+
+            def strategy_eval() -> torch.Tensor:
+                with self._lock:
+                    return rounds.evaluate(session, x)
+
+            out = await run_in_threadpool(strategy_eval)
+        else:
+            out = await self.executor.run(lambda: self.segment.evaluate(x))
         return encode({"output": out}, transport)
 
     def _need_server(self, call: str) -> None:
@@ -283,81 +424,152 @@ class ServerState:
             other = "forward/backward" if self.split == "double" else "train"
             raise APIError(400, "wrong_call", f"this bundle is a {self.split} split: use {other}, not {call}")
 
-    def _finish_step(self, session: Session, kind: str, step: int, body_sha: str, response: bytes) -> None:
+    # -- durability (on B's thread) -----------------------------------------------------------
+
+    def _commit(self, session: Session, kind: str, step: int, body_sha: str, response: bytes,
+                inputs: dict[str, torch.Tensor] | None) -> None:
+        """Persist the staged step, then apply it: a failure before the commit changes nothing."""
+        n = self.applied_steps + 1
+        fault("before_commit", n)
+        if self.logged:
+            assert inputs is not None
+            record = StepRecord(session.id, kind, step, step + 1, body_sha, response, st_save(inputs))
+            try:
+                with timed("checkpoint"):
+                    seq = self.store.commit_steps([record], lambda: fault("in_commit", n))
+            except (OSError, sqlite3.Error) as exc:
+                self.counters["storage_errors"] += 1
+                raise storage_error(exc) from exc
+            fault("after_commit", n)
+            self.segment.apply_staged()
+            self._log_seq = seq
         session.cache[kind] = _Cached(kind, step, body_sha, response)
-        session.next_step = step + 1
-        session.phase = "forward"
-        self.applied_steps += 1
-        self._since_checkpoint += 1
-        if self._since_checkpoint >= self.settings.checkpoint_every:
+        session.next_step, session.phase = step + 1, "forward"
+        self.applied_steps = n
+        self._since_snapshot += 1
+        if not self.logged:
+            self._dirty.add(session.id)
+        fault("after_apply", n)
+        if self._since_snapshot >= self.snapshot_every:
             self.checkpoint()
 
-    # -- durability ---------------------------------------------------------------------------
+    def touched(self, session: Session) -> None:
+        """A strategy changed this session's step or responses (saved with the next snapshot)."""
+        self._dirty.add(session.id)
+
+    def count_step(self) -> None:
+        self.applied_steps += 1
+        self._since_snapshot += 1
 
     @property
-    def checkpoint_path(self) -> Path:
-        return self.settings.state_dir / CHECKPOINT
+    def snapshot_due(self) -> bool:
+        return self._since_snapshot >= self.snapshot_every
 
     @timed("checkpoint")
     def checkpoint(self) -> None:
-        """Write B, its optimizer and the sessions atomically (write, fsync, rename)."""
+        """Snapshot B and its optimizer (and the strategy); then drop the log up to it.
+
+        A failed snapshot is logged and retried at the next one: the log still holds every step
+        (with a strategy, which has no log, the iterations since the last snapshot are at risk).
+        """
         with self._lock:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "bundle_files": _hash(repr(sorted(self.bundle.manifest.files.items()))),
+            payload: dict[str, Any] = {
+                "format": FORMAT,
+                "bundle_files": self._bundle_hash(),
                 "applied_steps": self.applied_steps,
+                "log_seq": self._log_seq,
                 "module": self.segment.module.state_dict(),
                 "optimizer": self.segment.optimizer.state_dict(),
-                "sessions": {
-                    s.id: {
-                        "token_hash": s.token_hash,
-                        "next_step": s.next_step,
-                        "cache": {
-                            k: {"step": c.step, "body_sha": c.body_sha,
-                                "response": torch.frombuffer(bytearray(c.response), dtype=torch.uint8)}
-                            for k, c in s.cache.items() if k != "forward"
-                        },
-                    }
-                    for s in self.sessions.values()
-                },
             }
             if self.rounds is not None:
-                state["strategy"] = self.rounds.state_dict()
-            tmp = self.checkpoint_path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.checkpoint_path)
-            self._since_checkpoint = 0
+                payload["strategy"] = self.rounds.state_dict()
+            try:
+                self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
+                if self.logged:
+                    self.store.drop_log(self._log_seq)
+                else:
+                    dirty = [self.sessions[s].stored() for s in self._dirty if s in self.sessions]
+                    self.store.save_sessions(dirty)
+                    self._dirty.clear()
+            except Exception as exc:  # noqa: BLE001 - the step is committed; a snapshot failure must not undo it
+                self.counters["storage_errors"] += 1
+                log.warning("snapshot failed (%s: %s); retrying at the next one", type(exc).__name__, exc)
+                return
+            self._since_snapshot = 0
+
+    def _bundle_hash(self) -> str:
+        return _hash(repr(sorted(self.bundle.manifest.files.items())))
 
     def _restore(self) -> int | None:
-        if not self.checkpoint_path.is_file():
+        """Load the snapshot, replay the log after it, load the sessions; None for a fresh start."""
+        try:
+            meta = self.store.meta()
+            strategy = self.settings.strategy or ""
+            if not meta:
+                self.store.set_meta({"format": str(FORMAT), "bundle_files": self._bundle_hash(), "strategy": strategy})
+            elif meta.get("format") != str(FORMAT):
+                raise StateError(f"{self.store.dir} has state of an unknown format; move it away to start fresh")
+            elif meta.get("bundle_files") != self._bundle_hash():
+                raise StateError(f"{self.store.dir} belongs to another bundle; use another --state-dir")
+            elif meta.get("strategy") != strategy:
+                raise StateError(f"{self.store.dir} was written with strategy {meta.get('strategy') or 'none'!r}, the "
+                                 f"server runs {strategy or 'none'!r}; use another --state-dir")
+            snap = self.store.read_snapshot()
+            if snap is not None:
+                for k, t in snap["module"].items():
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        raise StateError(f"{self.store.snapshot_path} holds non-finite weights ({k}); restore it from "
+                                         "a backup or use another --state-dir")
+                self.segment.module.load_state_dict(snap["module"])
+                self.segment.optimizer.load_state_dict(snap["optimizer"])
+                self.applied_steps = int(snap["applied_steps"])
+                self._log_seq = int(snap["log_seq"])
+                if self.rounds is not None:
+                    self.rounds.load_state_dict(snap["strategy"])
+            replayed = self._replay_log()
+            now = time.monotonic()
+            for s in self.store.sessions():
+                cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
+                self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"state directory {self.settings.state_dir} is unusable: {exc}") from exc
+        if snap is None and replayed == 0 and not self.sessions:
+            log.warning("fresh start in %s", self.settings.state_dir)
             return None
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.checkpoint_path} has an unknown format; move it away to start fresh")
-        if state["bundle_files"] != _hash(repr(sorted(self.bundle.manifest.files.items()))):
-            raise ValueError(f"{self.checkpoint_path} belongs to another bundle; use another --state-dir")
-        saved = state.get("strategy", {}).get("name")
-        if saved != self.settings.strategy:
-            raise ValueError(f"{self.checkpoint_path} was written with strategy {saved or 'none'!r}, the server runs "
-                             f"{self.settings.strategy or 'none'!r}; use another --state-dir")
-        self.segment.module.load_state_dict(state["module"])
-        self.segment.optimizer.load_state_dict(state["optimizer"])
-        self.applied_steps = int(state["applied_steps"])
-        now = time.monotonic()
-        for sid, s in state["sessions"].items():
-            cache = {k: _Cached(k, int(c["step"]), c["body_sha"], c["response"].numpy().tobytes())
-                     for k, c in s["cache"].items()}
-            self.sessions[sid] = Session(id=sid, token_hash=s["token_hash"], next_step=int(s["next_step"]),
-                                         last_seen=now, cache=cache)
-        if self.rounds is not None:
-            self.rounds.load_state_dict(state["strategy"])
+        log.warning("resumed from step %d (%d from the snapshot, %d replayed from the log; %d sessions) in %s",
+                    self.applied_steps, self.applied_steps - replayed, replayed, len(self.sessions),
+                    self.settings.state_dir)
         return self.applied_steps
 
+    def _replay_log(self) -> int:
+        """Re-apply the logged steps after the snapshot, in order (B's steps are deterministic)."""
+        records = self.store.log(self._log_seq)
+        for seq, kind, _, blob in records:
+            t = st_load(blob)
+            if kind == "backward":
+                self.segment.forward(t["activation"])
+                self.segment.train_with_gradient(t["grad"])
+            else:
+                self.segment.train_with_labels(t["activation"], t["labels"])
+            self.applied_steps += 1
+            self._since_snapshot += 1
+            self._log_seq = seq
+        if records:
+            for k, v in self.segment.module.state_dict().items():
+                if v.is_floating_point() and not torch.isfinite(v).all():
+                    raise StateError(f"replaying the step log gives non-finite weights ({k}); use another --state-dir")
+        return len(records)
+
+    async def aclose(self) -> None:
+        """Final snapshot (after the step in flight) and release the store."""
+        try:
+            await self.executor.run(self.checkpoint)
+        finally:
+            self.executor.shutdown()
+            self.store.close()
+
     def metrics(self) -> dict[str, float]:
-        with self._lock:
-            return {"sessions_active": len(self.sessions), "steps_applied_total": self.applied_steps,
-                    **{f"{k}_total": v for k, v in self.counters.items()},
-                    **(self.rounds.metrics() if self.rounds is not None else {})}
+        return {"sessions_active": len(self.sessions), "steps_applied_total": self.applied_steps,
+                "lease_waiting": self.lease.waiting,
+                **{f"{k}_total": v for k, v in self.counters.items()},
+                **(self.rounds.metrics() if self.rounds is not None else {})}

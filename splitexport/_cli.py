@@ -299,7 +299,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SplitExportError(f"cannot restore the server state in {settings.state_dir}: {first}; move it "
                                    "away to start fresh, or pass another --state-dir") from exc
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
+        # devices waiting for B or a barrier must not hold up a shutdown: their requests are cancelled after 3 s
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=3)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
@@ -402,9 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--host", default=None, help="default 127.0.0.1; other addresses need --tokens")
     p.add_argument("--port", type=at.port, default=None, help="default 8000")
-    p.add_argument("--state-dir", type=at.writable_dir, default=None, help="checkpoints of B and the sessions")
+    p.add_argument("--state-dir", type=at.writable_dir, default=None,
+                   help="B's snapshots, the step log and the sessions")
     p.add_argument("--tokens", type=at.existing_file, default=None, help="file of bearer tokens, one per line")
-    p.add_argument("--checkpoint-every", type=at.positive_int, default=None, help="checkpoint every N steps (default 1)")
+    p.add_argument("--checkpoint-every", type=at.positive_int, default=None,
+                   help="snapshot B every N steps (default 100, with --strategy 1); without a strategy every step "
+                   "is also logged, so a crash loses none")
     p.add_argument("--threads", type=at.positive_int, default=None, help="torch threads for B (default: one per core)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"], default="warning")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",

@@ -37,6 +37,7 @@ class TorchSegment:
         loss: LossKind = "cross_entropy",
         input_grad: bool = True,
         rule: AuxLossRule = EXACT_RULE,
+        restorable: bool = False,
     ) -> None:
         self.module = module
         self.optimizer = optimizer.build([p for p in module.parameters() if p.requires_grad])
@@ -44,8 +45,36 @@ class TorchSegment:
         self.input_grad = input_grad
         self.rule = rule
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._buffers = list(module.buffers()) if restorable else []
+        """``restorable``: keep a copy of the buffers (BatchNorm statistics) from before each forward, so that
+        :meth:`discard_pending` leaves no trace of an abandoned step (the server's rollback)."""
+        self._saved_buffers: list[torch.Tensor] | None = None
+        self._staged = False
+
+    @property
+    def has_pending(self) -> bool:
+        """A forward waits for its gradient, or a staged step for :meth:`apply_staged`."""
+        return self._pending is not None or self._staged
+
+    @property
+    def pending_output(self) -> torch.Tensor | None:
+        return None if self._pending is None else self._pending[1]
+
+    def discard_pending(self) -> None:
+        """Forget the pending forward or staged step: gradients dropped, buffers as before the forward."""
+        self._pending = None
+        if self._staged:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._staged = False
+        if self._saved_buffers is not None:
+            with torch.no_grad():
+                for b, saved in zip(self._buffers, self._saved_buffers, strict=True):
+                    b.copy_(saved)
+            self._saved_buffers = None
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._buffers:
+            self._saved_buffers = [b.detach().clone() for b in self._buffers]
         self.module.train()
         x = x.detach().requires_grad_(self.input_grad)
         with eager_execution():
@@ -61,23 +90,45 @@ class TorchSegment:
         """Aux-loss step for the output of the last ``forward``; returns ``dL/d(input)``."""
         if self._pending is None:
             raise RuntimeError("train_with_gradient called without a preceding forward")
-        x_in, out = self._pending
-        self._pending = None
-        loss = self.rule.loss_from_grad(out, grad_out)
-        return self._step(loss, x_in)
+        grad = self.stage_gradient(grad_out)
+        self.apply_staged()
+        return grad
 
     def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """Label-loss step; returns (loss, ``dL/d(input)``, detached output)."""
+        result = self.stage_labels(x, labels)
+        self.apply_staged()
+        return result
+
+    def stage_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`train_with_gradient` up to the optimizer step (the weights do not change yet)."""
+        if self._pending is None:
+            raise RuntimeError("train_with_gradient called without a preceding forward")
+        x_in, out = self._pending
+        self._pending = None
+        loss = self.rule.loss_from_grad(out, grad_out)
+        return self._backward(loss, x_in)
+
+    def stage_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
+        """:meth:`train_with_labels` up to the optimizer step (the weights do not change yet)."""
         x_in, out = self._run(x)
         loss = label_loss(out, labels, self.loss_kind)
-        grad = self._step(loss, x_in)
+        grad = self._backward(loss, x_in)
         return float(loss.detach()), grad, out.detach()
 
-    def _step(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
+    def apply_staged(self) -> None:
+        """The optimizer step of the staged gradients."""
+        if not self._staged:
+            raise RuntimeError("apply_staged called without a staged step")
+        self.optimizer.step()
+        self._staged = False
+        self._saved_buffers = None
+
+    def _backward(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)
         with eager_execution():
             loss.backward()
-        self.optimizer.step()
+        self._staged = True
         return x_in.grad.detach() if self.input_grad and x_in.grad is not None else None
 
     @torch.no_grad()

@@ -110,6 +110,8 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     STRATEGY_FAILED = "strategy_failed"
     BUSY = "busy"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    INSUFFICIENT_STORAGE = "insufficient_storage"
     UNREACHABLE = "unreachable"
 
     @property
@@ -138,7 +140,8 @@ _STATUS: dict[ErrorCode, int] = {
                      ErrorCode.WRONG_BATCH, ErrorCode.NON_FINITE, ErrorCode.LABEL_OUT_OF_RANGE,
                      ErrorCode.STATE_MISMATCH], 422),
     **dict.fromkeys([ErrorCode.INTERNAL_ERROR, ErrorCode.STRATEGY_FAILED], 500),
-    **dict.fromkeys([ErrorCode.BUSY, ErrorCode.UNREACHABLE], 503),
+    **dict.fromkeys([ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.UNREACHABLE], 503),
+    ErrorCode.INSUFFICIENT_STORAGE: 507,
 }
 
 

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 
 from .._deps import State
+from .._metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def health(state: State) -> dict[str, object]:
+async def health(state: State) -> dict[str, object]:
     return {"status": "ok", "split": state.split, "segment": state.spec.name, "steps_applied": state.applied_steps}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(state: State) -> str:
-    lines = []
-    for name, value in state.metrics().items():
-        lines.append(f"# TYPE splitexport_{name} {'counter' if name.endswith('_total') else 'gauge'}")
-        lines.append(f"splitexport_{name} {value}")
-    return "\n".join(lines) + "\n"
+async def metrics(state: State) -> Response:
+    """Prometheus text format: counters, gauges and the Server-Timing phase histograms."""
+    return Response(state.prometheus.render(), media_type=CONTENT_TYPE)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Response
-from starlette.concurrency import run_in_threadpool
 
 from .._deps import Body, Caller, CurrentSession, State, TensorBody
 from .._wire import MEDIA_TYPE, check_targets
@@ -19,34 +18,31 @@ def _tensors(state: State, data: bytes) -> Response:
     return Response(content=data, media_type=MEDIA_TYPE)
 
 
-async def _timed_call(state: State, body: TensorBody, call: Callable[..., bytes], *args: Any) -> Response:
-    """Run a state call in a worker thread; the response carries its ``Server-Timing`` (docs/protocol.md)."""
-
-    def timed() -> bytes:  # timed in the worker thread: the hand-off to it is not B's time
-        with body.timer.active("b"):
-            return call(*args)
-
-    data = await run_in_threadpool(timed)
+async def _timed_call(state: State, body: TensorBody, call: Callable[..., Awaitable[bytes]], *args: Any) -> Response:
+    """Await a state call; the response carries its ``Server-Timing`` (docs/protocol.md)."""
+    with body.timer.active("b"):
+        data = await call(*args)
+    state.prometheus.observe(call.__name__, body.timer)
     response = _tensors(state, data)
     response.headers["Server-Timing"] = body.timer.header()
     return response
 
 
 @router.post("", status_code=201)
-def open_session(state: State, token_hash: Caller) -> dict[str, object]:
+async def open_session(state: State, token_hash: Caller) -> dict[str, object]:
     """Open a session for one device; its steps start at 0."""
     s = state.open_session(token_hash)
     return {**s.public(), "split": state.split, "segment": state.spec.name}
 
 
 @router.get("/{session_id}")
-def get_session(session: CurrentSession) -> dict[str, object]:
+async def get_session(session: CurrentSession) -> dict[str, object]:
     """Where a session stands (after a restart, the step to continue from)."""
     return session.public()
 
 
 @router.delete("/{session_id}", status_code=204)
-def close_session(session: CurrentSession, state: State) -> Response:
+async def close_session(session: CurrentSession, state: State) -> Response:
     state.close_session(session)
     return Response(status_code=204)
 

@@ -22,6 +22,7 @@ SCRIPTS = {
     "fp16_subnormals.py": "| resnet_cnn |",
     "float32_drift.py": "threads 1 vs 2",
     "bench_safetensors_header.py": "5000 tensors: 413 header_too_large",
+    "bench_server_state.py": "server CPU",
 }
 
 

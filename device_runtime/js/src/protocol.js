@@ -51,6 +51,8 @@ export const ErrorCode = Object.freeze({
   INTERNAL_ERROR: "internal_error",
   STRATEGY_FAILED: "strategy_failed",
   BUSY: "busy",
+  STORAGE_UNAVAILABLE: "storage_unavailable",
+  INSUFFICIENT_STORAGE: "insufficient_storage",
   UNREACHABLE: "unreachable",
 });
 
@@ -89,5 +91,7 @@ export const ERROR_STATUS = Object.freeze({
   "internal_error": 500,
   "strategy_failed": 500,
   "busy": 503,
+  "storage_unavailable": 503,
+  "insufficient_storage": 507,
   "unreachable": 503,
 });

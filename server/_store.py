@@ -1,0 +1,262 @@
+"""The server's durable state: SQLite (WAL mode) for sessions, responses and the step log; B's snapshots.
+
+One database ``state.db`` in the state directory holds
+
+* ``sessions``: one row per open session; it changes only when that session steps (or opens, closes);
+* ``responses``: the last response of each call kind per session, for exactly-once retries (written
+  once per step and replaced by the next: at most one row per session and call kind);
+* ``steps``: the write-ahead log of the steps applied since the last snapshot: the step's input tensors
+  (what replaying B's update needs), committed in the same transaction as the session row and response;
+* ``meta``: the bundle it belongs to, the strategy, and the format.
+
+B and its optimizer are snapshotted to ``checkpoint.pt`` every N steps (write, fsync, rename) with a
+sha256 of their contents; after a snapshot the log up to it is deleted. See docs/protocol.md (Durability).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DB = "state.db"
+SNAPSHOT = "checkpoint.pt"
+FORMAT = 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, token_hash TEXT NOT NULL, next_step INTEGER NOT NULL, phase TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS responses (
+    session_id TEXT NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL, body_sha TEXT NOT NULL,
+    response BLOB NOT NULL, PRIMARY KEY (session_id, kind));
+CREATE TABLE IF NOT EXISTS steps (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL,
+    inputs BLOB NOT NULL);
+"""
+
+
+class StateError(ValueError):
+    """The state directory cannot be used (one line for the operator)."""
+
+
+@dataclass
+class StoredSession:
+    id: str
+    token_hash: str
+    next_step: int
+    phase: str
+    responses: dict[str, tuple[int, str, bytes]]
+    """kind -> (step, body sha256, response)."""
+
+
+@dataclass
+class StepRecord:
+    """One applied step for the log: who, which, and the inputs that replay B's update."""
+
+    session_id: str
+    kind: str
+    step: int
+    next_step: int
+    body_sha: str
+    response: bytes
+    inputs: bytes | None
+    """safetensors bytes of the step's tensors; None: not logged (a strategy's step, snapshotted instead)."""
+
+
+def digest(obj: Any) -> str:
+    """sha256 over a nested structure of dicts, lists, tensors and scalars (keys sorted)."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, Mapping):
+            h.update(b"{")
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, list | tuple):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        elif isinstance(o, np.ndarray):
+            walk(torch.from_numpy(np.ascontiguousarray(o)))
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+class Store:
+    """SQLite in WAL mode; every write is one transaction, fsynced (``synchronous=FULL``)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.bytes_written = 0
+        """Bytes of tensors, rows and snapshots handed to the disk (the benchmark reads it)."""
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            for stale in state_dir.glob("*.tmp"):  # a snapshot that a crash interrupted
+                stale.unlink()
+            self._db = sqlite3.connect(state_dir / DB, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"state directory {state_dir} is unusable: {exc}") from exc
+        self._lock = threading.Lock()
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.dir / SNAPSHOT
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- meta ---------------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        with self._txn() as db:
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def sessions(self) -> list[StoredSession]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, token_hash, next_step, phase FROM sessions").fetchall()
+            out = {r[0]: StoredSession(r[0], r[1], int(r[2]), r[3], {}) for r in rows}
+            for sid, kind, step, sha, response in self._db.execute("SELECT * FROM responses"):
+                if sid in out:
+                    out[sid].responses[kind] = (int(step), sha, bytes(response))
+        return list(out.values())
+
+    def open_session(self, session_id: str, token_hash: str) -> None:
+        with self._txn() as db:
+            db.execute("INSERT INTO sessions VALUES (?, ?, 0, 'forward')", (session_id, token_hash))
+
+    def delete_sessions(self, session_ids: list[str]) -> None:
+        with self._txn() as db:
+            db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in session_ids])
+            db.executemany("DELETE FROM responses WHERE session_id = ?", [(s,) for s in session_ids])
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def commit_steps(self, records: list[StepRecord], before_commit: Callable[[], None] | None = None) -> int:
+        """The steps' session rows, responses and log records in one transaction; the last log seq."""
+        seq = 0
+        with self._txn() as db:
+            for r in records:
+                db.execute("UPDATE sessions SET next_step = ?, phase = 'forward' WHERE id = ?",
+                           (r.next_step, r.session_id))
+                db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                           (r.session_id, r.kind, r.step, r.body_sha, r.response))
+                self.bytes_written += len(r.response) + 64
+                if r.inputs is not None:
+                    cur = db.execute("INSERT INTO steps (session_id, kind, step, inputs) VALUES (?, ?, ?, ?)",
+                                     (r.session_id, r.kind, r.step, r.inputs))
+                    seq = int(cur.lastrowid or 0)
+                    self.bytes_written += len(r.inputs)
+            if before_commit is not None:
+                before_commit()
+        return seq
+
+    def save_sessions(self, sessions: list[StoredSession]) -> None:
+        """Whole session rows with their responses (the strategies' iterations, with a snapshot)."""
+        with self._txn() as db:
+            for s in sessions:
+                db.execute("UPDATE sessions SET next_step = ?, phase = ? WHERE id = ?", (s.next_step, s.phase, s.id))
+                for kind, (step, sha, response) in s.responses.items():
+                    db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                               (s.id, kind, step, sha, response))
+                    self.bytes_written += len(response) + 64
+
+    def log(self, after_seq: int) -> list[tuple[int, str, int, bytes]]:
+        """The logged steps after ``after_seq``: (seq, kind, step, inputs), in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, kind, step, inputs FROM steps WHERE seq > ? ORDER BY seq",
+                                    (after_seq,)).fetchall()
+        return [(int(s), k, int(n), bytes(b)) for s, k, n, b in rows]
+
+    def last_seq(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM steps").fetchone()
+        return int(row[0] or 0)
+
+    def drop_log(self, upto_seq: int) -> None:
+        with self._txn() as db:
+            db.execute("DELETE FROM steps WHERE seq <= ?", (upto_seq,))
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def write_snapshot(self, payload: dict[str, Any], before_sync: Callable[[], None] | None = None) -> None:
+        """``payload`` plus its ``checksum`` to ``checkpoint.pt`` atomically; no partial file on failure."""
+        payload = {**payload, "checksum": digest(payload)}
+        tmp = self.snapshot_path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                if before_sync is not None:
+                    before_sync()
+                os.fsync(f.fileno())
+                self.bytes_written += f.tell()
+            os.replace(tmp, self.snapshot_path)
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def read_snapshot(self) -> dict[str, Any] | None:
+        """The last snapshot, checksum verified; ``StateError`` when it is damaged."""
+        path = self.snapshot_path
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unreadable snapshot is one operator error
+            raise StateError(f"{path} is damaged ({type(exc).__name__}); restore it from a backup or use another "
+                             "--state-dir") from exc
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise StateError(f"{path} has an unknown format; move it away to start fresh")
+        saved = state.pop("checksum", None)
+        if saved != digest(state):
+            raise StateError(f"{path} fails its checksum (damaged); restore it from a backup or use another "
+                             "--state-dir")
+        return state
