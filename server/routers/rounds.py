@@ -66,10 +66,3 @@ def end_turn(session: CurrentSession, state: State, body: Body) -> Response:
     """SSL: this session's device weights after its turn, for the next client."""
     _host(state).end_turn(session, body.arrays)
     return Response(status_code=204)
-
-
-@router.post("/sessions/{session_id}/metrics", status_code=204)
-def observe(metrics: dict[str, float], session: CurrentSession, state: State) -> Response:
-    """Client feedback for the strategy (``Strategy.observe``), e.g. ``{"loss": 0.7}``."""
-    _host(state).observe(session, metrics)
-    return Response(status_code=204)
