@@ -186,7 +186,8 @@ def test_resnet_drift_is_torch_float32_drift(digits, tmp_path: Path, opt: Optimi
     that differ only in thread count drift apart within a few steps. ORT's drift must stay of
     that size. Which run crosses a ReLU kink first is a coin flip of the machine's kernels (here
     ORT's SGD run jumps at step 19, torch's control at step 37), so the sizes are compared over
-    the whole run, not step by step."""
+    the whole run, not step by step. A size check only: a 0.1% ORT learning-rate error passes it
+    (3.1e-2 vs 7.1e-2); the with-replacement test above is the one that catches it."""
     _, _, ours = train_both(digits, tmp_path, "resnet", "double", opt, "epochs")
     control = torch_thread_drift(digits, "resnet", opt, "epochs")
     print(
