@@ -8,7 +8,8 @@ tests the compute part of the prediction (device time from the ORT timing, serve
 and that nothing the plan leaves out (HTTP, encoding) is large. Both sides run with one thread, as the plan
 times them; the server checkpoints every 1000 steps (the plan does not model checkpoint writes). The machine
 running the tests is shared, so a busy moment can inflate one side: the plan and the run are measured
-together up to twice, and one agreement within 25 % passes.
+together up to twice, and one agreement within 25 % passes. The cut and batch make the device's compute about a
+third of the step, so a plan without the device time (or without the RTT) fails.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from tests.server.conftest import TOKEN, ServerProcess
 
 pytest.importorskip("onnxruntime.training")
 
-BATCH, WARMUP, STEPS, ATTEMPTS = 32, 4, 24, 2
+BATCH, WARMUP, STEPS, ATTEMPTS = 64, 4, 16, 2
 LINK = Link(bandwidth_bps=100e6, rtt_s=0.010)
-CUT = "layer1"
+CUT = "layer3"
 
 
 class DelayedTransport(httpx.HTTPTransport):
