@@ -142,10 +142,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
     profile = resolve_profile(args.device_profile, args.device_flops)
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     example = example_input(args.input_shape, args.input_dtype)
-    samples = args.train_samples or _train_samples(args, loaded.module, example, tempfile.gettempdir())
+    data = _plan_data(args, loaded.module, example, tempfile.gettempdir()) \
+        if args.attack or not args.train_samples else None
+    samples = args.train_samples or int(data.x_train.shape[0])  # type: ignore[union-attr]
+    attack = None
+    if args.attack:
+        assert data is not None
+        x = data.x_train[: args.attack_samples]
+        y = data.y_train[: args.attack_samples] if args.loss == "cross_entropy" else None
+        attack = (x, y)
     result = plan(loaded.module, example, double=args.double, batch=args.batch_size, train_samples=samples,
                   link=Link(args.bandwidth, args.rtt), profile=profile, optimizer=args.optimizer,
-                  loss=args.loss, threads=args.threads, reps=args.reps)
+                  loss=args.loss, threads=args.threads, reps=args.reps, attack=attack)
     print(format_table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "plan.json").write_text(json.dumps(result.to_json(), indent=2))
@@ -154,12 +162,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"Pareto-best: {', '.join(best)}; wrote {args.out / 'plan.json'} and {png}")
 
 
-def _train_samples(args: argparse.Namespace, module: Any, example: Any, tmp: str) -> int:
-    """Training samples of --data (checked against the model, via a throw-away bundle) or the built-in dataset."""
+def _plan_data(args: argparse.Namespace, module: Any, example: Any, tmp: str) -> Any:
+    """--data (prepared and checked against the model, via a throw-away bundle) or the built-in dataset."""
     if args.data is None:
         from ._data import load_dataset
 
-        return int(load_dataset(args.dataset).x_train.shape[0])
+        return load_dataset(args.dataset)
     import tempfile
 
     from ._bundle import write_bundle
@@ -171,7 +179,7 @@ def _train_samples(args: argparse.Namespace, module: Any, example: Any, tmp: str
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         b = write_bundle(part, Path(d) / "b", source=SourceSpec(file_name=args.model.name, sha256="0" * 64,
                                                                  kind="state_dict"), loss=LossSpec(kind=args.loss))
-        return int(resolve_data(args.dataset, b.manifest, data=args.data, target=args.target).x_train.shape[0])
+        return resolve_data(args.dataset, b.manifest, data=args.data, target=args.target)
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -430,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
     p.add_argument("--threads", type=at.positive_int, default=1, help="threads for the timed steps (default 1)")
     p.add_argument("--reps", type=at.positive_int, default=5, help="timed repetitions per step (median)")
+    p.add_argument("--attack", action="store_true", help="measure each cut's leakage: input reconstruction "
+                   "(PSNR, SSIM) and, single split, label leakage from gradients (AUC); docs/privacy.md")
+    p.add_argument("--attack-samples", type=at.positive_int, default=1000,
+                   help="training samples the attacks use (half to train the decoder, half to score; default 1000)")
     p.add_argument("--out", type=at.writable_dir, default=Path("splitexport-plan"), help="where plan.json/png go")
     p.set_defaults(func=cmd_plan)
 

@@ -119,6 +119,8 @@ class Candidate:
     bytes_down: dict[str, int]
     device_memory: dict[str, int]
     """params, gradients, optimizer_state, activations, total: bytes a device step holds."""
+    leakage: dict[str, float | None] | None = None
+    """``--attack``: psnr_db, ssim (images), label_auc (single split); see :mod:`splitexport._privacy`."""
     step_time_s: dict[str, float] = field(default_factory=dict)
     epoch_time_s: dict[str, float] = field(default_factory=dict)
     pareto: bool = False
@@ -253,9 +255,16 @@ def plan(
     loss: Literal["cross_entropy", "mse"] = "cross_entropy",
     threads: int = 1,
     reps: int = 5,
+    attack: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Plan:
-    """Measure and predict every single cut (or, with ``double``, every valid pair of cuts) of ``model``."""
+    """Measure and predict every single cut (or, with ``double``, every valid pair of cuts) of ``model``.
+
+    ``attack``: (inputs, labels) to measure each candidate's leakage on (:func:`splitexport._privacy.measure`).
+    """
+    if attack is not None and not example.dtype.is_floating_point:
+        raise SplitExportError("--attack measures the reconstruction of float inputs; a model over token ids "
+                               "(--input-dtype int64/int32) is not supported by the attacks yet")
     points = list_cut_points(model, example)
     if not points:
         raise PartitionError("the model has no valid cut point")
@@ -327,6 +336,11 @@ def plan(
                 device_params=params, device_time_host_s=dev_t, device_time_s=dev_t * scale, server_time_s=srv_t,
                 requests=requests, bytes_up=bytes_up, bytes_down=bytes_down, device_memory=mem,
             )
+            if attack is not None:
+                from ._privacy import measure
+
+                found = measure(model, cuts, example, attack[0], attack[1])
+                cand.leakage = {"psnr_db": found.psnr_db, "ssim": found.ssim, "label_auc": found.label_auc}
             steps = math.ceil(train_samples / batch)
             for k in ("float32", "float16"):
                 t = cand.device_time_s + srv_t + link.time(requests, bytes_up[k] + bytes_down[k])
@@ -341,6 +355,7 @@ def plan(
         "bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s, "device_profile": profile.name,
         "device_flops_per_s": profile.flops_per_s, "host_matmul_flops_per_s": host_rate, "device_time_scale": scale,
         "optimizer": optimizer, "threads": threads, "reps": reps, "skipped": skipped,
+        "attack_samples": None if attack is None else int(attack[0].shape[0]),
     }
     return Plan(candidates, settings)
 
@@ -370,7 +385,8 @@ def format_table(p: Plan) -> str:
     s = p.settings
     w = max([22, *(len(c.label) for c in p.candidates)])
     head = (f"{'cut':<{w}} {'dev FLOPs':>10} {'dev ms':>7} {'srv ms':>7} {'up kB':>8} {'down kB':>8} "
-            f"{'dev mem kB':>10} {'step ms':>8} {'fp16 ms':>8} {'epoch s':>8}  pareto")
+            f"{'dev mem kB':>10} {'step ms':>8} {'fp16 ms':>8} {'epoch s':>8}  pareto"
+            + (f" {'PSNR dB':>7} {'SSIM':>5} {'labelAUC':>8}" if p.candidates[0].leakage is not None else ""))
     lines = [
         (f"{s['split']} split, batch {s['batch_size']}, {s['train_samples']} training samples; link "
          f"{s['bandwidth_bps'] / 1e6:g} Mbit/s, RTT {s['rtt_s'] * 1e3:g} ms; device {s['device_profile']} "
@@ -382,12 +398,21 @@ def format_table(p: Plan) -> str:
             f"{c.label:<{w}} {c.device_flops:>10} {_ms(c.device_time_s):>7} {_ms(c.server_time_s):>7} "
             f"{_kb(c.bytes_up['float32']):>8} {_kb(c.bytes_down['float32']):>8} {_kb(c.device_memory['total']):>10} "
             f"{_ms(c.step_time_s['float32']):>8} {_ms(c.step_time_s['float16']):>8} "
-            f"{c.epoch_time_s['float32']:>8.2f}  {'*' if c.pareto else ''}")
+            f"{c.epoch_time_s['float32']:>8.2f}  {'*' if c.pareto else '':<6}" + _leak(c.leakage))
     for sk in s["skipped"]:
         lines.append(f"{'+'.join(sk['cuts']):<{w}} skipped: {sk['reason']}")
     lines.append("(up/down: float32 bytes per step; step = device + server + requests x RTT + bytes x 8 / bandwidth; "
                  "* = Pareto-best on step time and device memory)")
     return "\n".join(lines)
+
+
+def _leak(leak: dict[str, float | None] | None) -> str:
+    if leak is None:
+        return ""
+
+    def f(v: float | None, fmt: str, width: int) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+    return f" {f(leak['psnr_db'], '.1f', 7)} {f(leak['ssim'], '.2f', 5)} {f(leak['label_auc'], '.3f', 8)}"
 
 
 def plot_plan(p: Plan, path: str | Path) -> Path:
