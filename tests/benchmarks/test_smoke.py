@@ -21,6 +21,7 @@ SCRIPTS = {
     "strategies_report.py": "wrote ",
     "fp16_subnormals.py": "| resnet_cnn |",
     "float32_drift.py": "threads 1 vs 2",
+    "privacy_leakage.py": "| mlp, untrained | fc1 |",
 }
 
 
