@@ -403,7 +403,7 @@ def format_table(p: Plan) -> str:
         lines.append(f"{'+'.join(sk['cuts']):<{w}} skipped: {sk['reason']}")
     lines.append("(up/down: float32 bytes per step; step = device + server + requests x RTT + bytes x 8 / bandwidth; "
                  "* = Pareto-best on step time and device memory)")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _leak(leak: dict[str, float | None] | None) -> str:
