@@ -129,6 +129,59 @@ def cmd_partition(args: argparse.Namespace) -> None:
               f"modules {', '.join(seg.modules)}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    """``splitexport plan``: measured and predicted cost of every cut (docs/plan.md)."""
+    import json
+    import tempfile
+
+    from ._loading import load_model
+    from ._plan import Link, format_table, plan, plot_plan, resolve_profile
+
+    if args.target is not None and args.data is None:
+        raise SplitExportError("--target needs --data PATH (a CSV)")
+    profile = resolve_profile(args.device_profile, args.device_flops)
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    example = example_input(args.input_shape, args.input_dtype)
+    data = _plan_data(args, loaded.module, example, tempfile.gettempdir()) \
+        if args.attack or not args.train_samples else None
+    samples = args.train_samples or int(data.x_train.shape[0])  # type: ignore[union-attr]
+    attack = None
+    if args.attack:
+        assert data is not None
+        x = data.x_train[: args.attack_samples]
+        y = data.y_train[: args.attack_samples] if args.loss == "cross_entropy" else None
+        attack = (x, y)
+    result = plan(loaded.module, example, double=args.double, batch=args.batch_size, train_samples=samples,
+                  link=Link(args.bandwidth, args.rtt), profile=profile, optimizer=args.optimizer,
+                  loss=args.loss, threads=args.threads, reps=args.reps, attack=attack)
+    print(format_table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "plan.json").write_text(json.dumps(result.to_json(), indent=2))
+    png = plot_plan(result, args.out / "plan.png")
+    best = [c.label for c in result.candidates if c.pareto]
+    print(f"Pareto-best: {', '.join(best)}; wrote {args.out / 'plan.json'} and {png}")
+
+
+def _plan_data(args: argparse.Namespace, module: Any, example: Any, tmp: str) -> Any:
+    """--data (prepared and checked against the model, via a throw-away bundle) or the built-in dataset."""
+    if args.data is None:
+        from ._data import load_dataset
+
+        return load_dataset(args.dataset)
+    import tempfile
+
+    from ._bundle import write_bundle
+    from ._datafiles import resolve_data
+    from ._manifest import SourceSpec
+    from ._partition import list_cut_points, partition
+
+    part = partition(module, [list_cut_points(module, example)[0].name], example)
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        b = write_bundle(part, Path(d) / "b", source=SourceSpec(file_name=args.model.name, sha256="0" * 64,
+                                                                 kind="state_dict"), loss=LossSpec(kind=args.loss))
+        return resolve_data(args.dataset, b.manifest, data=args.data, target=args.target)
+
+
 def cmd_simulate(args: argparse.Namespace) -> None:
     from ._bundle import load_bundle
     from ._simulate import simulate
@@ -331,6 +384,24 @@ def cmd_deploy(args: argparse.Namespace) -> None:
           f"({', '.join(s.name for s in deployed.manifest.device_segments)})")
 
 
+def _plan_profiles() -> list[str]:
+    from ._plan import DEVICE_PROFILES
+
+    return list(DEVICE_PROFILES)
+
+
+def _plan_bandwidth(text: str) -> float:
+    from ._plan import bandwidth
+
+    return bandwidth(text)
+
+
+def _plan_duration(text: str) -> float:
+    from ._plan import duration
+
+    return duration(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = at.OneLineParser(prog="splitexport", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -350,6 +421,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, metavar="COLUMN", help="the label column of a --data CSV")
     _optimizer_args(p, defaults=True)
     p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("plan", help="measure and predict step time, traffic and device memory of every cut")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--double", action="store_true", help="pairs of cuts (A|B|C, A and C on the device)")
+    prof = p.add_mutually_exclusive_group()
+    prof.add_argument("--device-profile", choices=list(_plan_profiles()), default=None,
+                   help="device class scaling the measured device time (default host: this machine)")
+    prof.add_argument("--device-flops", type=at.positive_float, default=None, metavar="F",
+                   help="the device's sustained fp32 matrix-multiply FLOP/s, instead of a profile")
+    p.add_argument("--bandwidth", type=_plan_bandwidth, default="20mbit", help="link bandwidth, e.g. 20mbit (default)")
+    p.add_argument("--rtt", type=_plan_duration, default="60ms", help="round-trip time, e.g. 60ms (default)")
+    p.add_argument("--batch-size", type=at.positive_int, default=32)
+    p.add_argument("--train-samples", type=at.positive_int, default=None,
+                   help="samples per epoch (default: the training split of --data or --dataset)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="device optimizer (as export)")
+    p.add_argument("--loss", choices=["cross_entropy", "mse"], default="cross_entropy")
+    p.add_argument("--threads", type=at.positive_int, default=1, help="threads for the timed steps (default 1)")
+    p.add_argument("--reps", type=at.positive_int, default=5, help="timed repetitions per step (median)")
+    p.add_argument("--attack", action="store_true", help="measure each cut's leakage: input reconstruction "
+                   "(PSNR, SSIM) and, single split, label leakage from gradients (AUC); docs/privacy.md")
+    p.add_argument("--attack-samples", type=at.positive_int, default=1000,
+                   help="training samples the attacks use (half to train the decoder, half to score; default 1000)")
+    p.add_argument("--out", type=at.writable_dir, default=Path("splitexport-plan"), help="where plan.json/png go")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("simulate", help="train a bundle split in process beside a monolithic run")
     p.add_argument("bundle", type=Path)

@@ -23,6 +23,7 @@ SCRIPTS = {
     "float32_drift.py": "threads 1 vs 2",
     "bench_safetensors_header.py": "5000 tensors: 413 header_too_large",
     "bench_server_state.py": "server CPU",
+    "privacy_leakage.py": "| mlp, untrained | fc1 |",
 }
 
 
