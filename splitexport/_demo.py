@@ -280,10 +280,14 @@ def _server_weights(bundle: Path, state_dir: Path) -> dict[str, torch.Tensor]:
     """B as the stopped server left it: restored from its state directory by the server's own code."""
     from server import ServerSettings, ServerState
 
-    state = ServerState(ServerSettings(bundle=bundle, state_dir=state_dir, tokens="unused"))
-    if not state.resumed_from:
-        raise SplitExportError(f"the server left no trained state in {state_dir}")
-    return {k: v.detach().clone() for k, v in state.segment.module.state_dict().items()}
+    state = ServerState(ServerSettings(bundle=bundle, state_dir=state_dir, tokens="read-only-" + "0" * 16))
+    try:
+        if not state.resumed_from:
+            raise SplitExportError(f"the server left no trained state in {state_dir}")
+        return {k: v.detach().clone() for k, v in state.segment.module.state_dict().items()}
+    finally:
+        state.executor.shutdown()
+        state.store.close()
 
 
 def _train_monolithic(bundle_path: Path, epochs: int, seed: int, progress: bool,

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +17,6 @@ import pytest
 import torch
 
 from device_runtime import RemoteSegment, ServerClient, ServerError
-from device_runtime._train import main as device_main
 from splitexport import (
     OptimizerSpec,
     SplitModel,
@@ -132,20 +134,25 @@ def test_client_honours_retry_after() -> None:
         httpd.shutdown()
 
 
-def test_device_cli_reads_the_token_from_the_environment(mlp_bundle_for_cli: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    args = ["train", "--bundle", str(mlp_bundle_for_cli), "--runtime", "torch", "--epochs", "1", "--no-progress",
-            "--out", str(tmp_path / "out")]
+def test_device_cli_reads_the_token_from_the_environment(mlp_bundle_for_cli: Path, tmp_path: Path) -> None:
+    """``python -m device_runtime train`` as a user runs it (a subprocess: the CLI's own stderr, not a capture)."""
+    args = [sys.executable, "-m", "device_runtime", "train", "--bundle", str(mlp_bundle_for_cli), "--runtime", "torch",
+            "--epochs", "1", "--no-progress", "--out", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "SPLITEXPORT_TOKEN"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+
+    def run(*extra: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*args, *extra], env=env if token is None else {**env, "SPLITEXPORT_TOKEN": token},
+                              capture_output=True, text=True, timeout=300, check=False)
+
     with threaded_server(mlp_bundle_for_cli, tmp_path / "state") as (url, state):
-        monkeypatch.delenv("SPLITEXPORT_TOKEN", raising=False)
-        assert device_main([*args, "--server", url]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and ErrorCode.MISSING_TOKEN in err, err
-        monkeypatch.setenv("SPLITEXPORT_TOKEN", TOKEN)
-        assert device_main([*args, "--server", url]) == 0
+        missing = run("--server", url)
+        err = missing.stderr.strip()
+        assert missing.returncode == 2 and err.count("\n") == 0 and ErrorCode.MISSING_TOKEN in err, err
+        assert run("--server", url, token=TOKEN).returncode == 0
         assert state.applied_steps > 0
-        monkeypatch.setenv("SPLITEXPORT_TOKEN", "not-the-token-0123456789")  # --token wins over the environment
-        assert device_main([*args, "--server", url, "--token", TOKEN]) == 0
+        # --token wins over the environment
+        assert run("--server", url, "--token", TOKEN, token="not-the-token-0123456789").returncode == 0
 
 
 @pytest.fixture
