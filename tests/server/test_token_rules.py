@@ -36,9 +36,19 @@ def test_bad_tokens_file_is_refused_at_startup(mlp_bundle: Path, tmp_path: Path,
 
 
 def test_unreadable_tokens_file_is_one_line(mlp_bundle: Path, tmp_path: Path, capsys) -> None:
-    code = main(["serve", str(mlp_bundle), "--state-dir", str(tmp_path / "s"), "--tokens", str(tmp_path / "none")])
+    """A missing file is an argument error (argparse exits 2); an unreadable one is refused at startup."""
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", str(mlp_bundle), "--state-dir", str(tmp_path / "s"), "--tokens", str(tmp_path / "none")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "cannot read the tokens file" in err, err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "none does not exist" in err, err
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    settings_err = None
+    try:
+        ServerSettings(bundle=mlp_bundle, tokens_file=folder).token_set()
+    except ValueError as e:
+        settings_err = str(e)
+    assert settings_err is not None and "cannot read the tokens file" in settings_err, settings_err
 
 
 def test_short_environment_token_is_refused(mlp_bundle: Path) -> None:
