@@ -50,6 +50,9 @@ class ServerSettings(BaseSettings):
     max_batch: int = Field(1024, ge=1)
     body_timeout_s: float = Field(30.0, gt=0)
     """A request body must arrive in full within this many seconds of the request's start (else 408)."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Refuse (422 ``gradient_too_large``) a step whose gradient of B's parameters has a larger L2 norm; off by
+    default. A step that would make a weight or optimizer state non-finite is always refused (``non_finite_update``)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads for B (default: torch's, one per core). On a machine shared with other
     processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""

@@ -36,6 +36,8 @@ from safetensors.torch import save as st_save
 from starlette.concurrency import run_in_threadpool
 
 from splitexport import Bundle, TorchSegment, load_bundle
+from splitexport._torch_segment import UnsafeUpdate
+from splitexport.protocol import ErrorCode
 from splitexport.strategies import ServerReply
 
 from ._errors import APIError
@@ -428,11 +430,17 @@ class ServerState:
 
     def _commit(self, session: Session, kind: str, step: int, body_sha: str, response: bytes,
                 inputs: dict[str, torch.Tensor] | None) -> None:
-        """Persist the staged step, then apply it: a failure before the commit changes nothing."""
+        """Check the staged step (finite, within ``max_grad_norm``), persist it, then keep it: a failure before
+        the commit changes nothing (the caller's ``_abandon`` undoes the provisional optimizer step)."""
         n = self.applied_steps + 1
         fault("before_commit", n)
         if self.logged:
             assert inputs is not None
+            try:
+                self.segment.try_staged(self.settings.max_grad_norm)
+            except UnsafeUpdate as exc:
+                code = ErrorCode.NON_FINITE_UPDATE if exc.reason == "non_finite" else ErrorCode.GRADIENT_TOO_LARGE
+                raise APIError.of(code, f"{exc}; the step was not applied") from exc
             record = StepRecord(session.id, kind, step, step + 1, body_sha, response, st_save(inputs))
             try:
                 with timed("checkpoint"):

@@ -105,6 +105,8 @@ class ErrorCode(StrEnum):
     WRONG_SHAPE = "wrong_shape"
     WRONG_BATCH = "wrong_batch"
     NON_FINITE = "non_finite"
+    NON_FINITE_UPDATE = "non_finite_update"
+    GRADIENT_TOO_LARGE = "gradient_too_large"
     LABEL_OUT_OF_RANGE = "label_out_of_range"
     STATE_MISMATCH = "state_mismatch"
     INTERNAL_ERROR = "internal_error"
@@ -137,7 +139,8 @@ _STATUS: dict[ErrorCode, int] = {
     **dict.fromkeys([ErrorCode.BODY_TOO_LARGE, ErrorCode.HEADER_TOO_LARGE], 413),
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     **dict.fromkeys([ErrorCode.INVALID_REQUEST, ErrorCode.MISSING_TENSOR, ErrorCode.WRONG_DTYPE, ErrorCode.WRONG_SHAPE,
-                     ErrorCode.WRONG_BATCH, ErrorCode.NON_FINITE, ErrorCode.LABEL_OUT_OF_RANGE,
+                     ErrorCode.WRONG_BATCH, ErrorCode.NON_FINITE, ErrorCode.NON_FINITE_UPDATE,
+                     ErrorCode.GRADIENT_TOO_LARGE, ErrorCode.LABEL_OUT_OF_RANGE,
                      ErrorCode.STATE_MISMATCH], 422),
     **dict.fromkeys([ErrorCode.INTERNAL_ERROR, ErrorCode.STRATEGY_FAILED], 500),
     **dict.fromkeys([ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.UNREACHABLE], 503),

@@ -370,6 +370,56 @@ def test_busy_and_forward_lost(mlp_bundle: Path, tmp_path: Path) -> None:
         assert post(url, f"/v1/sessions/{winner}/steps/0/backward", grad).status_code == 200
 
 
+# -- updates that would break B: non-finite results, a gradient-norm limit -------------------------------------
+
+def _logged(state: Any) -> int:
+    return len(state.store.log(0))
+
+
+def test_a_finite_huge_gradient_is_refused_and_rolled_back(live, sid) -> None:
+    """A finite 3e38 gradient overflows B's weights: 422 non_finite_update, and B (weights, BatchNorm statistics,
+    optimizer state), the counters and the step log stay as they were; the same step then trains normally."""
+    url, state, warm = live
+    small, huge = (save({"grad": np.full((4, 32, 4, 4), v, np.float32)}) for v in (1e-3, 3e38))
+    # one whole step first: B is then free (an earlier test's forward may have held it)
+    assert post(url, f"/v1/sessions/{sid}/steps/0/forward", save({"activation": act()})).status_code == 200
+    assert post(url, f"/v1/sessions/{sid}/steps/0/backward", small).status_code == 200
+    before, logged = b_state(url, state, {sid: AUTH, warm: AUTH}), _logged(state)
+    assert post(url, f"/v1/sessions/{sid}/steps/1/forward", save({"activation": act()})).status_code == 200
+    refused(post(url, f"/v1/sessions/{sid}/steps/1/backward", huge), ErrorCode.NON_FINITE_UPDATE)
+    # as before the forward: the refused step's BatchNorm update is undone too, the session expects the forward
+    assert same(b_state(url, state, {sid: AUTH, warm: AUTH}), before) and _logged(state) == logged
+    assert all(torch.isfinite(v).all() for v in state.segment.module.state_dict().values() if v.is_floating_point())
+    assert post(url, f"/v1/sessions/{sid}/steps/1/forward", save({"activation": act()})).status_code == 200
+    ok = post(url, f"/v1/sessions/{sid}/steps/1/backward", small)
+    assert ok.status_code == 200, ok.text
+    assert _logged(state) == logged + 1
+
+
+def test_gradient_norm_limit(mlp_bundle: Path, tmp_path: Path) -> None:
+    """``max_grad_norm``: a step whose gradient norm is above it is 422 gradient_too_large and changes nothing;
+    one below it trains."""
+    with threaded_server(mlp_bundle, tmp_path / "state", max_grad_norm=1.0) as (url, state):
+        sid = open_session(url)
+        spec = state.spec
+        a = save({"activation": np.random.default_rng(0).standard_normal((4, *spec.input.sample_shape))
+                  .astype(np.float32)})
+        out_shape = (4, *spec.output.sample_shape)
+        assert post(url, f"/v1/sessions/{sid}/steps/0/forward", a).status_code == 200
+        before, logged = b_state(url, state, {sid: AUTH}), _logged(state)
+        error = refused(post(url, f"/v1/sessions/{sid}/steps/0/backward", save({"grad": np.full(out_shape, 10.0,
+                                                                                                np.float32)})),
+                        ErrorCode.GRADIENT_TOO_LARGE)
+        assert "max_grad_norm=1" in error["message"]
+        after = b_state(url, state, {sid: AUTH})
+        assert same(after["module"], before["module"]) and same(after["optimizer"], before["optimizer"])
+        assert after["steps_applied"] == before["steps_applied"] and _logged(state) == logged
+        assert post(url, f"/v1/sessions/{sid}/steps/0/forward", a).status_code == 200
+        small = save({"grad": np.full(out_shape, 1e-4, np.float32)})
+        assert post(url, f"/v1/sessions/{sid}/steps/0/backward", small).status_code == 200
+        assert not same(b_state(url, state, {sid: AUTH})["module"], before["module"])
+
+
 # -- single split: labels and MSE targets ----------------------------------------------------------------------
 
 def test_label_out_of_range(mlp_single_bundle: Path, tmp_path: Path) -> None:
