@@ -43,6 +43,10 @@ class ServerSettings(BaseSettings):
     checkpoint_every: int | None = Field(None, ge=1)
     """Snapshot B and its optimizer every N applied steps (default 100; with a strategy 1). Without a
     strategy every step is also logged, so a crash loses no step whatever N is (docs/protocol.md)."""
+    max_sessions_per_token: int = Field(64, ge=1)
+    """Open sessions one token may hold (a device needs one; close or let expire the others), else 429."""
+    max_sessions: int = Field(10_000, ge=1)
+    """Open sessions in total, over every token, else 429 ``too_many_sessions``."""
     session_ttl_s: float = Field(3600.0, gt=0)
     lease_timeout_s: float = Field(30.0, gt=0)
     """How long one device may hold B between its forward and backward calls."""

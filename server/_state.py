@@ -178,6 +178,7 @@ class ServerState:
     def open_session(self, token_hash: str) -> Session:
         with self._lock:
             self._expire()
+            self._check_session_caps(token_hash)
             session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash)
             try:
                 self.store.open_session(session.id, token_hash)
@@ -186,6 +187,17 @@ class ServerState:
                 raise storage_error(exc) from exc
             self.sessions[session.id] = session
             return session
+
+    def _check_session_caps(self, token_hash: str) -> None:
+        """429 ``too_many_sessions`` when the server or this token already holds its maximum of open sessions."""
+        total, cap = len(self.sessions), self.settings.max_sessions
+        if total >= cap:
+            raise APIError.of(ErrorCode.TOO_MANY_SESSIONS, f"the server holds its maximum of {cap} open sessions; "
+                              "retry when some have closed or expired", limit=cap)
+        mine, cap = sum(s.token_hash == token_hash for s in self.sessions.values()), self.settings.max_sessions_per_token
+        if mine >= cap:
+            raise APIError.of(ErrorCode.TOO_MANY_SESSIONS, f"this token holds its maximum of {cap} open sessions; "
+                              "close one (DELETE /v1/sessions/{id}) or continue one of them", limit=cap)
 
     def session(self, session_id: str, token_hash: str) -> Session:
         with self._lock:

@@ -420,6 +420,27 @@ def test_gradient_norm_limit(mlp_bundle: Path, tmp_path: Path) -> None:
         assert not same(b_state(url, state, {sid: AUTH})["module"], before["module"])
 
 
+# -- caps on sessions ------------------------------------------------------------------------------------------
+
+def test_too_many_sessions(mlp_bundle: Path, tmp_path: Path) -> None:
+    """A token may hold ``max_sessions_per_token`` open sessions, the server ``max_sessions``: beyond either,
+    429 too_many_sessions and no session is made; closing one makes room again."""
+    (tmp_path / "tokens").write_text(f"{TOKEN2}\n")
+    with threaded_server(mlp_bundle, tmp_path / "state", tokens_file=tmp_path / "tokens", max_sessions_per_token=2,
+                         max_sessions=3) as (url, state):
+        first = [open_session(url) for _ in range(2)]
+        before = b_state(url, state, dict.fromkeys(first, AUTH))
+        error = refused(httpx.post(f"{url}/v1/sessions", headers=AUTH), ErrorCode.TOO_MANY_SESSIONS)
+        assert error["limit"] == 2 and "this token" in error["message"]
+        other = open_session(url, AUTH2)  # another token still may, up to the total
+        error = refused(httpx.post(f"{url}/v1/sessions", headers=AUTH2), ErrorCode.TOO_MANY_SESSIONS)
+        assert error["limit"] == 3 and "server" in error["message"]
+        assert same(b_state(url, state, dict.fromkeys(first, AUTH)), before)
+        assert len(state.sessions) == 3 and len(state.store.sessions()) == 3
+        assert httpx.delete(f"{url}/v1/sessions/{first[0]}", headers=AUTH).status_code == 204
+        assert open_session(url) not in (*first, other)
+
+
 # -- single split: labels and MSE targets ----------------------------------------------------------------------
 
 def test_label_out_of_range(mlp_single_bundle: Path, tmp_path: Path) -> None:
