@@ -86,6 +86,8 @@ class Session:
     """The last response of each call kind, for exactly-once retries."""
     inflight: asyncio.Future[None] | None = None
     """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
+    idempotency_key: str | None = None
+    """The ``Idempotency-Key`` it was opened with: the same key (and token) opens this session again."""
 
     def public(self) -> dict[str, object]:
         return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
@@ -134,6 +136,8 @@ class ServerState:
         self.tokens = {_hash(t) for t in settings.token_set()}
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         """Least recently seen first (expiry pops from the front)."""
+        self.opened_by_key: dict[tuple[str, str], str] = {}
+        """(token hash, ``Idempotency-Key``) -> the open session it made."""
         self.applied_steps = 0
         self._since_snapshot = 0
         self._log_seq = 0
@@ -175,18 +179,36 @@ class ServerState:
             raise APIError(401, "bad_token", "the bearer token is not valid")
         return digest
 
-    def open_session(self, token_hash: str) -> Session:
+    def open_session(self, token_hash: str, idempotency_key: str | None = None) -> Session:
+        """A new session; with an ``idempotency_key`` this token opened a still open session with, that session."""
         with self._lock:
             self._expire()
+            if idempotency_key is not None:
+                known = self.opened_by_key.get((token_hash, idempotency_key))
+                if known is not None and known in self.sessions:
+                    session = self.sessions[known]
+                    session.last_seen = time.monotonic()
+                    self.sessions.move_to_end(known)
+                    self.counters["retries"] += 1
+                    return session
             self._check_session_caps(token_hash)
-            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash)
+            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
             try:
-                self.store.open_session(session.id, token_hash)
+                self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:
                 self.counters["storage_errors"] += 1
                 raise storage_error(exc) from exc
             self.sessions[session.id] = session
+            if idempotency_key is not None:
+                self.opened_by_key[(token_hash, idempotency_key)] = session.id
             return session
+
+    def _forget(self, session: Session) -> None:
+        """Drop a closed or expired session from memory (its store rows go separately)."""
+        self.sessions.pop(session.id, None)
+        if session.idempotency_key is not None:
+            self.opened_by_key.pop((session.token_hash, session.idempotency_key), None)
+        self._drop_lease(session.id)
 
     def _check_session_caps(self, token_hash: str) -> None:
         """429 ``too_many_sessions`` when the server or this token already holds its maximum of open sessions."""
@@ -218,8 +240,7 @@ class ServerState:
             except (OSError, sqlite3.Error) as exc:
                 self.counters["storage_errors"] += 1
                 raise storage_error(exc) from exc
-            self.sessions.pop(session.id, None)
-            self._drop_lease(session.id)
+            self._forget(session)
 
     def _expire(self) -> None:
         """Drop the sessions idle longer than the TTL (oldest first: O(expired), not O(sessions))."""
@@ -229,9 +250,8 @@ class ServerState:
             sid, s = next(iter(self.sessions.items()))
             if s.last_seen >= limit:
                 break
-            del self.sessions[sid]
+            self._forget(s)
             gone.append(sid)
-            self._drop_lease(sid)
         if gone:
             try:
                 self.store.delete_sessions(gone)
@@ -550,7 +570,10 @@ class ServerState:
             now = time.monotonic()
             for s in self.store.sessions():
                 cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
-                self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache)
+                self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache,
+                                              idempotency_key=s.idempotency_key)
+                if s.idempotency_key is not None:
+                    self.opened_by_key[(s.token_hash, s.idempotency_key)] = s.id
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"state directory {self.settings.state_dir} is unusable: {exc}") from exc
         if snap is None and replayed == 0 and not self.sessions:

@@ -441,6 +441,61 @@ def test_too_many_sessions(mlp_bundle: Path, tmp_path: Path) -> None:
         assert open_session(url) not in (*first, other)
 
 
+# -- opening a session is safe to retry -------------------------------------------------------------------------
+
+class _LoseFirstReply(httpx.BaseTransport):
+    """Real HTTP, but the first ``POST /v1/sessions`` reply is lost after the server handled the request."""
+
+    def __init__(self) -> None:
+        self.inner, self.lost = httpx.HTTPTransport(), 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST" and request.url.path == "/v1/sessions" and not self.lost:
+            response.read()
+            self.lost += 1
+            raise httpx.ReadError("connection reset (the test lost the reply)", request=request)
+        return response
+
+
+def test_idempotency_key_makes_opening_a_session_safe_to_retry(mlp_bundle: Path, tmp_path: Path) -> None:
+    """The same ``Idempotency-Key`` and token answer the same open session, across a restart too; another token
+    or key opens another; a closed session's key opens a new one. The Python client's retried open (its first
+    reply lost) leaves no orphan session."""
+    from device_runtime._client import ServerClient
+
+    (tmp_path / "tokens").write_text(f"{TOKEN2}\n")
+    kw: dict[str, Any] = {"tokens_file": tmp_path / "tokens"}
+
+    def opened(url: str, key: str, auth: dict[str, str] = AUTH) -> str:
+        r = httpx.post(f"{url}/v1/sessions", headers={**auth, "Idempotency-Key": key})
+        assert r.status_code == 201, r.text
+        return str(r.json()["session_id"])
+
+    with threaded_server(mlp_bundle, tmp_path / "state", **kw) as (url, state):
+        first = opened(url, "k1")
+        assert opened(url, "k1") == first and len(state.sessions) == 1 and len(state.store.sessions()) == 1
+        assert opened(url, "k1", AUTH2) != first  # keys are per token
+        second = opened(url, "k2")
+        assert second != first
+        refused(httpx.post(f"{url}/v1/sessions", headers={**AUTH, "Idempotency-Key": "x" * 256}),
+                ErrorCode.INVALID_REQUEST)
+        assert len(state.sessions) == 3
+        assert httpx.delete(f"{url}/v1/sessions/{second}", headers=AUTH).status_code == 204
+        assert opened(url, "k2") != second
+        lossy = _LoseFirstReply()
+        client = ServerClient(url, TOKEN, transport=lossy, backoff_s=0.01)
+        try:
+            count = len(state.sessions)
+            retried = client.open_session()["session_id"]
+            assert lossy.lost == 1 and client.retries == 1
+            assert len(state.sessions) == count + 1 and retried in state.sessions  # no orphan
+        finally:
+            client.close()
+    with threaded_server(mlp_bundle, tmp_path / "state", **kw) as (url, state):  # durable in the store
+        assert opened(url, "k1") == first and len(state.sessions) == 4
+
+
 # -- single split: labels and MSE targets ----------------------------------------------------------------------
 
 def test_label_out_of_range(mlp_single_bundle: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 // tests/device_runtime/test_protocol_contract.py fails when the two differ.
 
 export const MEDIA_TYPE = "application/vnd.safetensors";
+export const IDEMPOTENCY_KEY = "Idempotency-Key";
 export const MAX_HEADER_BYTES = 1048576;
 export const MAX_TENSORS = 4096;
 export const WIRE_DTYPES = Object.freeze(["F32", "F16", "I64", "I32"]);
