@@ -32,9 +32,9 @@ async def bearer_token(authorization: Annotated[str | None, Header()] = None) ->
     return token.strip()
 
 
-async def caller(state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
-    """The caller's token hash (401 for a missing or wrong token)."""
-    return state.check_token(token)
+async def caller(request: Request, state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
+    """The caller's token hash (401 for a missing or wrong token, 429 for too many wrong ones)."""
+    return state.check_token(token, request.client.host if request.client else "")
 
 
 Caller = Annotated[str, Depends(caller)]

@@ -47,6 +47,10 @@ class ServerSettings(BaseSettings):
     """Open sessions one token may hold (a device needs one; close or let expire the others), else 429."""
     max_sessions: int = Field(10_000, ge=1)
     """Open sessions in total, over every token, else 429 ``too_many_sessions``."""
+    bad_token_burst: int = Field(10, ge=1)
+    """Wrong bearer tokens one client address may send at once before 429 ``too_many_attempts``."""
+    bad_token_per_s: float = Field(1.0, gt=0)
+    """How fast an address's allowance of wrong tokens refills (valid tokens are never limited)."""
     session_ttl_s: float = Field(3600.0, gt=0)
     lease_timeout_s: float = Field(30.0, gt=0)
     """How long one device may hold B between its forward and backward calls."""

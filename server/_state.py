@@ -18,6 +18,7 @@ import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import signal
@@ -42,6 +43,7 @@ from splitexport.strategies import ServerReply
 
 from ._errors import APIError
 from ._metrics import Metrics
+from ._ratelimit import FailureLimiter
 from ._scheduler import BExecutor, Lease
 from ._settings import ServerSettings
 from ._store import FORMAT, StateError, StepRecord, Store, StoredSession
@@ -134,6 +136,7 @@ class ServerState:
         self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name), manifest.optimizer,
                                     loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None)
         self.tokens = {_hash(t) for t in settings.token_set()}
+        self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         """Least recently seen first (expiry pops from the front)."""
         self.opened_by_key: dict[tuple[str, str], str] = {}
@@ -143,7 +146,7 @@ class ServerState:
         self._log_seq = 0
         self._lock = threading.RLock()
         self.counters: dict[str, int] = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "retries": 0,
-                                         "storage_errors": 0}
+                                         "storage_errors": 0, "bad_token_limited": 0}
         self.lease = Lease(settings.lease_timeout_s, self._lease_expired)
         self.executor = BExecutor()
         self._forward_input: torch.Tensor | None = None
@@ -168,14 +171,20 @@ class ServerState:
     def auth_required(self) -> bool:
         return bool(self.tokens)
 
-    def check_token(self, token: str | None) -> str:
-        """The caller's token hash; 401 when tokens are configured and this one is not among them."""
+    def check_token(self, token: str | None, address: str = "") -> str:
+        """The caller's token hash; 401 when tokens are configured and this one is not among them, 429 when
+        ``address`` sent more wrong tokens than ``bad_token_burst`` (refilled at ``bad_token_per_s``)."""
         if not self.auth_required:
             return _hash(token or "")
         if not token:
             raise APIError(401, "missing_token", "send 'Authorization: Bearer <token>'")
         digest = _hash(token)
         if not any(hmac.compare_digest(digest, t) for t in self.tokens):
+            wait = self.bad_tokens.fail(address)
+            if wait > 0:
+                self.counters["bad_token_limited"] += 1
+                raise APIError.of(ErrorCode.TOO_MANY_ATTEMPTS, "too many wrong bearer tokens from this address; "
+                                  "check the token, and wait Retry-After seconds", retry_after_s=math.ceil(wait))
             raise APIError(401, "bad_token", "the bearer token is not valid")
         return digest
 

@@ -115,6 +115,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     STRATEGY_FAILED = "strategy_failed"
     TOO_MANY_SESSIONS = "too_many_sessions"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
     BUSY = "busy"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     INSUFFICIENT_STORAGE = "insufficient_storage"
@@ -146,7 +147,7 @@ _STATUS: dict[ErrorCode, int] = {
                      ErrorCode.WRONG_BATCH, ErrorCode.NON_FINITE, ErrorCode.NON_FINITE_UPDATE,
                      ErrorCode.GRADIENT_TOO_LARGE, ErrorCode.LABEL_OUT_OF_RANGE,
                      ErrorCode.STATE_MISMATCH], 422),
-    ErrorCode.TOO_MANY_SESSIONS: 429,
+    **dict.fromkeys([ErrorCode.TOO_MANY_SESSIONS, ErrorCode.TOO_MANY_ATTEMPTS], 429),
     **dict.fromkeys([ErrorCode.INTERNAL_ERROR, ErrorCode.STRATEGY_FAILED], 500),
     **dict.fromkeys([ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.UNREACHABLE], 503),
     ErrorCode.INSUFFICIENT_STORAGE: 507,

@@ -496,6 +496,26 @@ def test_idempotency_key_makes_opening_a_session_safe_to_retry(mlp_bundle: Path,
         assert opened(url, "k1") == first and len(state.sessions) == 4
 
 
+# -- wrong tokens are rate limited per address --------------------------------------------------------------
+
+def test_too_many_wrong_tokens(mlp_bundle: Path, tmp_path: Path) -> None:
+    """After ``bad_token_burst`` wrong tokens from one address, the next is 429 too_many_attempts with
+    Retry-After, while the valid token from the same address still works; the allowance refills."""
+    with threaded_server(mlp_bundle, tmp_path / "state", bad_token_burst=3, bad_token_per_s=2.0) as (url, state):
+        sid = open_session(url)
+        before = b_state(url, state, {sid: AUTH})
+        wrong = {"Authorization": "Bearer wrong-token-0123456789"}
+        for _ in range(3):
+            refused(httpx.post(f"{url}/v1/sessions", headers=wrong), ErrorCode.BAD_TOKEN)
+        limited = httpx.post(f"{url}/v1/sessions", headers=wrong)
+        refused(limited, ErrorCode.TOO_MANY_ATTEMPTS)
+        assert limited.headers["retry-after"] == "1"  # 0.5 s to the next allowance, rounded up
+        assert httpx.get(f"{url}/v1/sessions/{sid}", headers=AUTH).status_code == 200  # never the valid token
+        assert same(b_state(url, state, {sid: AUTH}), before) and len(state.sessions) == 1
+        time.sleep(float(limited.headers["retry-after"]))
+        refused(httpx.post(f"{url}/v1/sessions", headers=wrong), ErrorCode.BAD_TOKEN)
+
+
 # -- single split: labels and MSE targets ----------------------------------------------------------------------
 
 def test_label_out_of_range(mlp_single_bundle: Path, tmp_path: Path) -> None:
