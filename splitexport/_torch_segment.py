@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
@@ -61,7 +60,7 @@ class TorchSegment:
         :meth:`discard_pending` leaves no trace of an abandoned step (the server's rollback)."""
         self._saved_buffers: list[torch.Tensor] | None = None
         self._staged = False
-        self._before_step: tuple[list[torch.Tensor], dict[str, Any]] | None = None
+        self._before_step: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
         """The weights and optimizer state before a provisional step (:meth:`try_staged`)."""
 
     @property
@@ -152,21 +151,31 @@ class TorchSegment:
         if not self._staged or self._before_step is not None:
             raise RuntimeError("try_staged called without a staged step")
         params = self._params()
-        grads = [p.grad.detach().double() for p in params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-        if max_grad_norm is not None and not norm <= max_grad_norm:
+        if max_grad_norm is not None and not (norm := self._grad_norm(params)) <= max_grad_norm:
             raise UnsafeUpdate("gradient_norm", f"the gradient norm of B's parameters is {norm:.6g}, above the "
                                f"limit max_grad_norm={max_grad_norm:g}")
-        self._before_step = ([p.detach().clone() for p in params], copy.deepcopy(self.optimizer.state_dict()))
+        state = self.optimizer.state
+        self._before_step = ([p.detach().clone() for p in params],
+                             {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state[p].items()}
+                              for p in params if p in state})
         self.optimizer.step()
-        bad = next((f"parameter {i}" for i, p in enumerate(params) if not torch.isfinite(p).all()), None)
-        if bad is None:
-            bad = next((f"optimizer state {name!r} of parameter {i}" for i, p in enumerate(params)
-                        for name, v in self.optimizer.state.get(p, {}).items()
-                        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+        tensors = [(f"parameter {i}", p) for i, p in enumerate(params)] + [
+            (f"optimizer state {name!r} of parameter {i}", v) for i, p in enumerate(params)
+            for name, v in state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        # min and max (NaN propagates) are finite exactly when every element is: one fast pass per tensor
+        with torch.no_grad():
+            finite = torch.isfinite(torch.stack([torch.stack(torch.aminmax(t.detach())).double() if t.numel()
+                                                 else torch.zeros(2, dtype=torch.float64) for _, t in tensors])).all(dim=1)
+        bad = None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
         if bad is not None:
+            norm = self._grad_norm(params)
             self._undo_step()
             raise UnsafeUpdate("non_finite", f"the step would make {bad} of B non-finite (gradient norm {norm:.6g})")
+
+    @staticmethod
+    def _grad_norm(params: list[torch.Tensor]) -> float:
+        norms = [torch.linalg.vector_norm(p.grad.detach().double()) for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _undo_step(self) -> None:
         assert self._before_step is not None
@@ -175,7 +184,10 @@ class TorchSegment:
         with torch.no_grad():
             for p, w in zip(self._params(), weights, strict=True):
                 p.copy_(w)
-        self.optimizer.load_state_dict(state)
+                if p in state:
+                    self.optimizer.state[p] = state[p]
+                else:
+                    self.optimizer.state.pop(p, None)
 
     def _backward(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)
