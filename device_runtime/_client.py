@@ -8,6 +8,7 @@ twice. The constants and the codec are :mod:`splitexport.protocol`. See docs/pro
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -41,9 +42,10 @@ class ServerClient:
         timeout: float = 30.0,
         max_wait_s: float = 120.0,
         backoff_s: float = 0.1,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self.max_wait_s = max_wait_s
         self.backoff_s = backoff_s
         self.retries = 0
@@ -53,15 +55,17 @@ class ServerClient:
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, *, tensors: bytes | None = None, json: Any = None) -> httpx.Response:
-        """Send one call, retrying transport failures, 503 and 5xx until ``max_wait_s`` has passed."""
+    def request(self, method: str, path: str, *, tensors: bytes | None = None, json: Any = None,
+                headers: dict[str, str] | None = None) -> httpx.Response:
+        """Send one call, retrying transport failures, 503 and 5xx until ``max_wait_s`` has passed; every 4xx
+        (429 included) is final."""
         deadline = time.monotonic() + self.max_wait_s
         delay = self.backoff_s
         while True:
             wait = delay
             try:
-                headers = {"Content-Type": MEDIA_TYPE} if tensors is not None else None
-                response = self.http.request(method, path, content=tensors, json=json, headers=headers)
+                sent = {**({"Content-Type": MEDIA_TYPE} if tensors is not None else {}), **(headers or {})}
+                response = self.http.request(method, path, content=tensors, json=json, headers=sent)
                 if response.status_code < 500:
                     if response.status_code >= 400:
                         raise ServerError(response.status_code, _json(response))
@@ -79,7 +83,9 @@ class ServerClient:
             delay = min(delay * 2, 2.0)
 
     def open_session(self) -> dict[str, Any]:
-        return self.request("POST", protocol.SESSIONS).json()  # type: ignore[no-any-return]
+        """A new session; its retries carry one ``Idempotency-Key``, so a lost reply opens no second session."""
+        key = {protocol.IDEMPOTENCY_KEY: secrets.token_urlsafe(16)}
+        return self.request("POST", protocol.SESSIONS, headers=key).json()  # type: ignore[no-any-return]
 
     def session(self, session_id: str) -> dict[str, Any]:
         return self.request("GET", protocol.path(protocol.SESSION, session_id=session_id)).json()  # type: ignore[no-any-return]

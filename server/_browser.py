@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
 
+from splitexport.protocol import IDEMPOTENCY_KEY
+
 from ._settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -33,7 +35,8 @@ def install_cors(app: FastAPI, settings: ServerSettings) -> None:
     if not settings.cors_origins:
         return
     app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
-                       allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+                       allow_methods=["GET", "POST", "DELETE"], 
+                       allow_headers=["Authorization", "Content-Type", IDEMPOTENCY_KEY],
                        expose_headers=EXPOSED_HEADERS, max_age=settings.cors_max_age_s)
 
 

@@ -8,6 +8,8 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, Header, Request
 
+from splitexport.protocol import IDEMPOTENCY_KEY
+
 from ._errors import APIError
 from ._state import ServerState, Session
 from ._timing import CallTimer
@@ -30,9 +32,9 @@ async def bearer_token(authorization: Annotated[str | None, Header()] = None) ->
     return token.strip()
 
 
-async def caller(state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
-    """The caller's token hash (401 for a missing or wrong token)."""
-    return state.check_token(token)
+async def caller(request: Request, state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
+    """The caller's token hash (401 for a missing or wrong token, 429 for too many wrong ones)."""
+    return state.check_token(token, request.client.host if request.client else "")
 
 
 Caller = Annotated[str, Depends(caller)]
@@ -43,6 +45,9 @@ async def current_session(session_id: str, state: State, token_hash: Caller) -> 
 
 
 CurrentSession = Annotated[Session, Depends(current_session)]
+
+IdempotencyKey = Annotated[str | None, Header(alias=IDEMPOTENCY_KEY, min_length=1, max_length=255,
+                                               description="Makes opening a session safe to retry (docs/protocol.md)")]
 
 
 class TensorBody:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import anyio
 from fastapi import FastAPI, Request
@@ -34,7 +35,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        retry_after = exc.details.get("retry_after_s", 1 if exc.status == 503 else None)
+        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after is not None else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -43,6 +43,14 @@ class ServerSettings(BaseSettings):
     checkpoint_every: int | None = Field(None, ge=1)
     """Snapshot B and its optimizer every N applied steps (default 100; with a strategy 1). Without a
     strategy every step is also logged, so a crash loses no step whatever N is (docs/protocol.md)."""
+    max_sessions_per_token: int = Field(64, ge=1)
+    """Open sessions one token may hold (a device needs one; close or let expire the others), else 429."""
+    max_sessions: int = Field(10_000, ge=1)
+    """Open sessions in total, over every token, else 429 ``too_many_sessions``."""
+    bad_token_burst: int = Field(10, ge=1)
+    """Wrong bearer tokens one client address may send at once before 429 ``too_many_attempts``."""
+    bad_token_per_s: float = Field(1.0, gt=0)
+    """How fast an address's allowance of wrong tokens refills (valid tokens are never limited)."""
     session_ttl_s: float = Field(3600.0, gt=0)
     lease_timeout_s: float = Field(30.0, gt=0)
     """How long one device may hold B between its forward and backward calls."""
@@ -50,6 +58,9 @@ class ServerSettings(BaseSettings):
     max_batch: int = Field(1024, ge=1)
     body_timeout_s: float = Field(30.0, gt=0)
     """A request body must arrive in full within this many seconds of the request's start (else 408)."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Refuse (422 ``gradient_too_large``) a step whose gradient of B's parameters has a larger L2 norm; off by
+    default. A step that would make a weight or optimizer state non-finite is always refused (``non_finite_update``)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads for B (default: torch's, one per core). On a machine shared with other
     processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import signal
@@ -36,10 +37,13 @@ from safetensors.torch import save as st_save
 from starlette.concurrency import run_in_threadpool
 
 from splitexport import Bundle, TorchSegment, load_bundle
+from splitexport._torch_segment import UnsafeUpdate
+from splitexport.protocol import ErrorCode
 from splitexport.strategies import ServerReply
 
 from ._errors import APIError
 from ._metrics import Metrics
+from ._ratelimit import FailureLimiter
 from ._scheduler import BExecutor, Lease
 from ._settings import ServerSettings
 from ._store import FORMAT, StateError, StepRecord, Store, StoredSession
@@ -84,6 +88,8 @@ class Session:
     """The last response of each call kind, for exactly-once retries."""
     inflight: asyncio.Future[None] | None = None
     """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
+    idempotency_key: str | None = None
+    """The ``Idempotency-Key`` it was opened with: the same key (and token) opens this session again."""
 
     def public(self) -> dict[str, object]:
         return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
@@ -130,14 +136,17 @@ class ServerState:
         self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name), manifest.optimizer,
                                     loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None)
         self.tokens = {_hash(t) for t in settings.token_set()}
+        self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         """Least recently seen first (expiry pops from the front)."""
+        self.opened_by_key: dict[tuple[str, str], str] = {}
+        """(token hash, ``Idempotency-Key``) -> the open session it made."""
         self.applied_steps = 0
         self._since_snapshot = 0
         self._log_seq = 0
         self._lock = threading.RLock()
         self.counters: dict[str, int] = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "retries": 0,
-                                         "storage_errors": 0}
+                                         "storage_errors": 0, "bad_token_limited": 0}
         self.lease = Lease(settings.lease_timeout_s, self._lease_expired)
         self.executor = BExecutor()
         self._forward_input: torch.Tensor | None = None
@@ -162,28 +171,64 @@ class ServerState:
     def auth_required(self) -> bool:
         return bool(self.tokens)
 
-    def check_token(self, token: str | None) -> str:
-        """The caller's token hash; 401 when tokens are configured and this one is not among them."""
+    def check_token(self, token: str | None, address: str = "") -> str:
+        """The caller's token hash; 401 when tokens are configured and this one is not among them, 429 when
+        ``address`` sent more wrong tokens than ``bad_token_burst`` (refilled at ``bad_token_per_s``)."""
         if not self.auth_required:
             return _hash(token or "")
         if not token:
             raise APIError(401, "missing_token", "send 'Authorization: Bearer <token>'")
         digest = _hash(token)
         if not any(hmac.compare_digest(digest, t) for t in self.tokens):
+            wait = self.bad_tokens.fail(address)
+            if wait > 0:
+                self.counters["bad_token_limited"] += 1
+                raise APIError.of(ErrorCode.TOO_MANY_ATTEMPTS, "too many wrong bearer tokens from this address; "
+                                  "check the token, and wait Retry-After seconds", retry_after_s=math.ceil(wait))
             raise APIError(401, "bad_token", "the bearer token is not valid")
         return digest
 
-    def open_session(self, token_hash: str) -> Session:
+    def open_session(self, token_hash: str, idempotency_key: str | None = None) -> Session:
+        """A new session; with an ``idempotency_key`` this token opened a still open session with, that session."""
         with self._lock:
             self._expire()
-            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash)
+            if idempotency_key is not None:
+                known = self.opened_by_key.get((token_hash, idempotency_key))
+                if known is not None and known in self.sessions:
+                    session = self.sessions[known]
+                    session.last_seen = time.monotonic()
+                    self.sessions.move_to_end(known)
+                    self.counters["retries"] += 1
+                    return session
+            self._check_session_caps(token_hash)
+            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
             try:
-                self.store.open_session(session.id, token_hash)
+                self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:
                 self.counters["storage_errors"] += 1
                 raise storage_error(exc) from exc
             self.sessions[session.id] = session
+            if idempotency_key is not None:
+                self.opened_by_key[(token_hash, idempotency_key)] = session.id
             return session
+
+    def _forget(self, session: Session) -> None:
+        """Drop a closed or expired session from memory (its store rows go separately)."""
+        self.sessions.pop(session.id, None)
+        if session.idempotency_key is not None:
+            self.opened_by_key.pop((session.token_hash, session.idempotency_key), None)
+        self._drop_lease(session.id)
+
+    def _check_session_caps(self, token_hash: str) -> None:
+        """429 ``too_many_sessions`` when the server or this token already holds its maximum of open sessions."""
+        total, cap = len(self.sessions), self.settings.max_sessions
+        if total >= cap:
+            raise APIError.of(ErrorCode.TOO_MANY_SESSIONS, f"the server holds its maximum of {cap} open sessions; "
+                              "retry when some have closed or expired", limit=cap)
+        mine, cap = sum(s.token_hash == token_hash for s in self.sessions.values()), self.settings.max_sessions_per_token
+        if mine >= cap:
+            raise APIError.of(ErrorCode.TOO_MANY_SESSIONS, f"this token holds its maximum of {cap} open sessions; "
+                              "close one (DELETE /v1/sessions/{id}) or continue one of them", limit=cap)
 
     def session(self, session_id: str, token_hash: str) -> Session:
         with self._lock:
@@ -204,8 +249,7 @@ class ServerState:
             except (OSError, sqlite3.Error) as exc:
                 self.counters["storage_errors"] += 1
                 raise storage_error(exc) from exc
-            self.sessions.pop(session.id, None)
-            self._drop_lease(session.id)
+            self._forget(session)
 
     def _expire(self) -> None:
         """Drop the sessions idle longer than the TTL (oldest first: O(expired), not O(sessions))."""
@@ -215,9 +259,8 @@ class ServerState:
             sid, s = next(iter(self.sessions.items()))
             if s.last_seen >= limit:
                 break
-            del self.sessions[sid]
+            self._forget(s)
             gone.append(sid)
-            self._drop_lease(sid)
         if gone:
             try:
                 self.store.delete_sessions(gone)
@@ -428,11 +471,17 @@ class ServerState:
 
     def _commit(self, session: Session, kind: str, step: int, body_sha: str, response: bytes,
                 inputs: dict[str, torch.Tensor] | None) -> None:
-        """Persist the staged step, then apply it: a failure before the commit changes nothing."""
+        """Check the staged step (finite, within ``max_grad_norm``), persist it, then keep it: a failure before
+        the commit changes nothing (the caller's ``_abandon`` undoes the provisional optimizer step)."""
         n = self.applied_steps + 1
         fault("before_commit", n)
         if self.logged:
             assert inputs is not None
+            try:
+                self.segment.try_staged(self.settings.max_grad_norm)
+            except UnsafeUpdate as exc:
+                code = ErrorCode.NON_FINITE_UPDATE if exc.reason == "non_finite" else ErrorCode.GRADIENT_TOO_LARGE
+                raise APIError.of(code, f"{exc}; the step was not applied") from exc
             record = StepRecord(session.id, kind, step, step + 1, body_sha, response, st_save(inputs))
             try:
                 with timed("checkpoint"):
@@ -530,7 +579,10 @@ class ServerState:
             now = time.monotonic()
             for s in self.store.sessions():
                 cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
-                self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache)
+                self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache,
+                                              idempotency_key=s.idempotency_key)
+                if s.idempotency_key is not None:
+                    self.opened_by_key[(s.token_hash, s.idempotency_key)] = s.id
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"state directory {self.settings.state_dir} is unusable: {exc}") from exc
         if snap is None and replayed == 0 and not self.sessions:

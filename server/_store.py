@@ -7,6 +7,7 @@ One database ``state.db`` in the state directory holds
   once per step and replaced by the next: at most one row per session and call kind);
 * ``steps``: the write-ahead log of the steps applied since the last snapshot: the step's input tensors
   (what replaying B's update needs), committed in the same transaction as the session row and response;
+* ``idempotency``: the ``Idempotency-Key`` a session was opened with (per token), deleted with the session;
 * ``meta``: the bundle it belongs to, the strategy, and the format.
 
 B and its optimizer are snapshotted to ``checkpoint.pt`` every N steps (write, fsync, rename) with a
@@ -42,6 +43,8 @@ CREATE TABLE IF NOT EXISTS responses (
 CREATE TABLE IF NOT EXISTS steps (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL,
     inputs BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (
+    token_hash TEXT NOT NULL, key TEXT NOT NULL, session_id TEXT NOT NULL, PRIMARY KEY (token_hash, key));
 """
 
 
@@ -57,6 +60,7 @@ class StoredSession:
     phase: str
     responses: dict[str, tuple[int, str, bytes]]
     """kind -> (step, body sha256, response)."""
+    idempotency_key: str | None = None
 
 
 @dataclass
@@ -160,16 +164,23 @@ class Store:
             for sid, kind, step, sha, response in self._db.execute("SELECT * FROM responses"):
                 if sid in out:
                     out[sid].responses[kind] = (int(step), sha, bytes(response))
+            for sid, key in self._db.execute("SELECT session_id, key FROM idempotency"):
+                if sid in out:
+                    out[sid].idempotency_key = key
         return list(out.values())
 
-    def open_session(self, session_id: str, token_hash: str) -> None:
+    def open_session(self, session_id: str, token_hash: str, idempotency_key: str | None = None) -> None:
         with self._txn() as db:
             db.execute("INSERT INTO sessions VALUES (?, ?, 0, 'forward')", (session_id, token_hash))
+            if idempotency_key is not None:
+                db.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?)",
+                           (token_hash, idempotency_key, session_id))
 
     def delete_sessions(self, session_ids: list[str]) -> None:
         with self._txn() as db:
             db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in session_ids])
             db.executemany("DELETE FROM responses WHERE session_id = ?", [(s,) for s in session_ids])
+            db.executemany("DELETE FROM idempotency WHERE session_id = ?", [(s,) for s in session_ids])
 
     # -- steps --------------------------------------------------------------------------------
 

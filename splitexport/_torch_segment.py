@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ._manifest import OptimizerSpec
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
+
+
+class UnsafeUpdate(ValueError):
+    """The staged step was refused (and undone): its gradient norm is over the limit, or it would make a weight
+    or an optimizer state non-finite."""
+
+    def __init__(self, reason: Literal["non_finite", "gradient_norm"], message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def eager_execution() -> AbstractContextManager[None]:
@@ -50,6 +60,8 @@ class TorchSegment:
         :meth:`discard_pending` leaves no trace of an abandoned step (the server's rollback)."""
         self._saved_buffers: list[torch.Tensor] | None = None
         self._staged = False
+        self._before_step: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
+        """The weights and optimizer state before a provisional step (:meth:`try_staged`)."""
 
     @property
     def has_pending(self) -> bool:
@@ -63,6 +75,8 @@ class TorchSegment:
     def discard_pending(self) -> None:
         """Forget the pending forward or staged step: gradients dropped, buffers as before the forward."""
         self._pending = None
+        if self._before_step is not None:
+            self._undo_step()
         if self._staged:
             self.optimizer.zero_grad(set_to_none=True)
             self._staged = False
@@ -117,12 +131,63 @@ class TorchSegment:
         return float(loss.detach()), grad, out.detach()
 
     def apply_staged(self) -> None:
-        """The optimizer step of the staged gradients."""
+        """The optimizer step of the staged gradients (kept as is when :meth:`try_staged` took it)."""
         if not self._staged:
             raise RuntimeError("apply_staged called without a staged step")
-        self.optimizer.step()
+        if self._before_step is None:
+            self.optimizer.step()
+        self._before_step = None
         self._staged = False
         self._saved_buffers = None
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def try_staged(self, max_grad_norm: float | None = None) -> None:
+        """Take the staged optimizer step provisionally: :meth:`apply_staged` keeps it, :meth:`discard_pending`
+        undoes it. :class:`UnsafeUpdate` (the step undone, the gradients still staged) when the gradients' L2 norm
+        exceeds ``max_grad_norm`` or is not finite, or when a weight or an optimizer state would become non-finite.
+        """
+        if not self._staged or self._before_step is not None:
+            raise RuntimeError("try_staged called without a staged step")
+        params = self._params()
+        if max_grad_norm is not None and not (norm := self._grad_norm(params)) <= max_grad_norm:
+            raise UnsafeUpdate("gradient_norm", f"the gradient norm of B's parameters is {norm:.6g}, above the "
+                               f"limit max_grad_norm={max_grad_norm:g}")
+        state = self.optimizer.state
+        self._before_step = ([p.detach().clone() for p in params],
+                             {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state[p].items()}
+                              for p in params if p in state})
+        self.optimizer.step()
+        tensors = [(f"parameter {i}", p) for i, p in enumerate(params)] + [
+            (f"optimizer state {name!r} of parameter {i}", v) for i, p in enumerate(params)
+            for name, v in state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        # min and max (NaN propagates) are finite exactly when every element is: one fast pass per tensor
+        with torch.no_grad():
+            finite = torch.isfinite(torch.stack([torch.stack(torch.aminmax(t.detach())).double() if t.numel()
+                                                 else torch.zeros(2, dtype=torch.float64) for _, t in tensors])).all(dim=1)
+        bad = None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
+        if bad is not None:
+            norm = self._grad_norm(params)
+            self._undo_step()
+            raise UnsafeUpdate("non_finite", f"the step would make {bad} of B non-finite (gradient norm {norm:.6g})")
+
+    @staticmethod
+    def _grad_norm(params: list[torch.Tensor]) -> float:
+        norms = [torch.linalg.vector_norm(p.grad.detach().double()) for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def _undo_step(self) -> None:
+        assert self._before_step is not None
+        weights, state = self._before_step
+        self._before_step = None
+        with torch.no_grad():
+            for p, w in zip(self._params(), weights, strict=True):
+                p.copy_(w)
+                if p in state:
+                    self.optimizer.state[p] = state[p]
+                else:
+                    self.optimizer.state.pop(p, None)
 
     def _backward(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from .._deps import Body, Caller, CurrentSession, State, TensorBody
+from .._deps import Body, Caller, CurrentSession, IdempotencyKey, State, TensorBody
 from .._wire import MEDIA_TYPE, check_targets
 
 router = APIRouter(prefix="/v1/sessions", tags=["training"])
@@ -29,9 +29,10 @@ async def _timed_call(state: State, body: TensorBody, call: Callable[..., Awaita
 
 
 @router.post("", status_code=201)
-async def open_session(state: State, token_hash: Caller) -> dict[str, object]:
-    """Open a session for one device; its steps start at 0."""
-    s = state.open_session(token_hash)
+async def open_session(state: State, token_hash: Caller, idempotency_key: IdempotencyKey = None) -> dict[str, object]:
+    """Open a session for one device; its steps start at 0. A retry with the same ``Idempotency-Key`` (and
+    token) answers the session the first call opened, as long as it is open."""
+    s = state.open_session(token_hash, idempotency_key)
     return {**s.public(), "split": state.split, "segment": state.spec.name}
 
 

@@ -370,6 +370,152 @@ def test_busy_and_forward_lost(mlp_bundle: Path, tmp_path: Path) -> None:
         assert post(url, f"/v1/sessions/{winner}/steps/0/backward", grad).status_code == 200
 
 
+# -- updates that would break B: non-finite results, a gradient-norm limit -------------------------------------
+
+def _logged(state: Any) -> int:
+    return len(state.store.log(0))
+
+
+def test_a_finite_huge_gradient_is_refused_and_rolled_back(live, sid) -> None:
+    """A finite 3e38 gradient overflows B's weights: 422 non_finite_update, and B (weights, BatchNorm statistics,
+    optimizer state), the counters and the step log stay as they were; the same step then trains normally."""
+    url, state, warm = live
+    small, huge = (save({"grad": np.full((4, 32, 4, 4), v, np.float32)}) for v in (1e-3, 3e38))
+    # one whole step first: B is then free (an earlier test's forward may have held it)
+    assert post(url, f"/v1/sessions/{sid}/steps/0/forward", save({"activation": act()})).status_code == 200
+    assert post(url, f"/v1/sessions/{sid}/steps/0/backward", small).status_code == 200
+    before, logged = b_state(url, state, {sid: AUTH, warm: AUTH}), _logged(state)
+    assert post(url, f"/v1/sessions/{sid}/steps/1/forward", save({"activation": act()})).status_code == 200
+    refused(post(url, f"/v1/sessions/{sid}/steps/1/backward", huge), ErrorCode.NON_FINITE_UPDATE)
+    # as before the forward: the refused step's BatchNorm update is undone too, the session expects the forward
+    assert same(b_state(url, state, {sid: AUTH, warm: AUTH}), before) and _logged(state) == logged
+    assert all(torch.isfinite(v).all() for v in state.segment.module.state_dict().values() if v.is_floating_point())
+    assert post(url, f"/v1/sessions/{sid}/steps/1/forward", save({"activation": act()})).status_code == 200
+    ok = post(url, f"/v1/sessions/{sid}/steps/1/backward", small)
+    assert ok.status_code == 200, ok.text
+    assert _logged(state) == logged + 1
+
+
+def test_gradient_norm_limit(mlp_bundle: Path, tmp_path: Path) -> None:
+    """``max_grad_norm``: a step whose gradient norm is above it is 422 gradient_too_large and changes nothing;
+    one below it trains."""
+    with threaded_server(mlp_bundle, tmp_path / "state", max_grad_norm=1.0) as (url, state):
+        sid = open_session(url)
+        spec = state.spec
+        a = save({"activation": np.random.default_rng(0).standard_normal((4, *spec.input.sample_shape))
+                  .astype(np.float32)})
+        out_shape = (4, *spec.output.sample_shape)
+        assert post(url, f"/v1/sessions/{sid}/steps/0/forward", a).status_code == 200
+        before, logged = b_state(url, state, {sid: AUTH}), _logged(state)
+        error = refused(post(url, f"/v1/sessions/{sid}/steps/0/backward", save({"grad": np.full(out_shape, 10.0,
+                                                                                                np.float32)})),
+                        ErrorCode.GRADIENT_TOO_LARGE)
+        assert "max_grad_norm=1" in error["message"]
+        after = b_state(url, state, {sid: AUTH})
+        assert same(after["module"], before["module"]) and same(after["optimizer"], before["optimizer"])
+        assert after["steps_applied"] == before["steps_applied"] and _logged(state) == logged
+        assert post(url, f"/v1/sessions/{sid}/steps/0/forward", a).status_code == 200
+        small = save({"grad": np.full(out_shape, 1e-4, np.float32)})
+        assert post(url, f"/v1/sessions/{sid}/steps/0/backward", small).status_code == 200
+        assert not same(b_state(url, state, {sid: AUTH})["module"], before["module"])
+
+
+# -- caps on sessions ------------------------------------------------------------------------------------------
+
+def test_too_many_sessions(mlp_bundle: Path, tmp_path: Path) -> None:
+    """A token may hold ``max_sessions_per_token`` open sessions, the server ``max_sessions``: beyond either,
+    429 too_many_sessions and no session is made; closing one makes room again."""
+    (tmp_path / "tokens").write_text(f"{TOKEN2}\n")
+    with threaded_server(mlp_bundle, tmp_path / "state", tokens_file=tmp_path / "tokens", max_sessions_per_token=2,
+                         max_sessions=3) as (url, state):
+        first = [open_session(url) for _ in range(2)]
+        before = b_state(url, state, dict.fromkeys(first, AUTH))
+        error = refused(httpx.post(f"{url}/v1/sessions", headers=AUTH), ErrorCode.TOO_MANY_SESSIONS)
+        assert error["limit"] == 2 and "this token" in error["message"]
+        other = open_session(url, AUTH2)  # another token still may, up to the total
+        error = refused(httpx.post(f"{url}/v1/sessions", headers=AUTH2), ErrorCode.TOO_MANY_SESSIONS)
+        assert error["limit"] == 3 and "server" in error["message"]
+        assert same(b_state(url, state, dict.fromkeys(first, AUTH)), before)
+        assert len(state.sessions) == 3 and len(state.store.sessions()) == 3
+        assert httpx.delete(f"{url}/v1/sessions/{first[0]}", headers=AUTH).status_code == 204
+        assert open_session(url) not in (*first, other)
+
+
+# -- opening a session is safe to retry -------------------------------------------------------------------------
+
+class _LoseFirstReply(httpx.BaseTransport):
+    """Real HTTP, but the first ``POST /v1/sessions`` reply is lost after the server handled the request."""
+
+    def __init__(self) -> None:
+        self.inner, self.lost = httpx.HTTPTransport(), 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST" and request.url.path == "/v1/sessions" and not self.lost:
+            response.read()
+            self.lost += 1
+            raise httpx.ReadError("connection reset (the test lost the reply)", request=request)
+        return response
+
+
+def test_idempotency_key_makes_opening_a_session_safe_to_retry(mlp_bundle: Path, tmp_path: Path) -> None:
+    """The same ``Idempotency-Key`` and token answer the same open session, across a restart too; another token
+    or key opens another; a closed session's key opens a new one. The Python client's retried open (its first
+    reply lost) leaves no orphan session."""
+    from device_runtime._client import ServerClient
+
+    (tmp_path / "tokens").write_text(f"{TOKEN2}\n")
+    kw: dict[str, Any] = {"tokens_file": tmp_path / "tokens"}
+
+    def opened(url: str, key: str, auth: dict[str, str] = AUTH) -> str:
+        r = httpx.post(f"{url}/v1/sessions", headers={**auth, "Idempotency-Key": key})
+        assert r.status_code == 201, r.text
+        return str(r.json()["session_id"])
+
+    with threaded_server(mlp_bundle, tmp_path / "state", **kw) as (url, state):
+        first = opened(url, "k1")
+        assert opened(url, "k1") == first and len(state.sessions) == 1 and len(state.store.sessions()) == 1
+        assert opened(url, "k1", AUTH2) != first  # keys are per token
+        second = opened(url, "k2")
+        assert second != first
+        refused(httpx.post(f"{url}/v1/sessions", headers={**AUTH, "Idempotency-Key": "x" * 256}),
+                ErrorCode.INVALID_REQUEST)
+        assert len(state.sessions) == 3
+        assert httpx.delete(f"{url}/v1/sessions/{second}", headers=AUTH).status_code == 204
+        assert opened(url, "k2") != second
+        lossy = _LoseFirstReply()
+        client = ServerClient(url, TOKEN, transport=lossy, backoff_s=0.01)
+        try:
+            count = len(state.sessions)
+            retried = client.open_session()["session_id"]
+            assert lossy.lost == 1 and client.retries == 1
+            assert len(state.sessions) == count + 1 and retried in state.sessions  # no orphan
+        finally:
+            client.close()
+    with threaded_server(mlp_bundle, tmp_path / "state", **kw) as (url, state):  # durable in the store
+        assert opened(url, "k1") == first and len(state.sessions) == 4
+
+
+# -- wrong tokens are rate limited per address --------------------------------------------------------------
+
+def test_too_many_wrong_tokens(mlp_bundle: Path, tmp_path: Path) -> None:
+    """After ``bad_token_burst`` wrong tokens from one address, the next is 429 too_many_attempts with
+    Retry-After, while the valid token from the same address still works; the allowance refills."""
+    with threaded_server(mlp_bundle, tmp_path / "state", bad_token_burst=3, bad_token_per_s=2.0) as (url, state):
+        sid = open_session(url)
+        before = b_state(url, state, {sid: AUTH})
+        wrong = {"Authorization": "Bearer wrong-token-0123456789"}
+        for _ in range(3):
+            refused(httpx.post(f"{url}/v1/sessions", headers=wrong), ErrorCode.BAD_TOKEN)
+        limited = httpx.post(f"{url}/v1/sessions", headers=wrong)
+        refused(limited, ErrorCode.TOO_MANY_ATTEMPTS)
+        assert limited.headers["retry-after"] == "1"  # 0.5 s to the next allowance, rounded up
+        assert httpx.get(f"{url}/v1/sessions/{sid}", headers=AUTH).status_code == 200  # never the valid token
+        assert same(b_state(url, state, {sid: AUTH}), before) and len(state.sessions) == 1
+        time.sleep(float(limited.headers["retry-after"]))
+        refused(httpx.post(f"{url}/v1/sessions", headers=wrong), ErrorCode.BAD_TOKEN)
+
+
 # -- single split: labels and MSE targets ----------------------------------------------------------------------
 
 def test_label_out_of_range(mlp_single_bundle: Path, tmp_path: Path) -> None:

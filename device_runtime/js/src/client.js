@@ -9,7 +9,7 @@
  * hides why: most often a missing `--cors-origin`) fails at once instead of retrying, as does a bad URL.
  */
 import * as tf from '@tensorflow/tfjs';
-import { ERROR_STATUS, ErrorCode, MEDIA_TYPE, Tensor } from './protocol.js';
+import { ERROR_STATUS, ErrorCode, IDEMPOTENCY_KEY, MEDIA_TYPE, Tensor } from './protocol.js';
 import { decodeSafetensors, encodeSafetensors } from './safetensors.js';
 
 export { ErrorCode, MEDIA_TYPE, Tensor };
@@ -92,13 +92,14 @@ export class ServerClient {
    * @param {string} path
    * @param {Uint8Array | null} [body] safetensors bytes (or `contentType`)
    * @param {string} [contentType]
+   * @param {Record<string, string>} [extraHeaders]
    * @returns {Promise<Response>}
    */
-  async request(method, path, body = null, contentType = MEDIA_TYPE) {
+  async request(method, path, body = null, contentType = MEDIA_TYPE, extraHeaders = {}) {
     const deadline = Date.now() + this.maxWaitMs;
     let delay = this.backoffMs;
     /** @type {Record<string, string>} */
-    const headers = {};
+    const headers = { ...extraHeaders };
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
     if (body != null) headers['Content-Type'] = contentType;
     for (;;) {
@@ -130,7 +131,9 @@ export class ServerClient {
 
   /** @returns {Promise<{session_id: string, next_step: number, expected: string, split?: string, segment?: string}>} */
   async openSession() {
-    return (await this.request('POST', '/v1/sessions')).json();
+    // one key for every retry of this call: a lost reply opens no second session
+    const key = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('');
+    return (await this.request('POST', '/v1/sessions', null, MEDIA_TYPE, { [IDEMPOTENCY_KEY]: key })).json();
   }
 
   /** @param {string} id @returns {Promise<{session_id: string, next_step: number, expected: string}>} */

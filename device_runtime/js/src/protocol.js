@@ -2,6 +2,7 @@
 // tests/device_runtime/test_protocol_contract.py fails when the two differ.
 
 export const MEDIA_TYPE = "application/vnd.safetensors";
+export const IDEMPOTENCY_KEY = "Idempotency-Key";
 export const MAX_HEADER_BYTES = 1048576;
 export const MAX_TENSORS = 4096;
 export const WIRE_DTYPES = Object.freeze(["F32", "F16", "I64", "I32"]);
@@ -46,10 +47,14 @@ export const ErrorCode = Object.freeze({
   WRONG_SHAPE: "wrong_shape",
   WRONG_BATCH: "wrong_batch",
   NON_FINITE: "non_finite",
+  NON_FINITE_UPDATE: "non_finite_update",
+  GRADIENT_TOO_LARGE: "gradient_too_large",
   LABEL_OUT_OF_RANGE: "label_out_of_range",
   STATE_MISMATCH: "state_mismatch",
   INTERNAL_ERROR: "internal_error",
   STRATEGY_FAILED: "strategy_failed",
+  TOO_MANY_SESSIONS: "too_many_sessions",
+  TOO_MANY_ATTEMPTS: "too_many_attempts",
   BUSY: "busy",
   STORAGE_UNAVAILABLE: "storage_unavailable",
   INSUFFICIENT_STORAGE: "insufficient_storage",
@@ -86,10 +91,14 @@ export const ERROR_STATUS = Object.freeze({
   "wrong_shape": 422,
   "wrong_batch": 422,
   "non_finite": 422,
+  "non_finite_update": 422,
+  "gradient_too_large": 422,
   "label_out_of_range": 422,
   "state_mismatch": 422,
   "internal_error": 500,
   "strategy_failed": 500,
+  "too_many_sessions": 429,
+  "too_many_attempts": 429,
   "busy": 503,
   "storage_unavailable": 503,
   "insufficient_storage": 507,

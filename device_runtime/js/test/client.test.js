@@ -83,3 +83,31 @@ test('client retries 503 (Retry-After) and 5xx with the same body, sends the tok
     await assert.rejects(impatient.openSession(), (e) => e instanceof ServerError && e.code === 'unreachable');
   });
 });
+
+test('openSession: every retry carries one Idempotency-Key, the next open another; 429 is final', async () => {
+  const keys = [];
+  let calls = 0;
+  await withServer((req, res) => {
+    calls += 1;
+    keys.push(req.headers['idempotency-key']);
+    if (calls === 1) {
+      res.writeHead(503, { 'Retry-After': '0', 'Content-Type': 'application/json' });
+      res.end(JSON.stringify({ error: { code: 'busy', message: 'busy' } }));
+    } else if (calls <= 3) {
+      res.writeHead(201, { 'Content-Type': 'application/json' });
+      res.end(JSON.stringify({ session_id: `s${calls}`, next_step: 0, expected: 'forward' }));
+    } else {
+      res.writeHead(429, { 'Retry-After': '1', 'Content-Type': 'application/json' });
+      res.end(JSON.stringify({ error: { code: 'too_many_sessions', message: 'cap', limit: 2 } }));
+    }
+  }, async (url) => {
+    const client = new ServerClient(url, { token: 'test-token-0123456789', backoffMs: 10 });
+    assert.equal((await client.openSession()).session_id, 's2');
+    assert.equal((await client.openSession()).session_id, 's3');
+    await assert.rejects(client.openSession(), (e) => e instanceof ServerError && e.status === 429);
+  });
+  assert.equal(calls, 4, 'the 429 was not retried');
+  assert.ok(keys.every((k) => typeof k === 'string' && k.length >= 16), String(keys));
+  assert.equal(keys[0], keys[1], 'the retry carries the same key');
+  assert.notEqual(keys[1], keys[2], 'a new open has a new key');
+});

@@ -72,7 +72,8 @@ export class ServerClient {
   readonly baseUrl: string;
   retries: number;
   reached: boolean;
-  request(method: string, path: string, body?: Uint8Array | null, contentType?: string): Promise<Response>;
+  request(method: string, path: string, body?: Uint8Array | null, contentType?: string,
+          extraHeaders?: Record<string, string>): Promise<Response>;
   openSession(): Promise<SessionInfo>;
   session(id: string): Promise<SessionInfo>;
   deleteSession(id: string): Promise<void>;
