@@ -125,3 +125,12 @@ export function decodeSafetensors(bytes: Uint8Array): Record<string, { dtype: Sa
   data: Float32Array | Int32Array | Uint8Array }>;
 export function encodeSafetensors(tensors: Record<string, { shape: number[]; data: Float32Array | Int32Array;
   dtype?: SafetensorsDtype }>, options?: { fp16?: boolean }): Uint8Array;
+
+/** Custom TF.js layers the exporter writes (registered on import of the runtime; see src/layers.js). */
+export class TorchActivation extends tf.layers.Layer {}
+export class GroupNorm extends tf.layers.Layer {}
+export class TorchReduce extends tf.layers.Layer {}
+export class SeededDropout extends tf.layers.Layer {
+  /** Advances the mask seed after a training step (DeviceSegment calls it). */
+  afterTrainStep(): void;
+}
