@@ -221,8 +221,15 @@ def test_random_sigkills_while_four_devices_train(mlp_bundle: Path, digits, tmp_
             t.start()
         rng = random.Random(0)
         done = 0
-        while done < kills and any(t.is_alive() for t in threads):
-            time.sleep(rng.uniform(0.02, 0.6))
+        # kill points drawn over the run's steps (not wall time, which a loaded machine stretches), each at a
+        # random moment after that step began: inside steps, commits and snapshots
+        targets = sorted(rng.sample(range(1, devices * per_device * 3 // 4), kills))
+        for target in targets:
+            while position[0] < target and any(t.is_alive() for t in threads):
+                time.sleep(0.002)
+            if not any(t.is_alive() for t in threads):
+                break
+            time.sleep(rng.uniform(0.0, 0.01))
             assert server.proc is not None
             if server.proc.poll() is None:
                 server.kill()
