@@ -88,7 +88,11 @@ class HttpLink:
         return [c for c in clients if flags[c]]
 
     def train_round(self, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, ServerReply]:
-        out = self._each(lambda c, xy: self.remotes[c].train_with_labels(*xy), batch)
+        if self.info.get("batches_server", True):
+            out = self._each(lambda c, xy: self.remotes[c].train_with_labels(*xy), batch)
+        else:  # served one client at a time on arrival (AdaSplit): send in client order, so B's updates come in the
+            # order the in-process harness uses instead of whichever thread arrives first
+            out = {c: self.remotes[c].train_with_labels(*xy) for c, xy in batch.items()}
         self.last_broadcast = frozenset(c for c in batch if self.remotes[c].shared_gradient)
         return {c: ServerReply(grad, loss, output) for c, (loss, grad, output) in out.items()}
 

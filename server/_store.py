@@ -159,7 +159,7 @@ class Store:
 
     def sessions(self) -> list[StoredSession]:
         with self._lock:
-            rows = self._db.execute("SELECT id, token_hash, next_step, phase FROM sessions").fetchall()
+            rows = self._db.execute("SELECT id, token_hash, next_step, phase FROM sessions ORDER BY rowid").fetchall()
             out = {r[0]: StoredSession(r[0], r[1], int(r[2]), r[3], {}) for r in rows}
             for sid, kind, step, sha, response in self._db.execute("SELECT * FROM responses"):
                 if sid in out:
