@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,26 @@ def write_fixtures(out: Path, cases: list[Case] = CASES) -> list[str]:
         write_case(case, out / case.name)
     (out / "cases.json").write_text(json.dumps({"steps": STEPS, "cases": [c.name for c in cases]}))
     return [c.name for c in cases]
+
+
+JS = Path(__file__).resolve().parents[2] / "device_runtime" / "js"
+
+
+def run_js_equivalence(cases: list[Case], tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Node's equivalence test (device_runtime/js/test/equivalence.test.js) on fixtures the real exporter writes
+    for ``cases``; its per-case results (``per_step``, ``free``) by case name."""
+    node = shutil.which("node")
+    assert node, "node (>= 18) is required for the JS device runtime tests"
+    write_fixtures(tmp_path / "fixtures", cases)
+    results = tmp_path / "results.jsonl"
+    env = {**os.environ, "SPLITEXPORT_TFJS_FIXTURES": str(tmp_path / "fixtures"),
+           "SPLITEXPORT_TFJS_RESULTS": str(results)}
+    proc = subprocess.run([node, "--test", "test/equivalence.test.js"], cwd=JS, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    rows = {r["name"]: r for r in map(json.loads, results.read_text().splitlines())}
+    assert set(rows) == {c.name for c in cases}
+    return rows
 
 
 if __name__ == "__main__":

@@ -9,10 +9,7 @@ every step) and free-running. Exports are shared per module.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +29,6 @@ from device_runtime._tflite import TfliteSegment
 from splitexport import ExportError
 from splitexport.export._tflite import Variant, export_tflite_segment
 from tests.device_runtime.test_tflite_runtime import _free_running, _per_step
-
-JS = Path(__file__).resolve().parents[3] / "device_runtime" / "js"
 
 _LR_A = {"activations": 2.0}
 """Learning rates large enough that every weight moves by far more than the 1e-5 tolerance per step (the
@@ -74,19 +69,9 @@ def test_tflite_trains_every_op_like_torch(case: Case, variant: str, tmp_path: P
 
 def test_tfjs_trains_every_op_like_torch(tmp_path: Path) -> None:
     pytest.importorskip("tensorflowjs")
-    from tests.device_runtime.tfjs_fixtures import write_fixtures
+    from tests.device_runtime.tfjs_fixtures import run_js_equivalence
 
-    node = shutil.which("node")
-    assert node, "node (>= 18) is required for the JS device runtime tests"
-    write_fixtures(tmp_path / "fixtures", CASES)
-    results = tmp_path / "results.jsonl"
-    env = {**os.environ, "SPLITEXPORT_TFJS_FIXTURES": str(tmp_path / "fixtures"),
-           "SPLITEXPORT_TFJS_RESULTS": str(results)}
-    proc = subprocess.run([node, "--test", "test/equivalence.test.js"], cwd=JS, env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    rows = {r["name"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert set(rows) == set(IDS)
+    rows = run_js_equivalence(CASES, tmp_path)
     for name in IDS:
         r = rows[name]
         print(f"\n{name} tfjs: per step {r['per_step']} | free-running {r['free']}")

@@ -7,10 +7,7 @@ from the exported weights) is asserted too.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,9 +20,6 @@ pytest.importorskip("tensorflow")
 
 from splitexport._errors import ExportError
 from splitexport.export._tflite import export_tflite_segment
-
-JS = Path(__file__).resolve().parents[3] / "device_runtime" / "js"
-
 
 _REFERENCES: dict[str, Reference] = {}
 
@@ -76,19 +70,9 @@ def check_tfjs(cases: list[Case], tmp_path: Path) -> None:
     """Every case in the JS runtime (node's equivalence test on fixtures from the real exporter)."""
     os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
     pytest.importorskip("tensorflowjs")
-    from tests.device_runtime.tfjs_fixtures import write_fixtures
+    from tests.device_runtime.tfjs_fixtures import run_js_equivalence
 
-    node = shutil.which("node")
-    assert node, "node (>= 18) is required for the JS device runtime tests"
-    write_fixtures(tmp_path / "fixtures", cases)
-    results = tmp_path / "results.jsonl"
-    env = {**os.environ, "SPLITEXPORT_TFJS_FIXTURES": str(tmp_path / "fixtures"),
-           "SPLITEXPORT_TFJS_RESULTS": str(results)}
-    proc = subprocess.run([node, "--test", "test/equivalence.test.js"], cwd=JS, env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    rows = {r["name"]: r for r in map(json.loads, results.read_text().splitlines())}
-    assert set(rows) == {c.name for c in cases}
+    rows = run_js_equivalence(cases, tmp_path)
     for case in cases:
         r = rows[case.name]
         print(f"\n{case.name} tfjs: free-running {r['free']} | per step {r['per_step']}")
