@@ -89,7 +89,9 @@ def write_bytes(pid: int) -> int:
 
 
 def serve(bundle: Path, state: Path, *extra: str) -> ServerProcess:
-    return ServerProcess(bundle, ["--state-dir", str(state), "--threads", "1", *extra])
+    # one token opens every session here: lift the per-token session cap (default 64) for the benchmark
+    return ServerProcess(bundle, ["--state-dir", str(state), "--threads", "1", *extra],
+                         env={"SPLITEXPORT_MAX_SESSIONS_PER_TOKEN": "100000", "SPLITEXPORT_MAX_SESSIONS": "100000"})
 
 
 def bench_sessions(root: Path, steps: int, sessions: int, blocks: int) -> dict[str, Any]:

@@ -58,7 +58,7 @@ async def _health_probe(http: httpx.AsyncClient, stop: asyncio.Event, latencies:
 def test_256_devices_without_a_strategy_all_make_progress(mlp_bundle: Path, tmp_path: Path) -> None:
     devices, steps = 256, 2
     fwd, bwd = _bodies(mlp_bundle)
-    with threaded_server(mlp_bundle, tmp_path / "s", lease_timeout_s=60) as (url, state):
+    with threaded_server(mlp_bundle, tmp_path / "s", lease_timeout_s=60, max_sessions_per_token=devices) as (url, state):
         async def run() -> tuple[list[int], list[float]]:
             limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8,
                                   keepalive_expiry=2)  # below uvicorn's 5 s keep-alive
