@@ -75,6 +75,21 @@ def threaded_server(bundle: Path, state_dir: Path, **kw: object) -> Iterator[tup
         thread.join(timeout=10)
 
 
+def wait_until_healthy(url: str, proc: subprocess.Popen[bytes], *, timeout_s: float = 60.0,
+                       died: str = "server died") -> None:
+    """Poll ``url``/healthz until the child ``proc`` answers 200; RuntimeError if it exits or times out first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise RuntimeError(died) from None
+            time.sleep(0.05)
+    raise RuntimeError("server process did not start")
+
+
 class ServerProcess:
     """`splitexport serve` as a child process, so a test can SIGKILL it."""
 
@@ -86,14 +101,7 @@ class ServerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.args, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError("server process did not start")
+        wait_until_healthy(self.url, self.proc)
 
     def kill(self) -> None:
         assert self.proc is not None

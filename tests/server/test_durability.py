@@ -19,7 +19,7 @@ from device_runtime import RemoteSegment, ServerClient
 from splitexport import SplitModel, TorchSegment, load_bundle, max_abs_difference
 from splitexport._bundle import Bundle
 
-from .conftest import TOKEN, free_port
+from .conftest import TOKEN, free_port, wait_until_healthy
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -50,16 +50,13 @@ class Server:
         with self._stderr.open("wb") as err:  # a file, not a pipe: a full pipe would block the server
             self.proc = subprocess.Popen([*self.args, *extra], env=env, stderr=err)
         self.starts += 1
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(self._stderr.read_text() or "server died")
-                time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        proc = self.proc
+        try:
+            wait_until_healthy(self.url, proc)
+        except RuntimeError as exc:
+            if proc.poll() is None:
+                raise
+            raise RuntimeError(self._stderr.read_text() or "server died") from exc
 
     def kill(self) -> None:
         assert self.proc is not None
