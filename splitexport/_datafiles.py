@@ -336,8 +336,7 @@ def relabel(data: Dataset, names: Sequence[str]) -> Dataset:
 
 
 PREPROCESS_LISTS = {"mean": float, "std": float, "image_size": int, "feature_names": str, "label_names": str}
-PREPROCESS_KEYS = ("kind", "scale", "mean", "std", "image_size", "channel_order", "feature_names", "label_names",
-                   "num_classes")
+PREPROCESS_KEYS = tuple(PreprocessSpec.model_fields)
 
 
 def parse_preprocess(items: Sequence[str]) -> dict[str, object]:

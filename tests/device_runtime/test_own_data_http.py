@@ -172,10 +172,11 @@ def test_token_npz_with_a_transformer_over_http(tmp_path: Path, capsys) -> None:
     b = tmp_path / "b"
     assert cli(["partition", str(tmp_path / "t.pt"), "--arch", "tests.zoo:transformer", "--input-shape", "1,16",
                 "--input-dtype", "int64", "--cut", "enc1", "--cut", "mid", "-o", str(b), "--data", str(tokens),
-                "--lr", "0.1"]) == 0
+                "--lr", "0.1", "--preprocess", "label_names=neg,pos"]) == 0
     manifest = load_bundle(b).manifest
     assert manifest.preprocess is not None and manifest.preprocess.kind == "tokens"
-    assert manifest.preprocess.num_classes == 2 and manifest.segments[0].input.dtype == "int64"
+    assert manifest.preprocess.label_names == ["neg", "pos"] and manifest.preprocess.num_classes == 2
+    assert manifest.segments[0].input.dtype == "int64"
     assets = ort_app_assets(b, tmp_path / "app")
     run = ["--data", str(tokens), "--epochs", "4", "--batch-size", "16", "--no-progress"]
     assert cli(["simulate", str(b), *run, "--device-runtime", "onnx", "--out", str(tmp_path / "sim")]) == 0
