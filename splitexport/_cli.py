@@ -100,20 +100,25 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_partition(args: argparse.Namespace) -> None:
     from ._bundle import write_bundle
+    from ._datafiles import given_preprocess, parse_preprocess, preprocess_for
     from ._loading import load_model
     from ._manifest import SourceSpec
     from ._partition import partition
 
     if args.target is not None and args.data is None:
         raise SplitExportError("--target needs --data PATH (a CSV)")
+    given = parse_preprocess(args.preprocess) if args.preprocess is not None else None  # before the model loads
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     part = partition(loaded.module, args.cut, example_input(args.input_shape, args.input_dtype))
     preprocess = None
-    if args.data is not None:
-        from ._datafiles import preprocess_for
+    if args.data is not None or given is not None:
 
         def preprocess(m: Manifest) -> PreprocessSpec:
-            return preprocess_for(args.data, m, target=args.target)
+            fitted = preprocess_for(args.data, m, target=args.target) if args.data is not None else None
+            if given is None:
+                assert fitted is not None
+                return fitted
+            return given_preprocess(given, m, fitted)
     bundle = write_bundle(
         part,
         args.output,
@@ -419,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="PATH", help="record the preprocessing fitted on this data "
                    "(scaling, per-channel mean/std, image size, labels) in the manifest")
     p.add_argument("--target", default=None, metavar="COLUMN", help="the label column of a --data CSV")
+    p.add_argument("--preprocess", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="record this preprocessing (over what --data fits): kind=image|table|array|tokens, "
+                   "scale=1/255, mean=0.485,0.456,0.406, std=..., image_size=H,W, channel_order=L|RGB, "
+                   "feature_names=a,b, label_names=cat,dog, num_classes=N (docs/bundle.md)")
     _optimizer_args(p, defaults=True)
     p.set_defaults(func=cmd_partition)
 

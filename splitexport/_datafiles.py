@@ -164,7 +164,7 @@ def from_csv(path: str | Path, target: str | None, *, task: Task = "classificati
             raise SplitExportError(f"{path.name}: target {target!r} holds non-integer values, but the bundle is a "
                                    "classifier (partition --loss mse for regression)")
         y = y.astype(np.int64)
-    spec = PreprocessSpec(kind="table", feature_names=features, label_names=label_names)
+    spec = PreprocessSpec(kind="table", feature_names=features, label_names=label_names, num_classes=len(label_names))
     return from_arrays(path.name, x, y.astype(np.float32) if task == "regression" else y, task=task,
                        preprocess=spec)
 
@@ -277,6 +277,8 @@ def prepare(data: Dataset, manifest: Manifest) -> Dataset:
 
     if data.prepared:
         return data
+    if manifest.preprocess is not None:
+        data = relabel(data, manifest.preprocess.label_names)
     check_fits(data, manifest)
     out_shape = manifest.segments[-1].output.sample_shape
     if manifest.loss.kind == "mse" and tuple(data.y_train.shape[1:]) != out_shape:  # (N,) -> (N, 1): as the devices
@@ -315,3 +317,127 @@ def preprocess_for(path: str | Path, manifest: Manifest, *, target: str | None =
     data = read_data(path, manifest, target=target)
     check_fits(data, manifest)
     return fit_preprocess(data)
+
+
+def relabel(data: Dataset, names: Sequence[str]) -> Dataset:
+    """Labels by name: the data's class ``i`` (``data.preprocess.label_names[i]``) becomes the bundle's class
+    ``names.index(...)``, so that a device holding only some classes (a folder per class it has) agrees."""
+    mine = data.preprocess.label_names if data.preprocess is not None else []
+    if not mine or not names or list(mine) == list(names):
+        return data
+    unknown = [n for n in mine if n not in names]
+    if unknown:
+        raise SplitExportError(f"data {data.name!r} has class(es) {', '.join(map(repr, unknown))} that the bundle "
+                               f"does not know; its classes are {', '.join(names)}")
+    lut = torch.tensor([list(names).index(n) for n in mine], dtype=torch.int64)
+    assert data.preprocess is not None
+    spec = data.preprocess.model_copy(update={"label_names": list(names), "num_classes": len(names)})
+    return replace(data, y_train=lut[data.y_train], y_test=lut[data.y_test], num_classes=len(names), preprocess=spec)
+
+
+PREPROCESS_LISTS = {"mean": float, "std": float, "image_size": int, "feature_names": str, "label_names": str}
+PREPROCESS_KEYS = tuple(PreprocessSpec.model_fields)
+
+
+def parse_preprocess(items: Sequence[str]) -> dict[str, object]:
+    """``partition --preprocess KEY=VALUE ...``: hand-given :class:`PreprocessSpec` fields. Lists are
+    comma-separated (``mean=0.485,0.456,0.406``); ``scale`` may be a fraction (``1/255``)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in PREPROCESS_KEYS:
+            raise SplitExportError(f"--preprocess takes KEY=VALUE with KEY one of {', '.join(PREPROCESS_KEYS)}; "
+                                   f"got {item!r}")
+        if key in out:
+            raise SplitExportError(f"--preprocess gives {key} twice")
+        text = text.strip()
+        try:
+            if key in PREPROCESS_LISTS:
+                kind = PREPROCESS_LISTS[key]
+                parts = [p.strip() for p in text.split(",")] if text else []
+                out[key] = [kind(p) for p in parts]
+            elif key == "scale":
+                num, _, den = text.partition("/")
+                out[key] = float(num) / float(den) if den else float(num)
+            elif key == "num_classes":
+                out[key] = int(text)
+            else:
+                out[key] = text
+        except (ValueError, ZeroDivisionError):
+            what = {"scale": "a number or a fraction like 1/255", "num_classes": "a whole number"}.get(
+                key, f"comma-separated {'numbers' if PREPROCESS_LISTS.get(key) is float else 'integers'}")
+            raise SplitExportError(f"--preprocess {key}: expected {what}, got {text!r}") from None
+    return out
+
+
+def given_preprocess(values: dict[str, object], manifest: Manifest,
+                     fitted: PreprocessSpec | None = None) -> PreprocessSpec:
+    """The transform of ``--preprocess`` (over the one fitted on ``--data``, if any), checked against the bundle."""
+    from pydantic import ValidationError
+
+    inp = manifest.segments[0].input
+    shape = inp.sample_shape
+    base: dict[str, object] = fitted.model_dump() if fitted is not None else {"kind": _default_kind(manifest)}
+    merged = {**base, **values}
+    kind = merged["kind"]
+    if fitted is None and kind == "image" and len(shape) == 3:
+        merged.setdefault("image_size", list(shape[1:]))
+        if shape[0] in (1, 3):
+            merged.setdefault("channel_order", "L" if shape[0] == 1 else "RGB")
+    names = values.get("label_names")
+    if manifest.loss.kind == "cross_entropy" and "num_classes" not in values and (fitted is None or names):
+        merged["num_classes"] = len(names) if isinstance(names, list) and names else \
+            manifest.segments[-1].output.sample_shape[0]
+    try:
+        spec = PreprocessSpec.model_validate(merged)
+    except ValidationError as exc:
+        msg = "; ".join("".join(f"{p}: " for p in e["loc"][:1]) + e["msg"].removeprefix("Value error, ")
+                        for e in exc.errors())
+        raise SplitExportError(f"--preprocess: {msg}") from None
+    check_preprocess(spec, manifest)
+    return spec
+
+
+def _default_kind(manifest: Manifest) -> str:
+    inp = manifest.segments[0].input
+    if not inp.torch_dtype.is_floating_point:
+        return "tokens"
+    shape = inp.sample_shape
+    return "image" if len(shape) == 3 and shape[0] in (1, 3) else "table" if len(shape) == 1 else "array"
+
+
+def check_preprocess(spec: PreprocessSpec, manifest: Manifest) -> None:
+    """One clear error when a transform cannot feed this bundle's input or label its output."""
+    inp = manifest.segments[0].input
+    shape = inp.sample_shape
+    tokens = not inp.torch_dtype.is_floating_point
+    if tokens != (spec.kind == "tokens"):
+        raise SplitExportError(f"preprocess kind {spec.kind!r} does not fit the bundle's {inp.dtype} input" +
+                               (" (token ids: kind tokens)" if tokens else " (kind tokens needs an int64/int32 input)"))
+    if spec.kind == "tokens" and (spec.scale != 1 or spec.mean):
+        raise SplitExportError("token ids are used unchanged: scale, mean and std do not apply to kind tokens")
+    if spec.mean and len(spec.mean) not in (1, shape[0]):
+        raise SplitExportError(f"preprocess mean/std have {len(spec.mean)} values, but the bundle's input "
+                               f"{shape} has {shape[0]} channels along axis 1 (give {shape[0]}, or 1 for all)")
+    if spec.kind == "image":
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise SplitExportError(f"preprocess kind image needs a bundle input of 1 or 3 x H x W, but it is {shape}")
+        if spec.image_size is not None and tuple(spec.image_size) != shape[1:]:
+            raise SplitExportError(f"preprocess image_size {spec.image_size} is not the bundle's input size "
+                                   f"{list(shape[1:])} (H, W)")
+        if spec.channel_order is not None and (spec.channel_order == "L") != (shape[0] == 1):
+            raise SplitExportError(f"preprocess channel_order {spec.channel_order} does not fit the bundle's "
+                                   f"{shape[0]}-channel input (L: 1, RGB: 3)")
+    elif spec.image_size is not None or spec.channel_order is not None:
+        raise SplitExportError(f"image_size and channel_order are for kind image, not {spec.kind}")
+    if spec.feature_names and (spec.kind != "table" or len(shape) != 1 or len(spec.feature_names) != shape[0]):
+        raise SplitExportError(f"preprocess feature_names ({len(spec.feature_names)}) are the columns of a table "
+                               f"input, one per feature; the bundle's input is {shape} ({spec.kind})")
+    out = manifest.segments[-1].output.sample_shape
+    if manifest.loss.kind == "cross_entropy":
+        if not 0 < spec.num_classes <= out[0]:
+            raise SplitExportError(f"preprocess num_classes {spec.num_classes} does not fit the bundle's classifier "
+                                   f"of {out[0]} outputs (1..{out[0]})")
+    elif spec.num_classes or spec.label_names:
+        raise SplitExportError("label_names and num_classes are for classifiers; this bundle's loss is mse")

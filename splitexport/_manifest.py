@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Final, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._update_rule import LossKind
 
@@ -98,6 +99,20 @@ class PreprocessSpec(_Strict):
     label_names: list[str] = Field(default_factory=list)
     num_classes: int = Field(0, ge=0)
     """0 for regression."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessSpec:
+        if not math.isfinite(self.scale) or self.scale == 0:
+            raise ValueError(f"scale must be a finite non-zero number, got {self.scale}")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std need one value per channel each, got {len(self.mean)} and {len(self.std)}")
+        if not all(math.isfinite(v) for v in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError("mean must be finite and std finite and positive")
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) <= 0):
+            raise ValueError(f"image_size is [H, W] with positive sizes, got {self.image_size}")
+        if self.label_names and len(self.label_names) != self.num_classes:
+            raise ValueError(f"{len(self.label_names)} label_names for num_classes {self.num_classes}")
+        return self
 
 
 class SegmentSpec(_Strict):

@@ -1,4 +1,5 @@
-"""Own data end to end over real HTTP: a CSV regression and a PNG image folder, ONNX Runtime devices.
+"""Own data end to end over real HTTP: a CSV regression, a PNG image folder and a token ``.npz`` (transformer),
+ONNX Runtime devices.
 
 Also: an app that reproduces the transform from manifest.json alone (docs/bundle.md) feeds the device
 segment exactly what simulate feeds it.
@@ -139,3 +140,77 @@ def test_multi_client_csv_over_http_matches_in_process(tmp_path: Path) -> None:
     for lr_, hr in zip(local["rounds"], http["rounds"], strict=True):
         assert abs(lr_["test_loss"] - hr["test_loss"]) < 1e-4, (lr_, hr)
     assert http["final_local_accuracy"] > 0.9  # non-IID: each client's model knows the classes it holds
+
+
+def write_token_npz(path: Path, n: int = 240, *, length: int = 16, vocab: int = 50) -> Path:
+    """Two-class token sequences: 40% of each sequence's ids come from its class's band (5..14 or 35..44)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    band = rng.integers(0, 10, (n, length)) + np.where(y == 0, 5, 35)[:, None]
+    x = np.where(rng.random((n, length)) < 0.4, band, rng.integers(0, vocab, (n, length)))
+    np.savez(path, x=x.astype(np.int64), y=y)
+    return path
+
+
+def test_token_npz_with_a_transformer_over_http(tmp_path: Path, capsys) -> None:
+    """A token ``.npz`` and the zoo's transformer (int64 ids, A|B|C): simulate with ORT devices, then
+    ``python -m device_runtime train`` against a ``splitexport serve`` child process; B's weights match the same
+    training in process."""
+    import os
+    import subprocess
+    import sys
+
+    from device_runtime import OrtRunner
+    from device_runtime._train import device_runner
+    from splitexport import SplitModel, max_abs_difference
+    from tests.server.conftest import ServerProcess
+    from tests.zoo import transformer
+
+    torch.manual_seed(0)
+    torch.save(transformer().state_dict(), tmp_path / "t.pt")
+    tokens = write_token_npz(tmp_path / "tokens.npz")
+    b = tmp_path / "b"
+    assert cli(["partition", str(tmp_path / "t.pt"), "--arch", "tests.zoo:transformer", "--input-shape", "1,16",
+                "--input-dtype", "int64", "--cut", "enc1", "--cut", "mid", "-o", str(b), "--data", str(tokens),
+                "--lr", "0.1", "--preprocess", "label_names=neg,pos"]) == 0
+    manifest = load_bundle(b).manifest
+    assert manifest.preprocess is not None and manifest.preprocess.kind == "tokens"
+    assert manifest.preprocess.label_names == ["neg", "pos"] and manifest.preprocess.num_classes == 2
+    assert manifest.segments[0].input.dtype == "int64"
+    assets = ort_app_assets(b, tmp_path / "app")
+    run = ["--data", str(tokens), "--epochs", "4", "--batch-size", "16", "--no-progress"]
+    assert cli(["simulate", str(b), *run, "--device-runtime", "onnx", "--out", str(tmp_path / "sim")]) == 0
+    sim = json.loads((tmp_path / "sim" / "metrics.json").read_text())
+    assert sim["max_weight_difference"] == 0.0  # split torch == monolithic, token ids and all
+    assert sim["weight_differences"]["split (onnx devices)"]["max"] < 1e-5
+    ort_sim = next(r for r in sim["runs"] if "onnx" in r["name"])["epochs"]
+    (tmp_path / "tokens.txt").write_text(TOKEN + "\n")
+    server = ServerProcess(b, tmp_path / "state", tmp_path / "tokens.txt")
+    server.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "device_runtime", "train", "--server", server.url, "--bundle",
+                               str(assets), "--runtime", "onnx", *run, "--out", str(tmp_path / "out")],
+                              env={**os.environ, "SPLITEXPORT_TOKEN": TOKEN}, capture_output=True, text=True, check=False,
+                              timeout=300)
+    finally:
+        server.stop()  # a clean shutdown writes B's final checkpoint
+    assert proc.returncode == 0, proc.stderr
+    http = json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]
+    # the same training in process: ORT for A and C, torch for B, the same seed and batches
+    loaded = load_bundle(b)
+    data = load_data(tokens, manifest)
+    assert data.x_train.dtype == torch.int64
+    torch.manual_seed(0)
+    ref_b = device_runner(loaded, "B", "torch")
+    ref = SplitModel([OrtRunner.from_bundle(loaded, "A"), ref_b, OrtRunner.from_bundle(loaded, "C")])
+    fit(ref, data, name="in process", epochs=4, batch_size=16, seed=0, progress=False)
+    saved = torch.load(tmp_path / "state" / "checkpoint.pt", weights_only=True)["module"]
+    diff, where = max_abs_difference(saved, ref_b.module.state_dict())  # type: ignore[attr-defined]
+    acc = http[-1]["test_accuracy"]
+    print(f"\ntoken .npz, transformer A|B|C, ORT devices over HTTP: test accuracy {http[0]['test_accuracy']:.4f} -> "
+          f"{acc:.4f} (simulate ORT {ort_sim[-1]['test_accuracy']:.4f}); B vs in process max |dw| {diff:.3e} ({where})")
+    assert f"final test accuracy {acc:.4f}" in proc.stdout
+    for h, s in zip(http, ort_sim, strict=True):
+        assert abs(h["test_loss"] - s["test_loss"]) < 1e-4, (h, s)
+    assert diff < 1e-5, f"{where} differs by {diff}"
+    assert acc > 0.85

@@ -249,3 +249,92 @@ def test_device_runtime_bad_data_is_one_line(tmp_path: Path, table_bundle: Path,
         assert device_main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("device_runtime: error: ") and "\n" not in err and message in err, err
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("m") / "mlp.pt"
+    torch.manual_seed(0)
+    torch.save(MLP().state_dict(), path)  # 10 classes from 64 inputs (1x8x8 or 64 features)
+    return path
+
+
+def partition_argv(model: Path, out: Path, shape: str = "1,1,8,8") -> list[str]:
+    return ["partition", str(model), "--arch", "splitexport.models:MLP", "--input-shape", shape, "--cut", "relu1",
+            "-o", str(out)]
+
+
+def test_partition_records_hand_given_preprocessing(tmp_path: Path, mlp_file: Path, capsys) -> None:
+    """``--preprocess KEY=VALUE ...`` is recorded like the --data path's; --data then uses those numbers and
+    the recorded class names (a folder holding only some classes keeps the bundle's class numbers)."""
+    names = [f"digit{i}" for i in range(10)]
+    b = tmp_path / "b"
+    assert main([*partition_argv(mlp_file, b), "--preprocess", "scale=1/255", "mean=0.25", "std=0.5",
+                 f"label_names={','.join(names)}"]) == 0
+    saved = json.loads((b / "manifest.json").read_text())["preprocess"]
+    assert saved == {"kind": "image", "scale": 1 / 255, "mean": [0.25], "std": [0.5], "image_size": [8, 8],
+                     "channel_order": "L", "feature_names": [], "label_names": names, "num_classes": 10}
+    root = tmp_path / "imgs"
+    write_digit_folder(root, n=120)
+    for keep in ("digit3", "digit7"):  # this device holds two of the ten classes
+        (tmp_path / "two" / keep).parent.mkdir(exist_ok=True)
+        (root / keep).rename(tmp_path / "two" / keep)
+    data = load_data(tmp_path / "two", load_bundle(b).manifest)
+    raw = Dataset.from_image_folder(tmp_path / "two", size=(8, 8), channels=1)
+    assert torch.equal(data.x_train, ((raw.x_train.double() / 255 - 0.25) / 0.5).float())
+    assert sorted(set(data.y_train.tolist()) | set(data.y_test.tolist())) == [3, 7]
+    assert torch.equal(data.y_train, torch.tensor([3, 7])[raw.y_train])
+    # a class the bundle does not know: one line, exit 2
+    (tmp_path / "two" / "cat").mkdir()
+    min((tmp_path / "two" / "digit3").iterdir()).rename(tmp_path / "two" / "cat" / "0.png")
+    err = one_line_error(capsys, ["simulate", str(b), "--data", str(tmp_path / "two"), "--epochs", "1",
+                                  "--no-progress", "--out", str(tmp_path / "r")])
+    assert "'cat'" in err and "digit0" in err
+
+
+def test_preprocess_overrides_what_data_fits(tmp_path: Path, mlp_file: Path) -> None:
+    rows = [[*(np.arange(64) * (k + 1) + i).tolist(), ["lo", "mid", "hi"][k]] for k in range(3) for i in range(8)]
+    csv = write_csv(tmp_path / "t.csv", rows, [*(f"f{j}" for j in range(64)), "y"])
+    b = tmp_path / "b"
+    assert main([*partition_argv(mlp_file, b, "1,64"), "--data", str(csv), "--target", "y",
+                 "--preprocess", "scale=0.5"]) == 0
+    saved = json.loads((b / "manifest.json").read_text())["preprocess"]
+    fitted = preprocess_for(csv, load_bundle(b).manifest, target="y")
+    assert saved["scale"] == 0.5 and saved["kind"] == "table" and saved["label_names"] == ["hi", "lo", "mid"]
+    assert saved["mean"] == fitted.mean and saved["num_classes"] == 3  # the fitted values not given are kept
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    (["scale=1/0"], "--preprocess scale: expected a number or a fraction like 1/255, got '1/0'"),
+    (["scale=0"], "scale must be a finite non-zero number"),
+    (["mean=x"], "--preprocess mean: expected comma-separated numbers, got 'x'"),
+    (["mean=1,2", "std=1,2"], "mean/std have 2 values, but the bundle's input (1, 8, 8) has 1 channels"),
+    (["mean=0.5"], "mean and std need one value per channel each, got 1 and 0"),
+    (["mean=0.5", "std=0"], "std finite and positive"),
+    (["image_size=16,16"], "image_size [16, 16] is not the bundle's input size [8, 8]"),
+    (["image_size=8"], "image_size is [H, W]"),
+    (["channel_order=RGB"], "channel_order RGB does not fit the bundle's 1-channel input"),
+    (["channel_order=BGR"], "channel_order: Input should be 'L' or 'RGB'"),
+    (["kind=tokens"], "kind 'tokens' does not fit the bundle's float32 input"),
+    (["kind=table", "feature_names=a,b"], "feature_names (2) are the columns of a table input"),
+    (["num_classes=11"], "num_classes 11 does not fit the bundle's classifier of 10 outputs"),
+    (["label_names=a,b", "num_classes=3"], "2 label_names for num_classes 3"),
+    (["num_classes=two"], "--preprocess num_classes: expected a whole number"),
+    (["colour=RGB"], "KEY one of kind, scale, mean"),
+    (["scale"], "--preprocess takes KEY=VALUE"),
+    (["scale=2", "scale=3"], "--preprocess gives scale twice"),
+])
+def test_bad_preprocess_values_are_one_line(tmp_path: Path, mlp_file: Path, capsys, given: list[str],
+                                            message: str) -> None:
+    err = one_line_error(capsys, [*partition_argv(mlp_file, tmp_path / "b"), "--preprocess", *given])
+    assert message in err, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_preprocess_for_a_regression_bundle_has_no_classes(tmp_path: Path, mlp_file: Path, capsys) -> None:
+    argv = [*partition_argv(mlp_file, tmp_path / "b", "1,64"), "--loss", "mse"]
+    err = one_line_error(capsys, [*argv, "--preprocess", "label_names=a,b", "num_classes=2"])
+    assert "label_names and num_classes are for classifiers" in err
+    assert main([*argv, "--preprocess", "mean=1", "std=2"]) == 0
+    saved = json.loads((tmp_path / "b" / "manifest.json").read_text())["preprocess"]
+    assert saved["kind"] == "table" and saved["num_classes"] == 0 and saved["mean"] == [1.0]

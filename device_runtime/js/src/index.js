@@ -4,8 +4,8 @@
  *
  * Works wherever @tensorflow/tfjs runs (browser, Web Worker, React Native, Node). This module only
  * re-exports: the segment (`./segment.js`), loaders from URLs and from the server (`./loader.js`), the
- * server client (`./client.js`), safetensors (`./safetensors.js`), the training loop (`./train.js`) and the
- * protocol constants (`./protocol.js`). Loading from disk (Node only) is in `./node.js`.
+ * server client (`./client.js`), safetensors (`./safetensors.js`), the training loop (`./train.js`), the data
+ * loader (`./data.js`) and the protocol constants (`./protocol.js`). Loading from disk (Node only) is in `./node.js`.
  */
 export * as tf from '@tensorflow/tfjs';
 export { DeviceRuntimeError, DeviceSegment, labelLoss } from './segment.js';
@@ -14,4 +14,5 @@ export { RemoteSegment, ServerClient, ServerError } from './client.js';
 export { ERROR_STATUS, ErrorCode, MEDIA_TYPE, Tensor } from './protocol.js';
 export { decodeSafetensors, encodeSafetensors, SafetensorsError } from './safetensors.js';
 export { batchIndices, predict, trainSplit, trainStep } from './train.js';
+export { loadData, parseCsv, parseNpy, parseNpz, preprocess, splitIndices } from './data.js';
 export { GroupNorm, SeededDropout, TorchActivation, TorchReduce } from './layers.js';

@@ -114,6 +114,27 @@ export function trainStep(o: TrainOptions, x: tf.Tensor, y: tf.Tensor): Promise<
 export function predict(o: TrainOptions, x: tf.Tensor): Promise<tf.Tensor>;
 export function trainSplit(o: TrainOptions): Promise<EpochInfo[]>;
 
+export type NumericArray = Float32Array | Float64Array | Int8Array | Uint8Array | Int16Array | Uint16Array | Int32Array |
+  Uint32Array | BigInt64Array | BigUint64Array;
+/** A C-order array read from a .npy; dtype as numpy names it without the byte order ('f4', 'i8', 'bool', ...). */
+export interface NdArray { dtype: string; shape: number[]; data: NumericArray }
+/** manifest.json's `preprocess` (docs/bundle.md). */
+export interface PreprocessSpec {
+  kind: 'image' | 'table' | 'array' | 'tokens'; scale?: number; mean?: number[]; std?: number[];
+  image_size?: number[] | null; channel_order?: 'L' | 'RGB' | null; feature_names?: string[]; label_names?: string[];
+  num_classes?: number;
+}
+export interface Table { x: Float32Array; y: Int32Array | Float32Array; n: number; labelNames: string[]; featureNames: string[] }
+export interface DataOptions { format: 'npz' | 'npy' | 'csv'; target?: string; labels?: Uint8Array; seed?: number; name?: string }
+export interface LoadedData extends Dataset { labelNames: string[] }
+export function parseNpy(bytes: ArrayBuffer | Uint8Array, name?: string): NdArray;
+export function parseNpz(bytes: ArrayBuffer | Uint8Array, name?: string): Promise<Record<string, NdArray>>;
+export function parseCsv(text: string, target: string | undefined,
+  options?: { task?: 'classification' | 'regression'; name?: string }): Table;
+export function preprocess(values: ArrayLike<number> | ArrayLike<bigint>, shape: number[], spec: PreprocessSpec): Float32Array | Int32Array;
+export function splitIndices(y: ArrayLike<number>, classify: boolean, seed?: number): [Int32Array, Int32Array];
+export function loadData(bytes: ArrayBuffer | Uint8Array, manifest: object, options: DataOptions): Promise<LoadedData>;
+
 export const MEDIA_TYPE: string;
 export const Tensor: Readonly<Record<string, string>>;
 export const ErrorCode: Readonly<Record<string, string>>;

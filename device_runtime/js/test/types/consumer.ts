@@ -1,6 +1,6 @@
 // Compiled by test/package.test.js with `tsc --noEmit`: what an app written in TypeScript does.
-import { loadSegmentFromServer, RemoteSegment, ServerClient, ServerError, tf, trainSplit } from '@splitexport/device-runtime';
-import { loadSegmentFromDir } from '@splitexport/device-runtime/node';
+import { loadData, loadSegmentFromServer, RemoteSegment, ServerClient, ServerError, tf, trainSplit } from '@splitexport/device-runtime';
+import { loadDataFile, loadSegmentFromDir } from '@splitexport/device-runtime/node';
 
 export async function run(data: { xTrain: tf.Tensor; yTrain: tf.Tensor; xTest: tf.Tensor; yTest: tf.Tensor }): Promise<number> {
   const client = new ServerClient('http://127.0.0.1:8000', { token: 'x'.repeat(20) });
@@ -16,4 +16,12 @@ export async function run(data: { xTrain: tf.Tensor; yTrain: tf.Tensor; xTest: t
     if (err instanceof ServerError) return err.status;
     throw err;
   }
+}
+
+export async function ownData(client: ServerClient, bytes: Uint8Array): Promise<string[]> {
+  const { manifest } = await client.manifest();
+  const fromBytes = await loadData(bytes, manifest, { format: 'csv', target: 'price' });
+  const fromFile = await loadDataFile('/tmp/tokens.npz', '/tmp/app/manifest.json');
+  fromFile.xTrain.dispose();
+  return fromBytes.labelNames;
 }
