@@ -3,6 +3,6 @@
 The public home of ``_plots`` (the code lives there; matplotlib is imported only when a figure is drawn).
 """
 
-from ._plots import plot_histories, plot_multiclient
+from ._plots import plot_histories, plot_multiclient, pyplot
 
-__all__ = ["plot_histories", "plot_multiclient"]
+__all__ = ["plot_histories", "plot_multiclient", "pyplot"]

@@ -215,7 +215,7 @@ def test_root_api_is_the_core() -> None:
 @pytest.mark.parametrize("blocked", ["sklearn", "matplotlib"])
 def test_the_core_runs_without_the_sim_extra(blocked: str, tmp_path: Path) -> None:
     """Importing every package and cutting a model work with scikit-learn / matplotlib missing; the digits
-    dataset then fails with one line naming the extra."""
+    dataset and the plots then fail with one line naming the extra."""
     code = f"""
 import sys
 sys.modules[{blocked!r}] = None  # import {blocked} raises ImportError
@@ -229,14 +229,18 @@ write_bundle(part, {str(tmp_path / "b")!r}, source=SourceSpec(file_name="m.pt", 
 load_bundle({str(tmp_path / "b")!r})
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "matplotlib") and sys.modules[m])
 assert not loaded, loaded
-if {blocked!r} == "sklearn":
-    try:
+try:
+    if {blocked!r} == "sklearn":
         splitexport.load_dataset()
-    except SplitExportError as exc:
-        print(exc)
+    else:
+        from splitexport.plots import pyplot
+        pyplot()
+except SplitExportError as exc:
+    print(exc)
 """
     res = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    if blocked == "sklearn":
-        assert res.stdout.strip() == "the digits dataset needs scikit-learn: pip install 'splitexport[sim]'"
+    assert res.stdout.strip() == {
+        "sklearn": "the digits dataset needs scikit-learn: pip install 'splitexport[sim]'",
+        "matplotlib": "plots need matplotlib: pip install 'splitexport[sim]'"}[blocked]
