@@ -1,7 +1,7 @@
 """The wire contract of the splitexport server (docs/protocol.md), shared by the server and its clients.
 
 The media type, the tensor names, the URL paths, every error code with its HTTP status, the safetensors
-limits and the codec. The JS client's copy (``device_runtime/js/src/protocol.js``) is generated from this
+limits and the codec, and the types a strategy's round sends (:class:`ServerReply`, :data:`DeviceState`). The JS client's copy (``device_runtime/js/src/protocol.js``) is generated from this
 module (``python -m splitexport.protocol --js``) and a test keeps the two equal.
 """
 
