@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitexport import Bundle, OptimizerSpec, TorchSegment
-from tests._support import SGD, build_bundle
+from tests._support.bundles import SGD, build_bundle
 
 
 def make_bundle(path: Path, cuts: list[str], optimizer: OptimizerSpec = SGD) -> Bundle:
