@@ -1,5 +1,5 @@
 # Two commands a fresh clone needs:
-#   make demo   - set up the core + onnx + server extras (no TensorFlow) and walk the product path on the default
+#   make demo   - set up the core + onnx + server + sim extras (no TensorFlow) and walk the product path on the default
 #   make test   - set up everything (torch, ONNX Runtime training, TF, server, node deps, chromium), lint, type-check, run all tests
 PYTHON ?= python3
 VENV   := .venv
@@ -18,9 +18,10 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# what `splitexport demo` needs: ONNX Runtime training for the devices, the server (still no TensorFlow)
+# what `splitexport demo` needs: ONNX Runtime training for the devices, the server, the harness's digits and
+# plots (sim: scikit-learn, matplotlib), still no TensorFlow
 $(VENV)/.demo: $(VENV)/.core
-	$(BIN)/pip install -q -e ".[onnx,server]"
+	$(BIN)/pip install -q -e ".[onnx,server,sim]"
 	touch $@
 
 $(VENV)/.all: $(VENV)/.core

@@ -39,11 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ServerProcess, machine
+from _common import machine
 
 from device_runtime import RemoteSegment, ServerClient
-from splitexport import OptimizerSpec, SourceSpec, SplitModel, TorchSegment, load_bundle, partition, write_bundle
+from splitexport import OptimizerSpec, SplitModel, TorchSegment, load_bundle
 from splitexport.models import DEFAULT_CUTS, FACTORIES
+from tests._support import ServerProcess, build_bundle
 
 TOKEN = "bench-token-0123456789"
 MODES: dict[str, list[str]] = {
@@ -54,11 +55,7 @@ MODES: dict[str, list[str]] = {
 
 
 def make_bundle(model: str, path: Path) -> Path:
-    torch.manual_seed(0)
-    part = partition(FACTORIES[model](), list(DEFAULT_CUTS[model]), torch.zeros(2, 1, 8, 8))
-    write_bundle(part, path, source=SourceSpec(file_name=f"{model}.pt", sha256="0" * 64, kind="state_dict"),
-                 optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9))
-    return path
+    return build_bundle(path, model, DEFAULT_CUTS[model], OptimizerSpec(name="sgd", lr=0.05, momentum=0.9)).path
 
 
 def run_mode(bundle_path: Path, mode: str, clients: int, steps: int, batch: int, work: Path) -> dict[str, float]:
@@ -68,8 +65,8 @@ def run_mode(bundle_path: Path, mode: str, clients: int, steps: int, batch: int,
     tokens.write_text(TOKEN + "\n")
     extra = MODES[mode] + (["--clients", str(clients), "--round-timeout", "300"] if MODES[mode] else [])
     state_dir = Path(tempfile.mkdtemp(prefix=f"state-{mode}-", dir=work))
-    server = ServerProcess(bundle_path, ["--state-dir", str(state_dir), "--tokens", str(tokens),
-                                        "--checkpoint-every", "1000000000", *extra])
+    server = ServerProcess(bundle_path, state_dir, tokens, "--checkpoint-every", "1000000000", *extra,
+                           timeout_s=120).start()
     shape = m.segments[0].input.sample_shape
     ready = threading.Barrier(clients)
     start = threading.Barrier(clients + 1)

@@ -48,17 +48,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ServerProcess, machine
+from _common import machine
 
 from device_runtime import OrtRunner, RemoteSegment, ServerClient
 from device_runtime._client import decode as client_decode
 from device_runtime._client import encode as client_encode
 from server._wire import decode as server_decode
 from server._wire import encode as server_encode
-from splitexport import Bundle, OptimizerSpec, SourceSpec, load_dataset, partition, write_bundle
+from splitexport import Bundle, OptimizerSpec, load_dataset
 from splitexport._data import batch_indices
 from splitexport.export import export_onnx
 from splitexport.models import DEFAULT_CUTS, FACTORIES
+from tests._support import ServerProcess, build_bundle
 
 try:
     import orjson
@@ -215,10 +216,7 @@ def run(bundle: Bundle, server: ServerProcess, batch: int, fp16: bool, steps: in
 
 
 def make_bundle(name: str, work: Path) -> Bundle:
-    torch.manual_seed(0)
-    part = partition(FACTORIES[name](), list(DEFAULT_CUTS[name]), torch.zeros(2, 1, 8, 8))
-    source = SourceSpec(file_name=f"{name}.pt", sha256="0" * 64, kind="state_dict")
-    return export_onnx(write_bundle(part, work / name, source=source, optimizer=OptimizerSpec(name="sgd", lr=0.01)))
+    return export_onnx(build_bundle(work / name, name, DEFAULT_CUTS[name], OptimizerSpec(name="sgd", lr=0.01)))
 
 
 def main() -> None:
@@ -244,11 +242,10 @@ def main() -> None:
         for name in args.models:
             bundle = make_bundle(name, Path(tmp))
             server = ServerProcess(
-                bundle.path,
-                ["--state-dir", str(Path(tmp) / f"state-{name}"), "--checkpoint-every", str(args.checkpoint_every),
-                 "--log-level", "warning"],
+                bundle.path, Path(tmp) / f"state-{name}", None, "--checkpoint-every", str(args.checkpoint_every),
+                "--log-level", "warning", timeout_s=120,
                 env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else None,
-            )
+            ).start()
             try:
                 for batch in args.batches:
                     for fp16 in (False, True):

@@ -20,12 +20,14 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,11 @@ from safetensors.numpy import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ServerProcess, machine
+from _common import machine
 
-from splitexport import OptimizerSpec, SourceSpec, TorchSegment, load_bundle, partition, write_bundle
-from splitexport.models import MLP, resnet_cnn
+from splitexport import OptimizerSpec, TorchSegment, load_bundle
+from splitexport.models import MLP
+from tests._support import ServerProcess, build_bundle
 
 BATCH = 32
 
@@ -48,13 +51,10 @@ def make_bundle(root: Path, name: str) -> Path:
     path = root / name
     if path.exists():
         return path
-    torch.manual_seed(0)
-    model: torch.nn.Module = resnet_cnn() if name == "resnet_cnn" else MLP(hidden=3162 if name == "mlp10m" else 64)
+    model: str | Callable[[], torch.nn.Module] = name if name == "resnet_cnn" else functools.partial(
+        MLP, hidden=3162 if name == "mlp10m" else 64)
     cuts = ["layer1", "layer3"] if name == "resnet_cnn" else ["relu1", "relu2"]
-    part = partition(model, cuts, torch.zeros(2, 1, 8, 8))
-    write_bundle(part, path, source=SourceSpec(file_name=f"{name}.pt", sha256="0" * 64, kind="state_dict"),
-                 optimizer=OptimizerSpec(lr=0.01, momentum=0.9))
-    return path
+    return build_bundle(path, model, cuts, OptimizerSpec(lr=0.01, momentum=0.9)).path
 
 
 class Device:
@@ -90,8 +90,8 @@ def write_bytes(pid: int) -> int:
 
 def serve(bundle: Path, state: Path, *extra: str) -> ServerProcess:
     # one token opens every session here: lift the per-token session cap (default 64) for the benchmark
-    return ServerProcess(bundle, ["--state-dir", str(state), "--threads", "1", *extra],
-                         env={"SPLITEXPORT_MAX_SESSIONS_PER_TOKEN": "100000", "SPLITEXPORT_MAX_SESSIONS": "100000"})
+    return ServerProcess(bundle, state, None, "--threads", "1", *extra, timeout_s=120,
+                         env={"SPLITEXPORT_MAX_SESSIONS_PER_TOKEN": "100000", "SPLITEXPORT_MAX_SESSIONS": "100000"}).start()
 
 
 def bench_sessions(root: Path, steps: int, sessions: int, blocks: int) -> dict[str, Any]:
@@ -146,9 +146,9 @@ def bench_bytes(root: Path, steps: int) -> list[dict[str, Any]]:
         try:
             device = Device(server.url, bundle)
             device.run(3)
-            before = write_bytes(server.proc.pid)
+            before = write_bytes(server.pid)
             times = device.run(steps)
-            written = write_bytes(server.proc.pid) - before
+            written = write_bytes(server.pid) - before
         finally:
             server.stop()
         rows.append({"durability": label, "bytes_per_step": written / steps, "step_ms": statistics.median(times) * 1e3})

@@ -25,8 +25,8 @@ import torch
 
 from splitexport import Bundle, Dataset, OptimizerSpec, SourceSpec, load_dataset, partition, write_bundle
 from splitexport._multiclient import MultiClientResult, c3_score, simulate_clients
-from splitexport._plots import plot_multiclient
 from splitexport.models import resnet_cnn
+from splitexport.plots import plot_multiclient, pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAM = OptimizerSpec(name="adam", lr=1e-3)
@@ -104,11 +104,7 @@ def _table(results: Sequence[MultiClientResult]) -> list[str]:
 
 
 def _summary_plot(results: Sequence[MultiClientResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, part in zip(axes, ("iid", "noniid"), strict=True):
         labels = dict.fromkeys(r.label for r in results if r.partition == part)

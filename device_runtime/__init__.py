@@ -6,6 +6,7 @@ from ._ort import OrtArtifacts, OrtRuntimeError, OrtSegment
 from ._ort_runner import OrtRunner
 from ._tflite import TfliteRuntimeError, TfliteSegment
 from ._tflite_runner import TfliteRunner
+from ._train import build_split_model
 
 __all__ = [
     "HttpLink",
@@ -19,5 +20,6 @@ __all__ = [
     "TfliteRunner",
     "TfliteRuntimeError",
     "TfliteSegment",
+    "build_split_model",
     "client_names",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Self, TypeVar
 
 import torch
 
-from splitexport.strategies import DeviceState, ServerReply
+from splitexport.protocol import DeviceState, ServerReply
 
 from ._client import RemoteSegment, ServerClient
 

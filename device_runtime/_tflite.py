@@ -194,7 +194,7 @@ class TfliteSegment:
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Weights and BatchNorm statistics by their torch state-dict names, in torch layout."""
-        from splitexport.export._layergraph import tf_to_torch_layout
+        from splitexport.export import tf_to_torch_layout
 
         state = self.state()
         return {

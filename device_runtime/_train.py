@@ -20,9 +20,9 @@ from splitexport import (
     fit,
     load_bundle,
 )
-from splitexport import _argtypes as at
-from splitexport._datafiles import resolve_data
-from splitexport._plots import plot_histories
+from splitexport import argtypes as at
+from splitexport.data import resolve_data
+from splitexport.plots import plot_histories
 
 from ._client import RemoteSegment, ServerClient, ServerError
 

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from splitexport.strategies import STRATEGIES, ServerReply, Strategy, StrategyConfig, make_strategy
+from splitexport.protocol import ServerReply
+from splitexport.strategies import STRATEGIES, Strategy, StrategyConfig, make_strategy
 
 from ._errors import APIError
 from ._state import ServerState, Session, _Cached

@@ -36,10 +36,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from starlette.concurrency import run_in_threadpool
 
-from splitexport import Bundle, TorchSegment, load_bundle
-from splitexport._torch_segment import UnsafeUpdate
-from splitexport.protocol import ErrorCode
-from splitexport.strategies import ServerReply
+from splitexport import Bundle, TorchSegment, UnsafeUpdate, load_bundle
+from splitexport.protocol import ErrorCode, ServerReply
 
 from ._errors import APIError
 from ._metrics import Metrics

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from splitexport import TensorSpec, protocol
-from splitexport.protocol import ACCEPTED_MEDIA_TYPES, MEDIA_TYPE, ErrorCode, ProtocolError
-from splitexport.strategies import ServerReply
+from splitexport.protocol import ACCEPTED_MEDIA_TYPES, MEDIA_TYPE, ErrorCode, ProtocolError, ServerReply
 
 from ._errors import APIError
 from ._timing import timed

@@ -1,6 +1,10 @@
 """splitexport: cut a torch model into segments that train on phones and a server exactly as one.
 
-The public API; everything else lives in private modules.
+The core API: cut points and partitions, bundles and manifests, the segment trainers and the update rule,
+the example dataset, and the errors. Elsewhere: :mod:`splitexport.export` (phone formats),
+:mod:`splitexport.protocol` (the wire contract), :mod:`splitexport.strategies` (multi-client algorithms),
+:mod:`splitexport.models` (example models), :mod:`splitexport.data` and :mod:`splitexport.plots` (the
+harness's data and figures); the multi-client harness is ``splitexport._multiclient``.
 """
 
 from ._bundle import Bundle, deploy_bundle, load_bundle, write_bundle
@@ -19,10 +23,8 @@ from ._errors import (
 )
 from ._loading import LoadedModel, load_model
 from ._manifest import LossSpec, Manifest, OptimizerSpec, SegmentSpec, SourceSpec, TensorSpec
-from ._multiclient import MultiClientResult, ServerLink, c3_score, simulate_clients
 from ._partition import CutPoint, Partition, Segment, list_cut_points, partition
-from ._partitions import partition_indices
-from ._torch_segment import TorchSegment
+from ._torch_segment import TorchSegment, UnsafeUpdate
 from ._trainer import (
     History,
     MonolithicModel,
@@ -35,8 +37,7 @@ from ._trainer import (
     torch_split_model,
 )
 from ._update_rule import EXACT_RULE, AuxLossRule, aux_loss, aux_target, label_loss
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "EXACT_RULE",
@@ -54,14 +55,12 @@ __all__ = [
     "Manifest",
     "ModelLoadError",
     "MonolithicModel",
-    "MultiClientResult",
     "OptimizerSpec",
     "Partition",
     "PartitionError",
     "Segment",
     "SegmentRunner",
     "SegmentSpec",
-    "ServerLink",
     "SourceSpec",
     "SplitExportError",
     "SplitModel",
@@ -69,10 +68,10 @@ __all__ = [
     "TorchSegment",
     "UnknownLayerError",
     "UnsafePickleError",
+    "UnsafeUpdate",
     "UntraceableModelError",
     "aux_loss",
     "aux_target",
-    "c3_score",
     "compose",
     "deploy_bundle",
     "fit",
@@ -84,8 +83,6 @@ __all__ = [
     "max_abs_difference",
     "named_state",
     "partition",
-    "partition_indices",
-    "simulate_clients",
     "torch_split_model",
     "write_bundle",
 ]

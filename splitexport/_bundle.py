@@ -35,17 +35,12 @@ from ._errors import BundleError, BundleIntegrityError
 from ._loading import sha256_file
 from ._manifest import BATCH, LossSpec, Manifest, OptimizerSpec, SegmentSpec, SourceSpec, TensorSpec, TorchFormat
 from ._partition import Partition, Segment
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._manifest import PreprocessSpec
 
 MANIFEST = "manifest.json"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 class Bundle:
@@ -197,7 +192,7 @@ def write_bundle(
                 )
             )
         manifest = Manifest(
-            splitexport_version=_version(),
+            splitexport_version=__version__,
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             source=source,
             cuts=list(partition.cuts),

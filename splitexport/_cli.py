@@ -258,7 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The whole product path on the built-in default (see :mod:`splitexport._demo`)."""
     from ._demo import run_demo
 
-    run_demo(args.out, model=args.model, epochs=args.epochs, seed=args.seed, tfjs=not args.no_tfjs, progress=not args.no_progress)
+    run_demo(args.out, run, model=args.model, epochs=args.epochs, seed=args.seed, tfjs=not args.no_tfjs, progress=not args.no_progress)
 
 
 _EXPORTERS: dict[str, str] = {

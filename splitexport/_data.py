@@ -80,8 +80,11 @@ def load_dataset(name: str = "digits") -> Dataset:
     """scikit-learn's digits: 1797 8x8 images (pixels / 16), a fixed stratified 75/25 split."""
     if name != "digits":
         raise SplitExportError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise SplitExportError("the digits dataset needs scikit-learn: pip install 'splitexport[sim]'") from exc
 
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]

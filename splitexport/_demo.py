@@ -55,13 +55,21 @@ class DemoResult:
     metrics: Path
 
 
-def run_demo(out: Path, *, model: str = "mlp", epochs: int = 6, seed: int = 0, tfjs: bool = True,
-             progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
-    """Walk the whole path into ``out`` (created; its previous demo files are replaced)."""
-    missing = [m for m in ("onnx", "onnxruntime", "fastapi", "uvicorn", "httpx", "safetensors") if not installed(m)]
+def run_demo(out: Path, cli: Callable[[Sequence[str]], None], *, model: str = "mlp", epochs: int = 6, seed: int = 0,
+             tfjs: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+    """Walk the whole path into ``out`` (created; its previous demo files are replaced); ``cli`` runs one
+    ``splitexport`` command in this process (``splitexport._cli.run``)."""
+
+    def command(what: str, argv: Sequence[str]) -> None:
+        """Print the step and the command a user would type, then run it."""
+        log(f"\n{what}:\n$ splitexport {shlex.join(argv)}")
+        cli(argv)
+
+    needed = ("onnx", "onnxruntime", "fastapi", "uvicorn", "httpx", "safetensors", "sklearn", "matplotlib")
+    missing = [m for m in needed if not installed(m)]
     if missing:
-        raise SplitExportError(f"the demo needs the 'onnx' and 'server' extras ({', '.join(missing)} missing): "
-                               "pip install 'splitexport[onnx,server]'")
+        raise SplitExportError(f"the demo needs the 'onnx', 'server' and 'sim' extras ({', '.join(missing)} missing): "
+                               "pip install 'splitexport[onnx,server,sim]'")
     if model not in LEARNING_RATES:
         raise SplitExportError(f"unknown demo model {model!r}; choose from {sorted(LEARNING_RATES)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -73,11 +81,11 @@ def run_demo(out: Path, *, model: str = "mlp", epochs: int = 6, seed: int = 0, t
     common = ["--arch", f"splitexport.models:{model}", "--input-shape", INPUT_SHAPE]
     bundle, assets = out / "bundle", out / "app-assets"
 
-    _command(log, "1. every valid cut point of the model", ["inspect", str(model_path), *common])
-    _command(log, "   cut it A|B|C: A and C train on the phone, B on the server",
+    command("1. every valid cut point of the model", ["inspect", str(model_path), *common])
+    command("   cut it A|B|C: A and C train on the phone, B on the server",
              ["partition", str(model_path), *[a for c in cuts for a in ("--cut", c)], *common, "-o", str(bundle),
               "--optimizer", "sgd", "--lr", str(lr), "--momentum", "0", "--weight-decay", "0", "--force"])
-    _command(log, "2. export A and C as ONNX Runtime on-device training artifacts",
+    command("2. export A and C as ONNX Runtime on-device training artifacts",
              ["export", str(bundle), "--format", "onnx"])
     if not tfjs:
         log("   (TF.js export skipped: --no-tfjs)")
@@ -86,9 +94,9 @@ def run_demo(out: Path, *, model: str = "mlp", epochs: int = 6, seed: int = 0, t
             "     pip install 'splitexport[tf]'\n"
             f"     splitexport export {bundle} --format tfjs")
     else:
-        _command(log, "   ... and as trainable TF.js models (browser, React Native, Node)",
+        command("   ... and as trainable TF.js models (browser, React Native, Node)",
                  ["export", str(bundle), "--format", "tfjs"])
-    _command(log, "3. copy what the phone app ships (device segments only, hash-verified)",
+    command("3. copy what the phone app ships (device segments only, hash-verified)",
              ["deploy", str(bundle), "--to", str(assets), "--force"])
 
     state_dir, tokens = out / "server-state", out / "tokens.txt"
@@ -141,14 +149,6 @@ def installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # ValueError: blocked in sys.modules
         return False
-
-
-def _command(log: Callable[[str], None], what: str, argv: Sequence[str]) -> None:
-    """Print the step and the command a user would type, then run it in this process."""
-    from ._cli import run
-
-    log(f"\n{what}:\n$ splitexport {shlex.join(argv)}")
-    run(argv)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -251,8 +251,7 @@ def _last_line(path: Path) -> str:
 def _train_over_http(url: str, token: str, assets: Path, epochs: int, seed: int, progress: bool,
                      log: Callable[[str], None]) -> tuple[Any, dict[str, torch.Tensor], int]:
     """The device side, as ``python -m device_runtime train`` runs it; returns the history and A's and C's weights."""
-    from device_runtime import OrtRunner, ServerClient
-    from device_runtime._train import build_split_model
+    from device_runtime import OrtRunner, ServerClient, build_split_model
 
     from ._bundle import load_bundle
     from ._data import load_dataset

@@ -31,8 +31,8 @@ from ._manifest import OptimizerSpec
 from ._partitions import PartitionKind, partition_indices
 from ._torch_segment import TorchSegment, eager_execution
 from ._update_rule import LossKind, label_loss
+from .protocol import DeviceState, ServerReply
 from .strategies import STRATEGIES, AdaSplit, StrategyConfig, projection_head, supervised_nt_xent
-from .strategies._base import DeviceState, ServerReply
 
 C3_TEMPERATURE = 8.0
 """AdaSplit's C3-Score leaves the temperature T unstated; T = 8 reproduces its Tables 1-2 to +-0.01."""

@@ -417,11 +417,9 @@ def _leak(leak: dict[str, float | None] | None) -> str:
 
 def plot_plan(p: Plan, path: str | Path) -> Path:
     """Device memory vs predicted step time (float32 and float16), the Pareto-best highlighted."""
-    import matplotlib
+    from ._plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))

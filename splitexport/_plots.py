@@ -1,4 +1,4 @@
-"""PNG plots of training curves."""
+"""PNG plots of training curves (matplotlib, the ``sim`` extra, imported only when a figure is drawn)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._errors import SplitExportError
 from ._trainer import History
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend; without matplotlib, one line naming the extra."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SplitExportError("plots need matplotlib: pip install 'splitexport[sim]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_histories(histories: Sequence[History], path: str | Path, title: str = "") -> Path:
     """Loss and test accuracy per epoch for each run, side by side, written as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -33,11 +42,7 @@ def plot_histories(histories: Sequence[History], path: str | Path, title: str = 
 
 def plot_multiclient(results: Sequence[Any], path: str | Path, title: str = "") -> Path:
     """Test accuracy per round and against cumulative bandwidth (MB), one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -56,8 +61,6 @@ def plot_multiclient(results: Sequence[Any], path: str | Path, title: str = "") 
 
 def _save(fig: Any, axes: Sequence[Any], path: Path, title: str, legend_size: int) -> Path:
     """Grid and legend on every axis, the title, then write the PNG and free the figure."""
-    import matplotlib.pyplot as plt
-
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=legend_size)
@@ -65,5 +68,5 @@ def _save(fig: Any, axes: Sequence[Any], path: Path, title: str, legend_size: in
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path

@@ -1,7 +1,7 @@
 """The wire contract of the splitexport server (docs/protocol.md), shared by the server and its clients.
 
 The media type, the tensor names, the URL paths, every error code with its HTTP status, the safetensors
-limits and the codec. The JS client's copy (``device_runtime/js/src/protocol.js``) is generated from this
+limits and the codec, and the types a strategy's round sends (:class:`ServerReply`, :data:`DeviceState`). The JS client's copy (``device_runtime/js/src/protocol.js``) is generated from this
 module (``python -m splitexport.protocol --js``) and a test keeps the two equal.
 """
 
@@ -11,10 +11,12 @@ import json
 import struct
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 MEDIA_TYPE = "application/vnd.safetensors"
 ACCEPTED_MEDIA_TYPES = (MEDIA_TYPE, "application/octet-stream")
@@ -162,6 +164,23 @@ class ProtocolError(ValueError):
         self.code = code
         self.message = message
         self.details = details
+
+
+# -- what crosses the wire in a strategy's round ------------------------------------------------------------
+
+DeviceState = dict[str, torch.Tensor]
+"""A client's device weights, flat: ``"<segment>.<parameter or buffer>" -> tensor`` (a round-end or turn body)."""
+
+
+@dataclass
+class ServerReply:
+    """What the server returns to one client for one iteration (the ``grad``, ``loss``, ``output`` tensors)."""
+
+    grad: torch.Tensor | None
+    """``dL/d(B input)`` for the client's device segment; None when the strategy sends none (AdaSplit)."""
+    loss: float | None = None
+    output: torch.Tensor | None = None
+    """B's (detached) output, i.e. the logits of a single split."""
 
 
 # -- the safetensors codec ---------------------------------------------------------------------------------

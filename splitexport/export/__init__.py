@@ -6,6 +6,7 @@ The op table behind the TF.js / TFLite mapping (and the support matrix of every 
 
 from ._api import FORMATS, export
 from ._layergraph import SUPPORTED_LAYERS as TF_SUPPORTED_LAYERS
+from ._layergraph import tf_to_torch_layout
 from ._onnx import DeviceOptimizer, export_onnx, export_segment_onnx
 from ._onnx_ops import UnsupportedOpError
 from ._options import ExportOptions, OnnxOptions, TfjsOptions, TfliteOptions
@@ -26,4 +27,5 @@ __all__ = [
     "export_segment_onnx",
     "export_tfjs_segment",
     "export_tflite_segment",
+    "tf_to_torch_layout",
 ]

@@ -4,8 +4,9 @@
 """
 
 from .._torch_segment import TorchSegment
+from ..protocol import DeviceState, ServerReply
 from ._adasplit import AdaSplit
-from ._base import DeviceState, ServerReply, Strategy, StrategyConfig, average_states
+from ._base import Strategy, StrategyConfig, average_states
 from ._fedavg import FedAvg
 from ._masks import ClientMasks
 from ._ntxent import projection_head, supervised_nt_xent

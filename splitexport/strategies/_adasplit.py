@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from .._torch_segment import TorchSegment
-from ._base import DeviceSync, ServerReply, Strategy, StrategyConfig
+from ..protocol import ServerReply
+from ._base import DeviceSync, Strategy, StrategyConfig
 from ._masks import ClientMasks
 from ._ucb import UCBOrchestrator
 

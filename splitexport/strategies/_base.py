@@ -29,11 +29,10 @@ import torch
 
 from .._torch_segment import TorchSegment
 from .._update_rule import label_loss
+from ..protocol import DeviceState, ServerReply
 
 Split = Literal["single", "double"]
 DeviceSync = Literal["independent", "relay", "average"]
-DeviceState = dict[str, torch.Tensor]
-"""A client's device weights, flat: ``"<segment>.<parameter or buffer>" -> tensor``."""
 
 
 @dataclass(frozen=True)
@@ -76,17 +75,6 @@ class StrategyConfig:
             raise ValueError("lam must be >= 0 and gamma in [0, 1]")
         if self.total_rounds < 1:
             raise ValueError("total_rounds must be at least 1")
-
-
-@dataclass
-class ServerReply:
-    """What the server returns to one client for one iteration."""
-
-    grad: torch.Tensor | None
-    """``dL/d(B input)`` for the client's device segment; None when the strategy sends none (AdaSplit)."""
-    loss: float | None = None
-    output: torch.Tensor | None = None
-    """B's (detached) output, i.e. the logits of a single split."""
 
 
 class Strategy(ABC):

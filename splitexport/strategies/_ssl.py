@@ -7,7 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._base import DeviceState, DeviceSync, Strategy
+from ..protocol import DeviceState
+from ._base import DeviceSync, Strategy
 
 
 class SSL(Strategy):

@@ -18,59 +18,15 @@ import torch
 from device_runtime import RemoteSegment, ServerClient
 from splitexport import SplitModel, TorchSegment, load_bundle, max_abs_difference
 from splitexport._bundle import Bundle
-
-from .conftest import TOKEN, free_port, wait_until_healthy
+from tests._support import TOKEN, ServerProcess, free_port
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-class Server:
-    """`splitexport serve` in a child process that may be SIGKILLed (or kill itself: SPLITEXPORT_FAULT)."""
-
-    def __init__(self, bundle: Path, state_dir: Path, tokens: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.args = [sys.executable, "-m", "splitexport", "serve", str(bundle), "--port", str(self.port),
-                     "--state-dir", str(state_dir), "--tokens", str(tokens), *extra]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.logs = state_dir.parent
-        self._stderr = self.logs / "stderr-0.txt"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.log: list[str] = []
-        """stderr of the processes that ended."""
-
-    def start(self, fault: str | None = None, *extra: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("SPLITEXPORT_FAULT", None)
-        if fault is not None:
-            env["SPLITEXPORT_FAULT"] = fault
-        if self.proc is not None and self.proc.poll() is not None:
-            self.log.append(self._stderr.read_text())
-        self._stderr = self.logs / f"stderr-{self.starts}.txt"
-        with self._stderr.open("wb") as err:  # a file, not a pipe: a full pipe would block the server
-            self.proc = subprocess.Popen([*self.args, *extra], env=env, stderr=err)
-        self.starts += 1
-        proc = self.proc
-        try:
-            wait_until_healthy(self.url, proc)
-        except RuntimeError as exc:
-            if proc.poll() is None:
-                raise
-            raise RuntimeError(self._stderr.read_text() or "server died") from exc
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> str:
-        """SIGTERM (a clean shutdown writes a snapshot); the server's stderr."""
-        if self.proc is None:
-            return ""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(timeout=30)
-        return self._stderr.read_text()
+def killable_server(bundle: Path, state_dir: Path, tokens: Path, *extra: str) -> ServerProcess:
+    """`splitexport serve` in a child process that may be SIGKILLed (or kill itself: ``start(fault)``);
+    each start's stderr is kept beside the state directory."""
+    return ServerProcess(bundle, state_dir, tokens, *extra, stderr_dir=state_dir.parent)
 
 
 def runners(bundle: Bundle, remote: object) -> list:
@@ -106,7 +62,7 @@ def tokens(tmp_path: Path) -> Path:
     return path
 
 
-def _restarter(server: Server, stop: threading.Event) -> threading.Thread:
+def _restarter(server: ServerProcess, stop: threading.Event) -> threading.Thread:
     """Start the server again (without a fault) whenever it has died."""
     def loop() -> None:
         while not stop.is_set():
@@ -129,7 +85,7 @@ def test_sigkill_in_every_crash_window_loses_and_repeats_nothing(resnet_bundle: 
     reply is lost) and while writing a snapshot; the Python client recovers on its own each time."""
     bundle = load_bundle(resnet_bundle)
     state_dir = tmp_path / "state"
-    server = Server(resnet_bundle, state_dir, tokens, "--checkpoint-every", "3")
+    server = killable_server(resnet_bundle, state_dir, tokens, "--checkpoint-every", "3")
     faults = ["before_commit:2", "in_commit:4", "after_commit:6", "after_apply:8", "in_snapshot:9"]
     steps = 12
     batches = batches_for(digits, steps, 1)
@@ -183,7 +139,7 @@ def test_random_sigkills_while_four_devices_train(mlp_bundle: Path, digits, tmp_
     devices, per_device = 4, 10
     bundle = load_bundle(mlp_bundle)
     state_dir = tmp_path / "state"
-    server = Server(mlp_bundle, state_dir, tokens, "--checkpoint-every", "2")
+    server = killable_server(mlp_bundle, state_dir, tokens, "--checkpoint-every", "2")
     batches = batches_for(digits, devices * per_device, devices)
     server.start()
     stop = threading.Event()

@@ -7,17 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitexport import Bundle, OptimizerSpec, SourceSpec, TorchSegment, partition, write_bundle
-from splitexport.models import mlp
-
-SGD = OptimizerSpec(name="sgd", lr=0.05)
+from splitexport import Bundle, OptimizerSpec, TorchSegment
+from tests._support.bundles import SGD, build_bundle
 
 
 def make_bundle(path: Path, cuts: list[str], optimizer: OptimizerSpec = SGD) -> Bundle:
-    torch.manual_seed(0)
-    part = partition(mlp(), cuts, torch.zeros(2, 1, 8, 8))
-    source = SourceSpec(file_name="mlp.pt", sha256="0" * 64, kind="state_dict")
-    return write_bundle(part, path, source=source, optimizer=optimizer)
+    """The MLP cut at ``cuts`` (imported by test_multiclient)."""
+    return build_bundle(path, "mlp", cuts, optimizer)
 
 
 @pytest.fixture(scope="session")
