@@ -189,7 +189,7 @@ def _plan_data(args: argparse.Namespace, module: Any, example: Any, tmp: str) ->
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from ._bundle import load_bundle
-    from ._simulate import simulate
+    from .simulation import simulate
 
     bundle = load_bundle(args.bundle)
     if args.clients is not None or args.strategy is not None:
@@ -213,7 +213,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
     """``simulate --clients N --strategy S``: multi-client split learning in process."""
     from ._datafiles import resolve_data
-    from ._multiclient import simulate_clients, write_results
+    from .simulation import simulate_clients, write_results
 
     data = resolve_data(args.dataset, bundle.manifest, data=args.data, target=args.target)
 

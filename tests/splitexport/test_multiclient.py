@@ -9,7 +9,7 @@ import pytest
 
 from splitexport import load_bundle
 from splitexport._cli import main
-from splitexport._multiclient import c3_score, simulate_clients
+from splitexport.simulation import c3_score, simulate_clients
 
 from .strategies.conftest import make_bundle
 

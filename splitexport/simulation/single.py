@@ -10,14 +10,23 @@ from pathlib import Path
 
 import torch
 
-from ._bundle import Bundle
-from ._data import Dataset
-from ._datafiles import resolve_data
-from ._errors import SplitExportError
-from ._manifest import OptimizerSpec, SegmentSpec
-from ._plots import plot_histories
-from ._torch_segment import TorchSegment
-from ._trainer import History, MonolithicModel, SegmentRunner, SplitModel, compose, fit, max_abs_difference, named_state
+from .._bundle import Bundle
+from .._data import Dataset
+from .._datafiles import resolve_data
+from .._errors import SplitExportError
+from .._manifest import OptimizerSpec, SegmentSpec
+from .._torch_segment import TorchSegment
+from .._trainer import (
+    History,
+    MonolithicModel,
+    SegmentRunner,
+    SplitModel,
+    compose,
+    fit,
+    max_abs_difference,
+    named_state,
+)
+from .plots import plot_histories
 
 RunnerFactory = Callable[[Bundle, SegmentSpec, OptimizerSpec], SegmentRunner]
 

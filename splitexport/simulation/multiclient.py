@@ -23,16 +23,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from ._bundle import Bundle
-from ._data import Dataset, batch_indices
-from ._datafiles import resolve_data
-from ._errors import SplitExportError
-from ._manifest import OptimizerSpec
-from ._partitions import PartitionKind, partition_indices
-from ._torch_segment import TorchSegment, eager_execution
-from ._update_rule import LossKind, label_loss
-from .protocol import DeviceState, ServerReply
-from .strategies import STRATEGIES, AdaSplit, StrategyConfig, projection_head, supervised_nt_xent
+from .._bundle import Bundle
+from .._data import Dataset, batch_indices
+from .._datafiles import resolve_data
+from .._errors import SplitExportError
+from .._manifest import OptimizerSpec
+from .._torch_segment import TorchSegment, eager_execution
+from .._update_rule import LossKind, label_loss
+from ..protocol import DeviceState, ServerReply
+from ..strategies import STRATEGIES, AdaSplit, StrategyConfig, projection_head, supervised_nt_xent
+from .client_data import PartitionKind, partition_indices
 
 C3_TEMPERATURE = 8.0
 """AdaSplit's C3-Score leaves the temperature T unstated; T = 8 reproduces its Tables 1-2 to +-0.01."""
@@ -508,7 +508,7 @@ def _evaluate(devices: list[_Client], link: ServerLink, data: Dataset, mode: str
 
 def write_results(results: Sequence[MultiClientResult], out_dir: str | Path, *, title: str = "") -> tuple[Path, Path]:
     """``metrics.json`` and ``clients.png`` (accuracy vs rounds and vs bandwidth) for a set of runs."""
-    from ._plots import plot_multiclient
+    from .plots import plot_multiclient
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
