@@ -3,16 +3,8 @@ N simulated devices around a multi-client strategy (``simulate_clients``), the c
 traffic/compute metrics and C3-Score, and the figures."""
 
 from .client_data import PARTITIONS, PartitionKind, partition_indices
-from .multiclient import (
-    C3_TEMPERATURE,
-    MultiClientResult,
-    RoundMetrics,
-    ServerLink,
-    Usage,
-    c3_score,
-    simulate_clients,
-    write_results,
-)
+from .metrics import C3_TEMPERATURE, Usage, c3_score
+from .multiclient import MultiClientResult, RoundMetrics, ServerLink, simulate_clients, write_results
 from .single import DEVICE_RUNTIMES, SimulationResult, simulate
 
 __all__ = [

@@ -7,6 +7,17 @@ from .._torch_segment import TorchSegment
 from ..protocol import DeviceState, ServerReply
 from ._adasplit import AdaSplit
 from ._base import Strategy, StrategyConfig, average_states
+from ._devices import (
+    Context,
+    Device,
+    FullModelClient,
+    LocalLossClient,
+    LossTally,
+    Meter,
+    SegmentNames,
+    ServerLink,
+    SplitClient,
+)
 from ._fedavg import FedAvg
 from ._masks import ClientMasks
 from ._ntxent import projection_head, supervised_nt_xent
@@ -38,9 +49,18 @@ __all__ = [
     "STRATEGIES",
     "AdaSplit",
     "ClientMasks",
+    "Context",
+    "Device",
     "DeviceState",
     "FedAvg",
+    "FullModelClient",
+    "LocalLossClient",
+    "LossTally",
+    "Meter",
+    "SegmentNames",
+    "ServerLink",
     "ServerReply",
+    "SplitClient",
     "SplitFed",
     "Strategy",
     "StrategyConfig",

@@ -10,6 +10,7 @@ import torch
 from .._torch_segment import TorchSegment
 from ..protocol import ServerReply
 from ._base import DeviceSync, Strategy, StrategyConfig
+from ._devices import Device, LocalLossClient
 from ._masks import ClientMasks
 from ._ucb import UCBOrchestrator
 
@@ -32,6 +33,7 @@ class AdaSplit(Strategy):
     device_sync: ClassVar[DeviceSync] = "independent"
     batches_server = False
     sends_gradient = False
+    device: ClassVar[type[Device]] = LocalLossClient
 
     def __init__(self, server: TorchSegment | None, config: StrategyConfig) -> None:
         super().__init__(server, config)
@@ -67,6 +69,9 @@ class AdaSplit(Strategy):
     @torch.no_grad()
     def evaluate(self, client: str, x: torch.Tensor) -> torch.Tensor:
         return self.masks.evaluate(client, x)
+
+    def summary(self, clients: Sequence[str]) -> dict[str, float]:
+        return {"mask_sparsity": sum(self.masks.sparsity(c) for c in clients) / len(clients)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "masks": self.masks.state_dict(), "ucb": self.orchestrator.state_dict()}

@@ -30,6 +30,7 @@ import torch
 from .._torch_segment import TorchSegment
 from .._update_rule import label_loss
 from ..protocol import DeviceState, ServerReply
+from ._devices import Device, SplitClient
 
 Split = Literal["single", "double"]
 DeviceSync = Literal["independent", "relay", "average"]
@@ -91,6 +92,8 @@ class Strategy(ABC):
     """False: devices train on a local loss and never receive a server gradient (AdaSplit)."""
     needs_server: ClassVar[bool] = True
     """False: no server segment; every client trains the whole model (FedAvg)."""
+    device: ClassVar[type[Device]] = SplitClient
+    """The device procedure: what each device runs and sends (:mod:`splitexport.strategies._devices`)."""
 
     def __init__(self, server: TorchSegment | None, config: StrategyConfig) -> None:
         if self.needs_server and server is None:
@@ -191,10 +194,19 @@ class Strategy(ABC):
         ``device_sync == "average"`` (SplitFed, FedAvg): every client gets the sample-weighted mean; otherwise none.
         """
         self.round += 1
-        if self.device_sync != "average" or not device_states:
+        if not self.averages_device_states() or not device_states:
             return {}
         avg = average_states(device_states, num_samples)
         return {c: {k: v.clone() for k, v in avg.items()} for c in device_states}
+
+    @classmethod
+    def averages_device_states(cls) -> bool:
+        """The round-end rule: whether clients upload their device weights at a round's end and load the mean."""
+        return cls.device_sync == "average"
+
+    def summary(self, clients: Sequence[str]) -> dict[str, float]:
+        """Numbers about the server side that a run reports beside its metrics (none by default)."""
+        return {}
 
     def end_turn(self, client: str, device_state: Mapping[str, torch.Tensor]) -> None:
         """``client`` finished its turn and uploaded its device weights (only ``device_sync == "relay"``)."""
