@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from .._bundle import Bundle
@@ -28,7 +29,17 @@ from .._errors import SplitExportError
 from .._manifest import OptimizerSpec
 from .._torch_segment import TorchSegment, eager_execution
 from .._update_rule import LossKind, label_loss
-from ..strategies import STRATEGIES, Context, Device, LossTally, SegmentNames, ServerLink, Strategy, StrategyConfig
+from ..strategies import (
+    STRATEGIES,
+    Context,
+    Device,
+    LossTally,
+    SegmentNames,
+    ServerLink,
+    Strategy,
+    StrategyConfig,
+    hyperparameter_fields,
+)
 from .client_data import PartitionKind, partition_indices
 from .metrics import C3_TEMPERATURE, TRAIN_FLOPS_FACTOR, Ledger, Usage, c3_score, forward_flops
 
@@ -106,28 +117,34 @@ def simulate_clients(
     seed: int = 0,
     optimizer: OptimizerSpec | None = None,
     dataset: str | Dataset = "digits",
-    alpha: float = 0.0,
-    phi: float = 0.0,
-    phase_rounds: int | None = None,
-    kappa: float = 0.5,
-    eta: float = 0.5,
-    lam: float = 1e-4,
     link: ServerLink | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    **hyperparameters: Any,
 ) -> MultiClientResult:
     """Train ``bundle`` with ``clients`` simulated devices under ``strategy`` for ``rounds`` rounds.
 
     A round is one pass of every client over its partition in mini-batches of
     ``batch_size`` (iteration t holds the clients that still have a t-th batch).
     ``link`` replaces the in-process server (it must run the same strategy).
+    ``hyperparameters`` are the strategies' (``alpha=0.5``, ``kappa=0.3``; see
+    :func:`~splitexport.strategies.hyperparameter_fields`), unset ones at their defaults.
     """
     cls = _strategy_for(bundle, strategy, rounds, batch_size)
     manifest = bundle.manifest
     opt = optimizer or manifest.optimizer
     data = resolve_data(dataset, manifest)
-    config = StrategyConfig(num_clients=clients, client_lr=opt.lr, alpha=alpha, phi=phi, phase_rounds=phase_rounds,
-                            kappa=kappa, eta=eta, lam=lam, total_rounds=rounds, seed=seed)
+    fields = hyperparameter_fields()
+    unknown = sorted(set(hyperparameters) - set(fields))
+    if unknown:
+        raise SplitExportError(f"unknown hyperparameter {', '.join(unknown)}; the strategies have {', '.join(fields)}")
+    params = {name: hyperparameters.get(name, h.field.default) for name, h in fields.items()}
+    try:
+        cls.Params.model_validate(params)
+    except ValidationError as exc:
+        raise SplitExportError(f"strategy {strategy!r}: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+    config = StrategyConfig(num_clients=clients, client_lr=opt.lr, total_rounds=rounds, seed=seed, **params)
     torch.manual_seed(seed)
     names = SegmentNames(tuple(s.name for s in manifest.segments), manifest.server_segments[0].name,
                          tuple(s.name for s in manifest.segments if s.role == "device"))
@@ -142,8 +159,7 @@ def simulate_clients(
                             flops, seed)
     result = MultiClientResult(strategy, clients, partition, manifest.split, {
         "batch_size": batch_size, "seed": seed, "rounds": rounds, "optimizer": opt.model_dump(mode="json"),
-        "alpha": alpha, "phi": phi, "phase_rounds": phase_rounds, "kappa": kappa, "eta": eta, "lam": lam,
-        "dataset": data.name, "segment_flops": flops,
+        **params, "dataset": data.name, "segment_flops": flops,
     })
     ledger = Ledger({d.name: Usage() for d in devices})
 
