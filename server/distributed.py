@@ -83,7 +83,11 @@ def launch(args: argparse.Namespace, settings: ServerSettings) -> int:
     for p in procs:
         p.start()
 
+    stopping = False
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         for p in procs:
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
@@ -92,4 +96,5 @@ def launch(args: argparse.Namespace, settings: ServerSettings) -> int:
     signal.signal(signal.SIGINT, stop)
     for p in procs:  # a rank that dies leaves the others answering 503 replica_lost until they are stopped
         p.join()
-    return next((int(p.exitcode) for p in procs if p.exitcode), 0)
+    stopped = (0, -signal.SIGTERM, -signal.SIGINT) if stopping else (0,)  # uvicorn re-raises the signal it stopped on
+    return next((int(p.exitcode) for p in procs if p.exitcode not in stopped and p.exitcode is not None), 0)
