@@ -256,3 +256,54 @@ def test_replicas_refuse_strategies_that_need_one_sequential_b(mlp_bundle: Path,
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_replica_without_devices_in_an_iteration_still_takes_its_step(mlp_single_bundle: Path, digits,
+                                                                        tmp_path: Path) -> None:
+    """SplitFed, 4 devices: in iteration 1 only rank 0's devices have a batch; rank 1's devices end the round at
+    once (real devices act independently), so rank 1 takes part in iteration 1 with no samples of its own. The
+    round end then gives every device the sample-weighted average over both replicas."""
+    from splitexport.strategies import average_states
+
+    names = CLIENTS[:4]
+    state_dir = tmp_path / "state"
+    ref = reference(mlp_single_bundle, "sfl", num_clients=4)
+    xs = [activations(mlp_single_bundle, names, seed=s) for s in range(2)]
+    ys = [{c: torch.as_tensor(digits.y_train[(s * 4 + i) * 8:(s * 4 + i + 1) * 8]) for i, c in enumerate(names)}
+          for s in range(2)]
+    gen = torch.Generator().manual_seed(3)
+    states = {c: {"A.w": torch.randn(3, 2, generator=gen), "A.n": torch.tensor(i)} for i, c in enumerate(names)}
+    counts = {c: 10 * (i + 1) for i, c in enumerate(names)}
+    with ranks(mlp_single_bundle, state_dir, tmp_path, "sfl", 4, "--round-timeout", "30") as (urls, _), \
+            HttpLink(urls[0], names, TOKEN) as link:
+        rank_of = {c: urls.index(str(r.client.http.base_url).rstrip("/")) for c, r in link.remotes.items()}
+        first, second = [c for c in names if rank_of[c] == 0], [c for c in names if rank_of[c] == 1]
+        assert link.participants(0, names) == names
+        link.train_round({c: (xs[0][c], ys[0][c]) for c in names})
+        ref.train_round({c: (xs[0][c], ys[0][c]) for c in names})
+        assert link.participants(0, first) == first  # rank 1's devices leave the round's iterations
+        got: dict[str, dict[str, torch.Tensor]] = {}
+
+        def end(c: str) -> None:
+            got[c] = link.remotes[c].end_round(0, states[c], counts[c])
+
+        early = [threading.Thread(target=end, args=(c,)) for c in second]
+        for t in early:
+            t.start()
+        link.train_round({c: (xs[1][c], ys[1][c]) for c in first})
+        ref.train_round({c: (xs[1][c], ys[1][c]) for c in first})
+        late = [threading.Thread(target=end, args=(c,)) for c in first]
+        for t in late:
+            t.start()
+        for t in early + late:
+            t.join()
+        assert_identical(state_dir)
+        diff, _ = max_abs_difference(b_weights(state_dir, 1), ref.server.module.state_dict())
+        assert diff <= 1e-6, diff
+        want = average_states(states, counts)
+        assert set(got) == set(names)
+        for c in names:
+            assert torch.allclose(got[c]["A.w"], want["A.w"], atol=1e-6)
+            assert torch.equal(got[c]["A.n"].reshape(-1), want["A.n"].reshape(-1))  # the wire sends a 0-d tensor as [1]
+        infos = [httpx.get(f"{u}/v1/strategy", headers=AUTH).json() for u in urls]
+        assert [(i["round"], i["next_iteration"]) for i in infos] == [(1, 2), (1, 2)]
