@@ -237,6 +237,38 @@ def test_a_dead_rank_makes_the_other_answer_503(mlp_single_bundle: Path, digits,
         assert diff <= 1e-6, diff
 
 
+def test_a_stalled_rank_makes_the_other_answer_503_after_the_collective_timeout(mlp_single_bundle: Path, digits,
+                                                                                tmp_path: Path) -> None:
+    """Rank 1 is stopped (SIGSTOP: alive, silent); rank 0's collective gives up after the timeout, not never."""
+    names = CLIENTS[:4]
+    timeout_s = 3.0
+    x = activations(mlp_single_bundle, names)
+    y = {c: torch.as_tensor(digits.y_train[i * 8:(i + 1) * 8]) for i, c in enumerate(names)}
+    with ranks(mlp_single_bundle, tmp_path / "state", tmp_path, "psl", 4, "--round-timeout", "30",
+               timeout_s=timeout_s) as (urls, procs), HttpLink(urls[0], names, TOKEN) as link:
+        sessions = {c: (str(r.client.http.base_url).rstrip("/"), r.session_id) for c, r in link.remotes.items()}
+        on_rank0 = [c for c in names if sessions[c][0] == urls[0]]
+        procs[1].send_signal(signal.SIGSTOP)
+        try:
+            replies: dict[str, httpx.Response] = {}
+
+            def call(c: str) -> None:
+                replies[c] = train_call(*sessions[c], 0, x[c], y[c])
+
+            t0 = time.monotonic()
+            threads = [threading.Thread(target=call, args=(c,)) for c in on_rank0]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.monotonic() - t0
+        finally:
+            procs[1].send_signal(signal.SIGCONT)
+        print(f"rank 0 answered 503 replica_lost {elapsed:.2f} s after its devices called (timeout {timeout_s} s)")
+        for c in on_rank0:
+            assert replies[c].status_code == 503 and replies[c].json()["error"]["code"] == "replica_lost"
+        assert timeout_s - 0.5 <= elapsed < timeout_s + 10, elapsed
+
 def test_replicas_refuse_strategies_that_need_one_sequential_b(mlp_bundle: Path, tmp_path: Path, capsys,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from splitexport._cli import main
