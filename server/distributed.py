@@ -50,8 +50,13 @@ def serve_rank(args: argparse.Namespace, settings: ServerSettings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     sock = listen(settings.host, port)
     try:
-        replicas = Replicas.from_env(collective_timeout(args, settings), advertised_url(settings.host, port),
-                                     settings.device)
+        try:
+            replicas = Replicas.from_env(collective_timeout(args, settings), advertised_url(settings.host, port),
+                                         settings.device)
+        except Exception as exc:  # the rendezvous failed or timed out (a rank that never started, a wrong address)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LaunchError(f"rank {rank} could not join the process group at {os.environ['MASTER_ADDR']}:"
+                              f"{os.environ['MASTER_PORT']}: {first}") from exc
         app = create_app(settings, replicas)
         config = uvicorn.Config(app, host=settings.host, port=port, log_level=getattr(args, "log_level", "warning"),
                                 timeout_graceful_shutdown=3)

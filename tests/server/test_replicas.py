@@ -339,3 +339,14 @@ def test_a_replica_without_devices_in_an_iteration_still_takes_its_step(mlp_sing
             assert torch.equal(got[c]["A.n"].reshape(-1), want["A.n"].reshape(-1))  # the wire sends a 0-d tensor as [1]
         infos = [httpx.get(f"{u}/v1/strategy", headers=AUTH).json() for u in urls]
         assert [(i["round"], i["next_iteration"]) for i in infos] == [(1, 2), (1, 2)]
+
+
+def test_a_rank_whose_peers_never_come_exits_with_one_line(mlp_bundle: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    res = subprocess.run([sys.executable, "-m", "splitexport", "serve", str(mlp_bundle), "--distributed", "--strategy",
+                          "psl", "--clients", "2", "--port", str(free_port()), "--state-dir", str(tmp_path / "s"),
+                          "--collective-timeout", "2"], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if "fresh start" not in ln]
+    assert len(lines) == 1 and "rank 0 could not join the process group at 127.0.0.1:" in lines[0], res.stderr
