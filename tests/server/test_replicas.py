@@ -142,6 +142,33 @@ def test_two_replicas_equal_one_process_on_every_iteration(name: str, bundle_nam
         assert replicas["rank"] == 1 and replicas["replicas"] == urls and replicas["lost"] is None
 
 
+def test_splitavg_samples_among_every_replicas_devices(mlp_single_bundle: Path, digits, tmp_path: Path) -> None:
+    """SGLR with phi = 0.5: each iteration floor(0.5 x 8) = 4 devices, drawn from both replicas, get one gradient,
+    the mean of their own cut gradients (PSL's, which B's step does not depend on); the others get their own."""
+    ref = reference(mlp_single_bundle, "psl", num_clients=8)
+    state_dir = tmp_path / "state"
+    with ranks(mlp_single_bundle, state_dir, tmp_path, "sglr", 8, "--round-timeout", "30", "--phi", "0.5") \
+            as (urls, _), HttpLink(urls[0], CLIENTS, TOKEN) as link:
+        drawn: set[str] = set()
+        for it in range(4):
+            assert link.participants(0, CLIENTS) == CLIENTS
+            x = activations(mlp_single_bundle, CLIENTS, seed=it)
+            batch = {c: (x[c], torch.as_tensor(digits.y_train[(it * 8 + i) * 8:(it * 8 + i + 1) * 8]))
+                     for i, c in enumerate(CLIENTS)}
+            replies, own = link.train_round(batch), ref.train_round(batch)
+            shared = sorted(link.last_broadcast)
+            assert len(shared) == 4
+            drawn |= set(shared)
+            mean = torch.stack([own[c].grad for c in shared]).mean(dim=0)  # type: ignore[misc]
+            for c in CLIENTS:
+                got, want = replies[c].grad, (mean if c in shared else own[c].grad)
+                assert got is not None and want is not None and torch.allclose(got, want, atol=1e-6), (it, c)
+            assert_identical(state_dir)
+        diff, _ = max_abs_difference(b_weights(state_dir, 0), ref.server.module.state_dict())
+        assert diff <= 1e-6, diff
+        rank_of = {c: str(r.client.http.base_url).rstrip("/") for c, r in link.remotes.items()}
+        assert {rank_of[c] for c in drawn} == set(urls)  # the draws span both replicas
+
 def train_call(url: str, session_id: str, step: int, x: torch.Tensor, y: torch.Tensor) -> httpx.Response:
     from safetensors.torch import save
 
