@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._browser import install_browser
 from ._http_errors import BodyDeadline, install_error_handlers
 from ._openapi import install_openapi
+from ._replicas import Replicas
 from ._settings import ServerSettings
 from ._state import ServerState
 from .routers import artifacts, health, rounds, sessions
@@ -39,8 +40,10 @@ class CountRequests:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    """Build the app; B is loaded from the bundle alone and restored from ``state_dir`` if present."""
+def create_app(settings: ServerSettings, replicas: Replicas | None = None) -> FastAPI:
+    """Build the app; B is loaded from the bundle alone and restored from ``state_dir`` if present.
+
+    ``replicas``: this rank of a replicated B (:mod:`._replicas`, docs/scaling.md)."""
     if not settings.token_set() and not settings.is_loopback():
         raise ValueError(
             f"refusing to listen on {settings.host} without bearer tokens: pass --tokens FILE or set "
@@ -49,6 +52,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     state = ServerState(settings)
+    if replicas is not None:
+        replicas.attach(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,4 +78,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(sessions.router)
     install_browser(app, settings)  # before rounds: its POST /v1/sessions/{id}/metrics also feeds the dashboard
     app.include_router(rounds.router)
+    if replicas is not None:
+        replicas.install(app)
     return app

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +38,12 @@ from ._wire import encode, encode_reply
 
 HISTORY = 256
 """How many closed iterations keep their participant list for late status calls."""
+
+
+class ReplicaHook(Protocol):
+    """B replicated over ranks (:mod:`._replicas`): called before each collective strategy call."""
+
+    def enter(self, kind: str, index: int) -> None: ...
 
 
 @dataclass
@@ -107,6 +113,9 @@ class RoundHost:
         self.strategy = strategy
         self.timeout = state.settings.round_timeout_s
         self.num_clients = state.settings.num_clients or 1
+        self.expected_sessions = self.num_clients
+        """Sessions the first iteration waits for (a replica: its share of the clients)."""
+        self.replicas: ReplicaHook | None = None
         self.global_steps = strategy.device_sync != "relay" and (strategy.batches_server or state.split == "single")
         self._cond = threading.Condition(state._lock)
         self.next_iteration = 0
@@ -359,7 +368,7 @@ class RoundHost:
     def _can_open(self) -> bool:
         if self._first_open is None:
             self._first_open = time.monotonic()
-        return len(self.state.sessions) >= self.num_clients or time.monotonic() >= self._first_open + self.timeout
+        return len(self.state.sessions) >= self.expected_sessions or time.monotonic() >= self._first_open + self.timeout
 
     def _open(self, step: int) -> _Iteration:
         self._first_open = self._first_open or time.monotonic()
@@ -464,6 +473,8 @@ class RoundHost:
         bar = it.barrier
         grads = {c: bar.arrived[c].payload[0] if c in bar.arrived else torch.zeros(it.out_shapes[c])
                  for c in it.participants}
+        if self.replicas is not None:
+            self.replicas.enter("iteration", it.index)
         grads_in = self.strategy.backward_round(grads)
         bar.responses = {c: encode({"grad": grads_in[c], **self._shared(c)}, a.transport)
                          for c, a in bar.arrived.items()}
@@ -477,6 +488,8 @@ class RoundHost:
             bar.responses = {}
             self._close(it)
             return
+        if self.replicas is not None:
+            self.replicas.enter("iteration", it.index)
         replies = self.strategy.train_round({c: bar.arrived[c].payload for c in present})
         bar.responses = {c: encode_reply(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
         self._settle(it, "train", bar)
@@ -489,6 +502,8 @@ class RoundHost:
         num_samples = {c: int(bar.arrived[c].payload[1]) for c in present}
         if self.strategy.device_sync != "average":
             states = {c: {} for c in present}
+        if self.replicas is not None:
+            self.replicas.enter("end", round_index)
         out = self.strategy.end_round(states, num_samples)
         bar.responses = {c: encode(dict(out.get(c, {}))) for c in present}
         for c in present:

@@ -61,6 +61,8 @@ class ServerSettings(BaseSettings):
     max_grad_norm: float | None = Field(None, gt=0)
     """Refuse (422 ``gradient_too_large``) a step whose gradient of B's parameters has a larger L2 norm; off by
     default. A step that would make a weight or optimizer state non-finite is always refused (``non_finite_update``)."""
+    device: str = "cpu"
+    """Where B and its optimizer live: ``cpu`` or ``cuda`` / ``cuda:N`` (docs/scaling.md)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads for B (default: torch's, one per core). On a machine shared with other
     processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""
@@ -89,6 +91,13 @@ class ServerSettings(BaseSettings):
     gamma: float = Field(0.87, ge=0, le=1)
     total_rounds: int = Field(10, ge=1)
     strategy_seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+            raise ValueError(f"device {device!r} is not cpu, cuda or cuda:N")
+        return device
 
     @field_validator("cors_origins")
     @classmethod

@@ -131,8 +131,9 @@ class ServerState:
         self.split = "single" if self.spec.is_last else "double"
         self.loss_kind = manifest.loss.kind
         self.num_outputs = int(self.spec.output.sample_shape[-1]) if self.spec.output.sample_shape else 1
-        self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name), manifest.optimizer,
-                                    loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None)
+        self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name).to(settings.device), manifest.optimizer,
+                                    loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None,
+                                    device=settings.device)
         self.tokens = {_hash(t) for t in settings.token_set()}
         self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -150,6 +151,10 @@ class ServerState:
         self._forward_input: torch.Tensor | None = None
         """The input of the lease holder's forward, logged with its backward."""
         self._dirty: set[str] = set()
+        self.session_prefix = ""
+        """Prepended to new session ids (``r<rank>-`` on a replica, so a load balancer can route by it)."""
+        self.open_extra: dict[str, object] = {}
+        """Added to the ``POST /v1/sessions`` reply (a replica: its rank and URL)."""
         self.rounds: RoundHost | None = None
         """The multi-client strategy layer (``--strategy``); None: per-device sequential steps."""
         if settings.strategy is not None:
@@ -199,7 +204,7 @@ class ServerState:
                     self.counters["retries"] += 1
                     return session
             self._check_session_caps(token_hash)
-            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
+            session = Session(id=self.session_prefix + secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
             try:
                 self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:

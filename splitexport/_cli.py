@@ -337,6 +337,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {"bundle": args.bundle, "host": args.host, "port": args.port,
                                    "state_dir": args.state_dir, "tokens_file": args.tokens,
                                    "checkpoint_every": args.checkpoint_every, "threads": args.threads,
+                                   "device": args.device,
                                    "strategy": args.strategy,
                                    "num_clients": args.clients, "round_timeout_s": args.round_timeout,
                                    "alpha": args.alpha, "phi": args.phi, "phase_rounds": args.phase_rounds,
@@ -347,6 +348,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings = ServerSettings(**overrides)
     except ValidationError as exc:
         raise SplitExportError(f"invalid server settings: {validation_message(exc)}") from exc
+    if settings.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SplitExportError(f"--device {settings.device}: torch sees no CUDA device on this machine")
+    if args.replicas is not None or args.distributed:  # B replicated over ranks (docs/scaling.md)
+        from server._replicas import refusal
+        from server.distributed import LaunchError, launch, serve_rank
+
+        why = refusal(settings.strategy, settings.num_clients, args.replicas or 1)
+        if why is not None:
+            raise SplitExportError(why)
+        try:
+            if args.distributed:
+                serve_rank(args, settings)
+            elif (code := launch(args, settings)) != 0:
+                raise SplitExportError(f"a replica exited with status {code}")
+        except LaunchError as exc:
+            raise SplitExportError(str(exc)) from exc
+        return
     sock = listen(settings.host, settings.port)  # a port in use is one clear line, before B loads
     try:
         try:
@@ -516,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshot B every N steps (default 100, with --strategy 1); without a strategy every step "
                    "is also logged, so a crash loses none")
     p.add_argument("--threads", type=at.positive_int, default=None, help="torch threads for B (default: one per core)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="where B and its optimizer live "
+                   "(default cpu)")
+    p.add_argument("--replicas", type=at.positive_int, default=None, metavar="N",
+                   help="run N replicas of B on this machine, rank r on --port + r (psl, sfl, sglr; docs/scaling.md)")
+    p.add_argument("--distributed", action="store_true", help="run one rank of a torchrun job (RANK, WORLD_SIZE, "
+                   "MASTER_ADDR, MASTER_PORT from the environment), on --port + LOCAL_RANK")
+    p.add_argument("--collective-timeout", type=at.positive_float, default=None, metavar="S",
+                   help="replicas: seconds a collective waits for the other ranks before answering 503 replica_lost "
+                   "(default 2 x round timeout + 30)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"], default="warning")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let pages from ORIGIN (scheme://host[:port]) call the API; repeatable; none by default")

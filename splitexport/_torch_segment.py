@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
@@ -37,6 +38,11 @@ class TorchSegment:
     applies the auxiliary-loss step without running the segment (and its BatchNorm
     statistics) a second time. ``train_with_labels`` is the last segment's step.
     Both return ``dL/d(input)`` when ``input_grad`` is set (every segment but the first).
+
+    ``device``: where the module and its optimizer live (move the module before building, as the
+    server does); inputs are moved there once per call and results come back on the CPU.
+    ``grad_hook(params, batch)``, when set, runs after every backward and before the optimizer step
+    (the replicated server all-reduces B's gradients there, :mod:`splitexport.strategies._reduce`).
     """
 
     def __init__(
@@ -48,7 +54,9 @@ class TorchSegment:
         input_grad: bool = True,
         rule: AuxLossRule = EXACT_RULE,
         restorable: bool = False,
+        device: torch.device | str = "cpu",
     ) -> None:
+        self.device = torch.device(device)
         self.module = module
         self.optimizer = optimizer.build([p for p in module.parameters() if p.requires_grad])
         self.loss_kind = loss
@@ -62,6 +70,7 @@ class TorchSegment:
         self._staged = False
         self._before_step: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
         """The weights and optimizer state before a provisional step (:meth:`try_staged`)."""
+        self.grad_hook: Callable[[list[torch.Tensor], int], None] | None = None
 
     @property
     def has_pending(self) -> bool:
@@ -90,7 +99,7 @@ class TorchSegment:
         if self._buffers:
             self._saved_buffers = [b.detach().clone() for b in self._buffers]
         self.module.train()
-        x = x.detach().requires_grad_(self.input_grad)
+        x = x.detach().to(self.device).requires_grad_(self.input_grad)
         with eager_execution():
             return x, self.module(x)
 
@@ -98,7 +107,7 @@ class TorchSegment:
         """Train-mode forward; returns the (detached) output to send downstream."""
         x_in, out = self._run(x)
         self._pending = (x_in, out)
-        return out.detach()
+        return out.detach().cpu()
 
     def train_with_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         """Aux-loss step for the output of the last ``forward``; returns ``dL/d(input)``."""
@@ -120,15 +129,15 @@ class TorchSegment:
             raise RuntimeError("train_with_gradient called without a preceding forward")
         x_in, out = self._pending
         self._pending = None
-        loss = self.rule.loss_from_grad(out, grad_out)
+        loss = self.rule.loss_from_grad(out, grad_out.to(self.device))
         return self._backward(loss, x_in)
 
     def stage_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """:meth:`train_with_labels` up to the optimizer step (the weights do not change yet)."""
         x_in, out = self._run(x)
-        loss = label_loss(out, labels, self.loss_kind)
+        loss = label_loss(out, labels.to(self.device), self.loss_kind)
         grad = self._backward(loss, x_in)
-        return float(loss.detach()), grad, out.detach()
+        return float(loss.detach()), grad, out.detach().cpu()
 
     def apply_staged(self) -> None:
         """The optimizer step of the staged gradients (kept as is when :meth:`try_staged` took it)."""
@@ -194,7 +203,9 @@ class TorchSegment:
         with eager_execution():
             loss.backward()
         self._staged = True
-        return x_in.grad.detach() if self.input_grad and x_in.grad is not None else None
+        if self.grad_hook is not None:
+            self.grad_hook(self._params(), int(x_in.shape[0]))
+        return x_in.grad.detach().cpu() if self.input_grad and x_in.grad is not None else None
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +214,6 @@ class TorchSegment:
         self.module.eval()
         try:
             with eager_execution():
-                return self.module(x)
+                return self.module(x.to(self.device)).cpu()
         finally:
             self.module.train(was_training)

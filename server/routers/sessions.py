@@ -33,7 +33,7 @@ async def open_session(state: State, token_hash: Caller, idempotency_key: Idempo
     """Open a session for one device; its steps start at 0. A retry with the same ``Idempotency-Key`` (and
     token) answers the session the first call opened, as long as it is open."""
     s = state.open_session(token_hash, idempotency_key)
-    return {**s.public(), "split": state.split, "segment": state.spec.name}
+    return {**s.public(), "split": state.split, "segment": state.spec.name, **state.open_extra}
 
 
 @router.get("/{session_id}")

@@ -23,13 +23,16 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
 from .._torch_segment import TorchSegment
 from .._update_rule import label_loss
 from ..protocol import DeviceState, ServerReply
+
+if TYPE_CHECKING:
+    from ._reduce import Collectives
 
 Split = Literal["single", "double"]
 DeviceSync = Literal["independent", "relay", "average"]
@@ -103,6 +106,8 @@ class Strategy(ABC):
         """Clients that received one shared gradient in the last backward step (sent once, SplitAvg)."""
         self._generator = torch.Generator().manual_seed(config.seed)
         self._pending_round: tuple[list[str], list[int]] | None = None
+        self.reducer: Collectives | None = None
+        """Set when B is replicated over ranks (:mod:`._reduce`): iterations and round ends span every rank."""
         if server is not None:
             for group in server.optimizer.param_groups:
                 group["lr"] = self.server_lr()
@@ -193,7 +198,10 @@ class Strategy(ABC):
         self.round += 1
         if self.device_sync != "average" or not device_states:
             return {}
-        avg = average_states(device_states, num_samples)
+        if self.reducer is not None:
+            avg = self.reducer.average_states(device_states, num_samples)
+        else:
+            avg = average_states(device_states, num_samples)
         return {c: {k: v.clone() for k, v in avg.items()} for c in device_states}
 
     def end_turn(self, client: str, device_state: Mapping[str, torch.Tensor]) -> None:
