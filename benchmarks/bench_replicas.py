@@ -37,11 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import free_port, machine
+from _common import machine
 
 from device_runtime import RemoteSegment, ServerClient
 from splitexport import OptimizerSpec, SourceSpec, partition, write_bundle
 from splitexport.models import FACTORIES
+from tests._support import free_port
 
 TOKEN = "bench-token-0123456789"
 CUTS = {"mlp": ["relu1"], "resnet_cnn": ["layer1"]}
