@@ -1,6 +1,7 @@
 """What the server's state costs: sessions, durability bytes, per-call CPU (issue 12).
 
-    python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--json out.json]
+    python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--devices 60]
+                                            [--only sessions|bytes|cpu|healthz ...] [--json out.json]
 
 ``splitexport serve --threads 1`` runs in a child process on loopback; this process is one device
 sending fixed forward/backward bodies (batch 32) over one HTTP connection:
@@ -15,12 +16,17 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
 * **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``, 10 ms ticks:
   use enough steps) per step, minus B's CPU time per step measured here in process with one thread,
   interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn.
+* **/healthz under contention**: ``--devices`` devices (a child process, asyncio) step B as fast as
+  the lease lets them for ``--seconds`` while this process GETs ``/healthz`` every 10 ms on its own
+  connection: p50, p99 and max latency (the event loop must never be held by training).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -183,32 +189,118 @@ def bench_cpu(root: Path, model: str, steps: int, blocks: int) -> dict[str, Any]
             "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3}
 
 
+async def _devices(url: str, bundle: Path, n: int, seconds: float, opened: Any) -> int:
+    """``n`` devices stepping B as fast as the server lets them for ``seconds`` once all have opened their
+    sessions (then ``opened`` is set); the steps they made."""
+    spec = next(s for s in load_bundle(bundle).manifest.segments if s.role == "server")
+    x = np.random.default_rng(0).standard_normal((BATCH, *spec.input.sample_shape)).astype(np.float32)
+    fwd, bwd = save({"activation": x}), save({"grad": np.full((BATCH, *spec.output.sample_shape), 1e-4, np.float32)})
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4, keepalive_expiry=2)
+    headers = {"Content-Type": "application/vnd.safetensors"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120, headers=headers) as http:
+        async def post(path: str, body: bytes | None = None) -> httpx.Response:
+            while True:  # 503 busy and a pooled connection closed meanwhile: retry (exactly once makes it safe)
+                try:
+                    r = await http.post(path, content=body)
+                except httpx.TransportError:
+                    continue
+                if r.status_code != 503:
+                    return r.raise_for_status()
+
+        sids = [(await post("/v1/sessions")).json()["session_id"] for _ in range(n)]
+        opened.set()
+        deadline = time.monotonic() + seconds
+
+        async def device(sid: str) -> int:
+            step = 0
+            while time.monotonic() < deadline:
+                await post(f"/v1/sessions/{sid}/steps/{step}/forward", fwd)
+                await post(f"/v1/sessions/{sid}/steps/{step}/backward", bwd)
+                step += 1
+            return step
+
+        return sum(await asyncio.gather(*(device(sid) for sid in sids)))
+
+
+def _contend(url: str, bundle: Path, n: int, seconds: float, opened: Any, steps: Any) -> None:
+    steps.value = asyncio.run(_devices(url, bundle, n, seconds, opened))
+
+
+def bench_healthz(root: Path, devices: int, seconds: float) -> dict[str, Any]:
+    """``/healthz`` latency while ``devices`` contend for B: the devices run in a child process, the probe
+    (one GET every 10 ms, its own connection) here, the server in a third process."""
+    bundle = make_bundle(root, "mlp")
+    server = serve(bundle, root / "s-healthz")
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        steps, opened = ctx.Value("q", 0), ctx.Event()
+        child = ctx.Process(target=_contend, args=(server.url, bundle, devices, seconds, opened, steps))
+        child.start()
+        latencies: list[float] = []
+        with httpx.Client(base_url=server.url, timeout=30) as probe:
+            while not opened.wait(0.1) and child.is_alive():
+                pass
+            while child.is_alive():
+                t0 = time.perf_counter()
+                probe.get("/healthz").raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.01)
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"the devices' process failed (exit code {child.exitcode})")
+    finally:
+        server.stop()
+    lat = np.array(latencies) * 1e3
+    return {"devices": devices, "seconds": seconds, "steps": int(steps.value), "probes": len(latencies),
+            "healthz_p50_ms": float(np.percentile(lat, 50)), "healthz_p99_ms": float(np.percentile(lat, 99)),
+            "healthz_max_ms": float(lat.max())}
+
+
+PARTS = ("sessions", "bytes", "cpu", "healthz")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--sessions", type=int, default=5000)
+    p.add_argument("--devices", type=int, default=60, help="devices contending for B while /healthz is probed")
+    p.add_argument("--seconds", type=float, default=20, help="how long they contend")
+    p.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     steps, sessions, blocks = (10, 50, 2) if args.smoke else (args.steps, args.sessions, 5)
+    devices, seconds = (4, 3.0) if args.smoke else (args.devices, args.seconds)
+    parts = set(args.only or PARTS)
     torch.set_num_threads(1)
     os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
+    result: dict[str, Any] = {"machine": machine(), "batch": BATCH}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result: dict[str, Any] = {"machine": machine(), "batch": BATCH,
-                  "sessions": bench_sessions(root, max(steps // blocks, 5), sessions, blocks),
-                  "bytes": bench_bytes(root, max(steps // 4, 5)),
-                  "cpu": [bench_cpu(root, m, max(steps // blocks, 5), blocks) for m in ("mlp", "resnet_cnn")]}
-    s = result["sessions"]
+        if "sessions" in parts:
+            result["sessions"] = bench_sessions(root, max(steps // blocks, 5), sessions, blocks)
+        if "bytes" in parts:
+            result["bytes"] = bench_bytes(root, max(steps // 4, 5))
+        if "cpu" in parts:
+            result["cpu"] = [bench_cpu(root, m, max(steps // blocks, 5), blocks) for m in ("mlp", "resnet_cnn")]
+        if "healthz" in parts:
+            result["healthz"] = bench_healthz(root, devices, seconds)
     print(f"machine: {result['machine']}")
-    print(f"step time, 1 session: {s['step_ms_1_session']:.2f} ms; with {s['sessions']} sessions: "
-          f"{s['step_ms_many']:.2f} ms (x{s['ratio']:.2f}); opening a session {s['open_ms_per_session']:.2f} ms")
-    for r in result["bytes"]:
+    if "sessions" in result:
+        s = result["sessions"]
+        print(f"step time, 1 session: {s['step_ms_1_session']:.2f} ms; with {s['sessions']} sessions: "
+              f"{s['step_ms_many']:.2f} ms (x{s['ratio']:.2f}); opening a session {s['open_ms_per_session']:.2f} ms")
+    for r in result.get("bytes", []):
         print(f"B {r['b_params']} params, {r['durability']}: {r['bytes_per_step'] / 1e6:.3f} MB written per step "
               f"(step tensors {r['step_tensor_bytes'] / 1e3:.0f} kB), step {r['step_ms']:.1f} ms")
-    for r in result["cpu"]:
+    for r in result.get("cpu", []):
         print(f"{r['model']}: server CPU {r['server_cpu_ms_per_step']:.2f} ms/step, B {r['b_ms_per_step']:.2f} ms, "
               f"overhead {r['overhead_ms_per_step']:.2f} ms/step")
+    if "healthz" in result:
+        h = result["healthz"]
+        print(f"/healthz while {h['devices']} devices contend for B ({h['steps']} steps in {h['seconds']:g} s): "
+              f"p50 {h['healthz_p50_ms']:.1f} ms, p99 {h['healthz_p99_ms']:.1f} ms, max {h['healthz_max_ms']:.1f} ms "
+              f"over {h['probes']} probes")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
