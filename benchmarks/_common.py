@@ -37,11 +37,12 @@ def free_port() -> int:
 class ServerProcess:
     """``splitexport serve BUNDLE --port P *args`` as a child process (real uvicorn on loopback)."""
 
-    def __init__(self, bundle: Path, args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120) -> None:
+    def __init__(self, bundle: Path, args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120,
+                 cwd: Path | None = None) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "splitexport", "serve", str(bundle), "--port", str(port),
-                                      *args], env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                      *args], env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:

@@ -1,7 +1,7 @@
 """What the server's state costs: sessions, durability bytes, per-call CPU (issue 12).
 
     python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--devices 60]
-                                            [--only sessions|bytes|cpu|healthz ...] [--json out.json]
+                                            [--only sessions|bytes|cpu|check|store|healthz ...] [--json out.json]
 
 ``splitexport serve --threads 1`` runs in a child process on loopback; this process is one device
 sending fixed forward/backward bodies (batch 32) over one HTTP connection:
@@ -15,7 +15,12 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
   log avoids), and none (B's step in this process, nothing written).
 * **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``, 10 ms ticks:
   use enough steps) per step, minus B's CPU time per step measured here in process with one thread,
-  interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn.
+  interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn;
+  ``--compare DIR`` runs a second server from another checkout in the same blocks (before/after).
+* **the non-finite check**: B's step in this process with and without ``TorchSegment.try_staged`` (the
+  server's refusal of updates that would make a weight or optimizer state non-finite), alternating.
+* **store**: one step's commit to the server's SQLite store, CPU and wall time, with its fsync per
+  commit (``synchronous=FULL``) and, for reference, without (``NORMAL``).
 * **/healthz under contention**: ``--devices`` devices (a child process, asyncio) step B as fast as
   the lease lets them for ``--seconds`` while this process GETs ``/healthz`` every 10 ms on its own
   connection: p50, p99 and max latency (the event loop must never be held by training).
@@ -94,10 +99,19 @@ def write_bytes(pid: int) -> int:
     return 0
 
 
-def serve(bundle: Path, state: Path, *extra: str) -> ServerProcess:
+def loop_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of the server's main thread (the event loop; B computes on its own thread)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve(bundle: Path, state: Path, *extra: str, tree: Path | None = None) -> ServerProcess:
+    """``splitexport serve`` from this checkout, or from the one at ``tree`` (``--compare``)."""
     # one token opens every session here: lift the per-token session cap (default 64) for the benchmark
-    return ServerProcess(bundle, ["--state-dir", str(state), "--threads", "1", *extra],
-                         env={"SPLITEXPORT_MAX_SESSIONS_PER_TOKEN": "100000", "SPLITEXPORT_MAX_SESSIONS": "100000"})
+    env = {"SPLITEXPORT_MAX_SESSIONS_PER_TOKEN": "100000", "SPLITEXPORT_MAX_SESSIONS": "100000"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    return ServerProcess(bundle, ["--state-dir", str(state), "--threads", "1", *extra], env=env, cwd=tree)
 
 
 def bench_sessions(root: Path, steps: int, sessions: int, blocks: int) -> dict[str, Any]:
@@ -170,23 +184,95 @@ def bench_bytes(root: Path, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_cpu(root: Path, model: str, steps: int, blocks: int) -> dict[str, Any]:
+def bench_cpu(root: Path, model: str, steps: int, blocks: int, compare: Path | None = None) -> dict[str, Any]:
+    """Server CPU per step and B's in-process CPU per step, in alternating blocks; with ``compare``, a second
+    server run from that checkout (e.g. ``git worktree add /tmp/before <commit>``) takes its blocks in turn."""
     bundle = make_bundle(root, model)
-    server = serve(bundle, root / f"s-cpu-{model}", "--checkpoint-every", "1000000")
+    trees: dict[str, Path | None] = {"this": None, **({"compared": compare} if compare is not None else {})}
+    servers = {k: serve(bundle, root / f"s-cpu-{model}-{k}", "--checkpoint-every", "1000000", tree=t)
+               for k, t in trees.items()}
     try:
-        device = Device(server.url, bundle)
-        device.run(10)
-        cpu, b = [], []
+        devices = {k: Device(s.url, bundle) for k, s in servers.items()}
+        for d in devices.values():
+            d.run(10)
+        cpu: dict[str, list[float]] = {k: [] for k in servers}
+        loop: list[float] = []
+        b = []
         for _ in range(blocks):
-            c0 = server.cpu_s()
-            device.run(steps)
-            cpu.append((server.cpu_s() - c0) / steps)
-            b.append(b_compute_s(bundle, device.x, device.g, steps))
+            for k, server in servers.items():
+                c0, l0 = server.cpu_s(), loop_thread_cpu_s(server.proc.pid)
+                devices[k].run(steps)
+                cpu[k].append((server.cpu_s() - c0) / steps)
+                if k == "this":
+                    loop.append((loop_thread_cpu_s(server.proc.pid) - l0) / steps)
+            b.append(b_compute_s(bundle, devices["this"].x, devices["this"].g, steps))
     finally:
-        server.stop()
-    server_cpu, b_cpu = statistics.median(cpu), statistics.median(b)
-    return {"model": model, "server_cpu_ms_per_step": server_cpu * 1e3, "b_ms_per_step": b_cpu * 1e3,
-            "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3}
+        for server in servers.values():
+            server.stop()
+    server_cpu, b_cpu = statistics.median(cpu["this"]), statistics.median(b)
+    out = {"model": model, "server_cpu_ms_per_step": server_cpu * 1e3, "b_ms_per_step": b_cpu * 1e3,
+           "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3, "loop_thread_ms_per_step": statistics.median(loop) * 1e3}
+    if compare is not None:
+        other = statistics.median(cpu["compared"])
+        out.update(compared_tree=str(compare), compared_server_cpu_ms_per_step=other * 1e3,
+                   compared_overhead_ms_per_step=(other - b_cpu) * 1e3)
+    return out
+
+
+def bench_check(root: Path, steps: int) -> list[dict[str, Any]]:
+    """The server's refusal of non-finite updates (``TorchSegment.try_staged``): B's step in process with and
+    without it, alternating step by step (thread CPU time, median), for SGD with momentum and Adam."""
+    rows = []
+    for model in ("mlp", "resnet_cnn"):
+        b = load_bundle(make_bundle(root, model))
+        spec = b.manifest.server_segments[0]
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((BATCH, *spec.input.sample_shape))
+                             .astype(np.float32))
+        g = torch.full((BATCH, *spec.output.sample_shape), 1e-4)
+        for opt in (OptimizerSpec(name="sgd", lr=0.01, momentum=0.9), OptimizerSpec(name="adam", lr=1e-3)):
+            seg = TorchSegment(b.torch_segment(spec.name), opt, restorable=True)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for i in range(2 * steps + 10):
+                checked = bool(i % 2)
+                t0 = time.thread_time()
+                seg.forward(x)
+                seg.stage_gradient(g)
+                if checked:
+                    seg.try_staged()
+                seg.apply_staged()
+                if i >= 10:
+                    times[checked].append(time.thread_time() - t0)
+            plain, with_check = statistics.median(times[False]), statistics.median(times[True])
+            rows.append({"model": model, "optimizer": opt.name, "step_ms": plain * 1e3,
+                         "step_with_check_ms": with_check * 1e3, "check_ms": (with_check - plain) * 1e3})
+    return rows
+
+
+def bench_store(root: Path, steps: int) -> list[dict[str, Any]]:
+    """One step's commit to the server's store (session row, response, logged inputs; the MLP's batch-32 sizes),
+    CPU and wall time, with the server's ``synchronous=FULL`` (an fsync per commit) and, for reference,
+    ``NORMAL`` (fsync at WAL checkpoints only: safe against a killed process, not against power loss)."""
+    from server._store import StepRecord, Store
+
+    rng = np.random.default_rng(0)
+    inputs = save({"activation": rng.standard_normal((BATCH, 64)).astype(np.float32),
+                   "grad": rng.standard_normal((BATCH, 64)).astype(np.float32)})
+    response = save({"grad": rng.standard_normal((BATCH, 64)).astype(np.float32)})
+    rows = []
+    for sync in ("FULL", "NORMAL"):
+        store = Store(root / f"store-{sync}")
+        store._db.execute(f"PRAGMA synchronous={sync}")
+        store.open_session("s", "t")
+        cpu, wall = [], []
+        for n in range(steps + 5):
+            c0, t0 = time.process_time(), time.perf_counter()
+            store.commit_steps([StepRecord("s", "backward", n, n + 1, "0" * 64, response, inputs)])
+            if n >= 5:
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - t0)
+        store.close()
+        rows.append({"synchronous": sync, "cpu_ms": sum(cpu) / len(cpu) * 1e3, "wall_ms": statistics.median(wall) * 1e3})
+    return rows
 
 
 async def _devices(url: str, bundle: Path, n: int, seconds: float, opened: Any) -> int:
@@ -256,7 +342,7 @@ def bench_healthz(root: Path, devices: int, seconds: float) -> dict[str, Any]:
             "healthz_max_ms": float(lat.max())}
 
 
-PARTS = ("sessions", "bytes", "cpu", "healthz")
+PARTS = ("sessions", "bytes", "cpu", "check", "store", "healthz")
 
 
 def main() -> None:
@@ -266,6 +352,8 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=5000)
     p.add_argument("--devices", type=int, default=60, help="devices contending for B while /healthz is probed")
     p.add_argument("--seconds", type=float, default=20, help="how long they contend")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="cpu: also run the server of the checkout at this path, blocks alternating (before/after)")
     p.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -282,7 +370,12 @@ def main() -> None:
         if "bytes" in parts:
             result["bytes"] = bench_bytes(root, max(steps // 4, 5))
         if "cpu" in parts:
-            result["cpu"] = [bench_cpu(root, m, max(steps // blocks, 5), blocks) for m in ("mlp", "resnet_cnn")]
+            result["cpu"] = [bench_cpu(root, m, max(steps // blocks, 5), blocks, args.compare)
+                             for m in ("mlp", "resnet_cnn")]
+        if "check" in parts:
+            result["check"] = bench_check(root, steps)
+        if "store" in parts:
+            result["store"] = bench_store(root, steps)
         if "healthz" in parts:
             result["healthz"] = bench_healthz(root, devices, seconds)
     print(f"machine: {result['machine']}")
@@ -294,8 +387,18 @@ def main() -> None:
         print(f"B {r['b_params']} params, {r['durability']}: {r['bytes_per_step'] / 1e6:.3f} MB written per step "
               f"(step tensors {r['step_tensor_bytes'] / 1e3:.0f} kB), step {r['step_ms']:.1f} ms")
     for r in result.get("cpu", []):
-        print(f"{r['model']}: server CPU {r['server_cpu_ms_per_step']:.2f} ms/step, B {r['b_ms_per_step']:.2f} ms, "
-              f"overhead {r['overhead_ms_per_step']:.2f} ms/step")
+        print(f"{r['model']}: server CPU {r['server_cpu_ms_per_step']:.2f} ms/step (event-loop thread "
+              f"{r['loop_thread_ms_per_step']:.2f}), B {r['b_ms_per_step']:.2f} ms, overhead "
+              f"{r['overhead_ms_per_step']:.2f} ms/step")
+        if "compared_tree" in r:
+            print(f"  {r['compared_tree']}: server CPU {r['compared_server_cpu_ms_per_step']:.2f} ms/step, overhead "
+                  f"{r['compared_overhead_ms_per_step']:.2f} ms/step (same blocks, same B)")
+    for r in result.get("check", []):
+        print(f"{r['model']} {r['optimizer']}: B's step {r['step_ms']:.3f} ms, with the non-finite check "
+              f"{r['step_with_check_ms']:.3f} ms (+{r['check_ms']:.3f})")
+    for r in result.get("store", []):
+        print(f"store commit of one step, synchronous={r['synchronous']}: CPU {r['cpu_ms']:.3f} ms, "
+              f"wall {r['wall_ms']:.3f} ms (median)")
     if "healthz" in result:
         h = result["healthz"]
         print(f"/healthz while {h['devices']} devices contend for B ({h['steps']} steps in {h['seconds']:g} s): "
