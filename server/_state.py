@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from starlette.concurrency import run_in_threadpool
 
 from splitexport import Bundle, TorchSegment, UnsafeUpdate, load_bundle
@@ -46,7 +45,7 @@ from ._scheduler import BExecutor, Lease
 from ._settings import ServerSettings
 from ._store import FORMAT, StateError, StepRecord, Store, StoredSession
 from ._timing import timed
-from ._wire import encode, encode_reply, float_tensor, label_tensor
+from ._wire import encode, encode_exact, encode_reply, float_tensor, label_tensor
 
 if TYPE_CHECKING:
     from ._rounds import RoundHost
@@ -485,7 +484,7 @@ class ServerState:
             except UnsafeUpdate as exc:
                 code = ErrorCode.NON_FINITE_UPDATE if exc.reason == "non_finite" else ErrorCode.GRADIENT_TOO_LARGE
                 raise APIError.of(code, f"{exc}; the step was not applied") from exc
-            record = StepRecord(session.id, kind, step, step + 1, body_sha, response, st_save(inputs))
+            record = StepRecord(session.id, kind, step, step + 1, body_sha, response, encode_exact(inputs))
             try:
                 with timed("checkpoint"):
                     seq = self.store.commit_steps([record], lambda: fault("in_commit", n))

@@ -69,7 +69,9 @@ class TorchSegment:
         self._saved_buffers: list[torch.Tensor] | None = None
         self._staged = False
         self._before_step: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
-        """The weights and optimizer state before a provisional step (:meth:`try_staged`)."""
+        """During a provisional step (:meth:`try_staged`): the tensors it changes in place (weights, then optimizer
+        states) and each parameter's state dict as it was; their values before the step are in ``_saved_values``."""
+        self._saved_values: list[torch.Tensor] = []
         self.grad_hook: Callable[[list[torch.Tensor], int], None] | None = None
 
     @property
@@ -156,6 +158,10 @@ class TorchSegment:
         """Take the staged optimizer step provisionally: :meth:`apply_staged` keeps it, :meth:`discard_pending`
         undoes it. :class:`UnsafeUpdate` (the step undone, the gradients still staged) when the gradients' L2 norm
         exceeds ``max_grad_norm`` or is not finite, or when a weight or an optimizer state would become non-finite.
+
+        Cheap per step: the weights and optimizer state are copied into buffers kept from the last step (one
+        ``_foreach_copy_``), and the step's result is checked with one sum per tensor (a sum is finite only when
+        every element is; a non-finite sum of finite values, an overflow, is confirmed element-wise).
         """
         if not self._staged or self._before_step is not None:
             raise RuntimeError("try_staged called without a staged step")
@@ -163,23 +169,49 @@ class TorchSegment:
         if max_grad_norm is not None and not (norm := self._grad_norm(params)) <= max_grad_norm:
             raise UnsafeUpdate("gradient_norm", f"the gradient norm of B's parameters is {norm:.6g}, above the "
                                f"limit max_grad_norm={max_grad_norm:g}")
-        state = self.optimizer.state
-        self._before_step = ([p.detach().clone() for p in params],
-                             {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state[p].items()}
-                              for p in params if p in state})
+        self._snapshot(params)
         self.optimizer.step()
-        tensors = [(f"parameter {i}", p) for i, p in enumerate(params)] + [
-            (f"optimizer state {name!r} of parameter {i}", v) for i, p in enumerate(params)
-            for name, v in state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        # min and max (NaN propagates) are finite exactly when every element is: one fast pass per tensor
-        with torch.no_grad():
-            finite = torch.isfinite(torch.stack([torch.stack(torch.aminmax(t.detach())).double() if t.numel()
-                                                 else torch.zeros(2, dtype=torch.float64) for _, t in tensors])).all(dim=1)
-        bad = None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
+        bad = self._non_finite(params)
         if bad is not None:
             norm = self._grad_norm(params)
             self._undo_step()
             raise UnsafeUpdate("non_finite", f"the step would make {bad} of B non-finite (gradient norm {norm:.6g})")
+
+    def _snapshot(self, params: list[torch.Tensor]) -> None:
+        """Keep what the optimizer step changes: the weights, and each parameter's state (its dict, and the values
+        of its tensors, copied into the buffers of the last snapshot when their shapes still match)."""
+        state = self.optimizer.state
+        dicts = {p: dict(state[p]) for p in params if p in state}
+        live = [p.detach() for p in params] + [v for d in dicts.values() for v in d.values()
+                                               if isinstance(v, torch.Tensor)]
+        saved = self._saved_values
+        if len(saved) != len(live) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(saved, live)):
+            saved = self._saved_values = [t.detach().clone() for t in live]
+        else:
+            with torch.no_grad():
+                torch._foreach_copy_(saved, live)
+        self._before_step = (live, dicts)
+
+    def _non_finite(self, params: list[torch.Tensor]) -> str | None:
+        """The first weight or floating optimizer state of ``params`` with a NaN or Inf, or None."""
+        state = self.optimizer.state
+        tensors = [p.detach() for p in params] + [v for p in params for v in state.get(p, {}).values()
+                                                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        with torch.no_grad():
+            if bool(torch.stack([t.sum() for t in tensors]).isfinite().all()):
+                return None
+            for i, t in enumerate(tensors):  # rare: find it (or find that a sum overflowed)
+                if not bool(torch.isfinite(t).all()):
+                    if i < len(params):
+                        return f"parameter {i}"
+                    k = i - len(params)
+                    for j, p in enumerate(params):
+                        names = [n for n, v in state.get(p, {}).items()
+                                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
+                        if k < len(names):
+                            return f"optimizer state {names[k]!r} of parameter {j}"
+                        k -= len(names)
+        return None
 
     @staticmethod
     def _grad_norm(params: list[torch.Tensor]) -> float:
@@ -188,15 +220,15 @@ class TorchSegment:
 
     def _undo_step(self) -> None:
         assert self._before_step is not None
-        weights, state = self._before_step
+        live, dicts = self._before_step
         self._before_step = None
         with torch.no_grad():
-            for p, w in zip(self._params(), weights, strict=True):
-                p.copy_(w)
-                if p in state:
-                    self.optimizer.state[p] = state[p]
-                else:
-                    self.optimizer.state.pop(p, None)
+            torch._foreach_copy_(live, self._saved_values)
+        for p in self._params():
+            if p in dicts:
+                self.optimizer.state[p] = dicts[p]
+            else:
+                self.optimizer.state.pop(p, None)
 
     def _backward(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)
