@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .._defence import EPS
 from .._manifest import DefenceSpec
 from . import _onnx_graph as graph
 
@@ -69,8 +70,8 @@ def _mean(g: onnx.GraphProto, src: str, dst: str, axes: list[int] | None, opset:
     return dst
 
 
-def _distances(g: onnx.GraphProto, src: str, tag: str, eye: str | None) -> tuple[str, str]:
-    """(double-centred distance matrix of the rows of ``src``, the squared-distance matrix before the sqrt)."""
+def _distances(g: onnx.GraphProto, src: str, tag: str, eps: str) -> str:
+    """``sqrt(|r_i - r_j|^2 + EPS)`` between the rows of ``src`` (flattened)."""
     n = f"nopeek_{tag}"
     g.node.append(helper.make_node("Flatten", [src], [n + "_flat"], axis=1))
     ax1 = _const(g, n + "_ax1", np.array([1], dtype=np.int64))
@@ -81,13 +82,9 @@ def _distances(g: onnx.GraphProto, src: str, tag: str, eye: str | None) -> tuple
     g.node.append(helper.make_node("Sub", [n + "_rows", n + "_cols"], [n + "_diff"]))
     g.node.append(helper.make_node("Mul", [n + "_diff", n + "_diff"], [n + "_diff2"]))
     g.node.append(helper.make_node("ReduceSum", [n + "_diff2", ax2], [n + "_sq"], keepdims=0))
-    identity = eye or n + "_eye"
-    if eye is None:
-        g.node.append(helper.make_node("EyeLike", [n + "_sq"], [identity]))
-    g.node.append(helper.make_node("Add", [n + "_sq", identity], [n + "_sqi"]))
-    g.node.append(helper.make_node("Sqrt", [n + "_sqi"], [n + "_rooti"]))
-    g.node.append(helper.make_node("Sub", [n + "_rooti", identity], [n + "_dist"]))
-    return n + "_dist", identity
+    g.node.append(helper.make_node("Add", [n + "_sq", eps], [n + "_sqe"]))
+    g.node.append(helper.make_node("Sqrt", [n + "_sqe"], [n + "_dist"]))
+    return n + "_dist"
 
 
 def _centred(g: onnx.GraphProto, d: str, opset: int) -> str:
@@ -102,16 +99,20 @@ def _centred(g: onnx.GraphProto, d: str, opset: int) -> str:
 
 def add_nopeek(g: onnx.GraphProto, loss: str, *, weight: float, opset: int) -> str:
     """Append ``loss + weight * dCor(input, output)`` to the training graph ``g``; returns the new loss name."""
-    dx, eye = _distances(g, graph.INPUT, "x", None)
-    dz, _ = _distances(g, graph.OUTPUT, "z", eye)
+    eps = _const(g, "nopeek_eps", np.array(EPS, dtype=np.float32))
+    dx = _distances(g, graph.INPUT, "x", eps)
+    dz = _distances(g, graph.OUTPUT, "z", eps)
     a, b = _centred(g, dx, opset), _centred(g, dz, opset)
     for name, (p, q) in {"xz": (a, b), "xx": (a, a), "zz": (b, b)}.items():
         g.node.append(helper.make_node("Mul", [p, q], [f"nopeek_prod_{name}"]))
         _mean(g, f"nopeek_prod_{name}", f"nopeek_dcov_{name}", None, opset)
     g.node.append(helper.make_node("Mul", ["nopeek_dcov_xx", "nopeek_dcov_zz"], ["nopeek_vv"]))
-    g.node.append(helper.make_node("Sqrt", ["nopeek_vv"], ["nopeek_norm"]))
-    g.node.append(helper.make_node("Div", ["nopeek_dcov_xz", "nopeek_norm"], ["nopeek_dcor2"]))
-    g.node.append(helper.make_node("Sqrt", ["nopeek_dcor2"], ["nopeek_dcor"]))
+    g.node.append(helper.make_node("Add", ["nopeek_vv", eps], ["nopeek_vve"]))
+    g.node.append(helper.make_node("Sqrt", ["nopeek_vve"], ["nopeek_norm"]))
+    g.node.append(helper.make_node("Div", ["nopeek_dcov_xz", "nopeek_norm"], ["nopeek_ratio"]))
+    g.node.append(helper.make_node("Relu", ["nopeek_ratio"], ["nopeek_dcor2"]))
+    g.node.append(helper.make_node("Add", ["nopeek_dcor2", eps], ["nopeek_dcor2e"]))
+    g.node.append(helper.make_node("Sqrt", ["nopeek_dcor2e"], ["nopeek_dcor"]))
     w = _const(g, "nopeek_weight", np.array(weight, dtype=np.float32))
     g.node.append(helper.make_node("Mul", ["nopeek_dcor", w], ["nopeek_term"]))
     g.node.append(helper.make_node("Add", [loss, "nopeek_term"], ["nopeek_loss"]))

@@ -56,6 +56,13 @@ def test_distance_correlation_on_known_cases() -> None:
     z.requires_grad_(True)
     distance_correlation(x, z).backward()  # the zero diagonal of the distance matrix must not give NaN
     assert z.grad is not None and bool(torch.isfinite(z.grad).all()) and float(z.grad.abs().sum()) > 0
+    dead = torch.zeros(32, 5)  # dead ReLUs: identical rows (zero distances everywhere, zero variance)
+    dead[:4] = torch.rand(4, 5, generator=g)
+    for out in (dead, torch.zeros(32, 5)):
+        out.requires_grad_(True)
+        value = distance_correlation(x, out)
+        value.backward()
+        assert out.grad is not None and bool(torch.isfinite(out.grad).all()) and bool(torch.isfinite(value))
 
 
 def _subset(digits: Dataset, n: int = 256) -> Dataset:
