@@ -40,10 +40,8 @@ def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Sample distance correlation of the batches ``x`` and ``z`` (0: independent, 1: equal up to scale/rotation).
 
     ``dCor = sqrt(relu(dCov^2(x, z) / sqrt(dVar^2(x) dVar^2(z) + EPS)) + EPS)`` with double-centred distance
-    matrices (V-statistics, Szekely et al. 2007). Needs a batch of at least 2 samples.
+    matrices (V-statistics, Szekely et al. 2007). A batch of one sample gives ``sqrt(EPS)`` and no gradient.
     """
-    if x.shape[0] < 2:
-        raise ValueError("the distance correlation needs a batch of at least 2 samples")
     a = _centred(distance_matrix(x.to(z.dtype)))
     b = _centred(distance_matrix(z))
     ratio = (a * b).mean() / ((a * a).mean() * (b * b).mean() + EPS).sqrt()

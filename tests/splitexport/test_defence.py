@@ -56,6 +56,9 @@ def test_distance_correlation_on_known_cases() -> None:
     z.requires_grad_(True)
     distance_correlation(x, z).backward()  # the zero diagonal of the distance matrix must not give NaN
     assert z.grad is not None and bool(torch.isfinite(z.grad).all()) and float(z.grad.abs().sum()) > 0
+    one = torch.rand(1, 5, generator=g, requires_grad=True)
+    distance_correlation(x[:1], one).backward()  # a batch of one: a constant, no gradient (as in the ONNX graph)
+    assert one.grad is not None and float(one.grad.abs().sum()) == 0.0
     dead = torch.zeros(32, 5)  # dead ReLUs: identical rows (zero distances everywhere, zero variance)
     dead[:4] = torch.rand(4, 5, generator=g)
     for out in (dead, torch.zeros(32, 5)):
