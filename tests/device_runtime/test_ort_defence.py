@@ -23,21 +23,22 @@ SPECS = {"nopeek": DefenceSpec(nopeek=0.5), "noise": DefenceSpec(activation_nois
          "both": DefenceSpec(nopeek=1.0, activation_noise=0.1)}
 
 
-def _exported(tmp_path: Path, spec: DefenceSpec) -> Path:
+def _exported(tmp_path: Path, spec: DefenceSpec, opset: int = 17) -> Path:
     torch.manual_seed(0)
     part = partition(mlp(), ["relu1"], torch.zeros(1, 1, 8, 8))
     path = tmp_path / "b"
     write_bundle(part, path, source=SourceSpec(file_name="mlp.pt", sha256="0" * 64, kind="test"),
                  optimizer=OptimizerSpec(name="sgd", lr=0.05), defence=spec)
-    export_onnx(path)
+    export_onnx(path, opset=opset)
     return path
 
 
-@pytest.mark.parametrize("kind", list(SPECS))
-def test_ort_device_with_a_defence_trains_like_torch(kind: str, tmp_path: Path, digits: Dataset) -> None:
-    """ORT A + torch B vs the monolithic model with the same dCor term and noise: 4 steps, weight by weight."""
+@pytest.mark.parametrize(("kind", "opset"), [*((k, 17) for k in SPECS), ("nopeek", 18)])
+def test_ort_device_with_a_defence_trains_like_torch(kind: str, opset: int, tmp_path: Path, digits: Dataset) -> None:
+    """ORT A + torch B vs the monolithic model with the same dCor term and noise: 4 steps, weight by weight.
+    (Opset 18 moves ReduceMean's axes from an attribute to an input.)"""
     spec = SPECS[kind]
-    path = _exported(tmp_path, spec)
+    path = _exported(tmp_path, spec, opset)
     bundle = load_bundle(path)
     assert bundle.manifest.exports["onnx"]["defence"]["nopeek"] == spec.nopeek  # type: ignore[index]
     arts = {k: bundle.file(v) for k, v in bundle.segment("A").artifacts["onnx"].items()}

@@ -156,6 +156,14 @@ def test_nopeek_on_token_ids_is_refused(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "b").exists()
 
 
+def test_multi_client_simulation_refuses_a_defended_bundle(tmp_path: Path) -> None:
+    from splitexport import SplitExportError, simulate_clients
+
+    with pytest.raises(SplitExportError, match="does not apply the bundle's defence"):
+        simulate_clients(load_bundle(_bundle(tmp_path, SPECS["nopeek"])), strategy="sfl", clients=2, rounds=1,
+                         progress=False)
+
+
 @pytest.mark.parametrize("fmt", ["tfjs", "tflite"])
 def test_tfjs_and_tflite_refuse_a_defended_bundle(tmp_path: Path, fmt: str) -> None:
     from splitexport.export import export
