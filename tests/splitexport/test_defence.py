@@ -88,6 +88,7 @@ def test_split_with_a_defence_equals_monolithic_with_the_same_terms(kind: str, d
         fit(model, data, name=name, epochs=1, batch_size=32, progress=False)  # type: ignore[arg-type]
         runs[name] = named_state(mods)
     diff, where = max_abs_difference(runs["split"], runs["mono"])
+    print(f"{kind}: |split - monolithic| {diff:.3g} ({where})")
     if spec.nopeek == 0:
         assert diff == 0.0, where  # the noise is an exact shift of the activation: bit for bit
     else:
