@@ -127,11 +127,25 @@ def cmd_partition(args: argparse.Namespace) -> None:
         optimizer=_optimizer_from(args, OptimizerSpec()),
         force=args.force,
         preprocess=preprocess,
+        defence=_defence_from(args, part),
     )
     print(f"wrote {bundle.path} ({part.split} split)")
     for seg in bundle.manifest.segments:
         print(f"  {seg.name} [{seg.role}] {seg.input.shape} -> {seg.output.shape}, {seg.parameters} params, "
               f"modules {', '.join(seg.modules)}")
+
+
+def _defence_from(args: argparse.Namespace, part: Any) -> Any:
+    """``--nopeek`` / ``--activation-noise`` as the manifest's DefenceSpec (checked against the partition)."""
+    from ._manifest import DefenceSpec
+
+    spec = DefenceSpec(nopeek=args.nopeek, activation_noise=args.activation_noise)
+    if spec.nopeek > 0 and not part.segments[0].input_dtype.is_floating_point:
+        raise SplitExportError("--nopeek needs float inputs: the distance correlation with token ids "
+                               f"({part.segments[0].input_dtype}) is not defined here; use --activation-noise")
+    if spec.active and part.segments[0].role != "device":
+        raise SplitExportError("the defences apply to the first segment, which must run on the device")
+    return spec
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -449,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record this preprocessing (over what --data fits): kind=image|table|array|tokens, "
                    "scale=1/255, mean=0.485,0.456,0.406, std=..., image_size=H,W, channel_order=L|RGB, "
                    "feature_names=a,b, label_names=cat,dog, num_classes=N (docs/bundle.md)")
+    p.add_argument("--nopeek", type=at.non_negative_float, default=0.0, metavar="W",
+                   help="train A with NoPeek's distance correlation between its input and output, weight W "
+                   "(docs/privacy.md; default 0: off)")
+    p.add_argument("--activation-noise", type=at.non_negative_float, default=0.0, metavar="S",
+                   help="add Gaussian noise of std S to A's output before it leaves the device, in training "
+                   "(default 0: off)")
     _optimizer_args(p, defaults=True)
     p.set_defaults(func=cmd_partition)
 

@@ -256,6 +256,9 @@ def simulate_clients(
     if loss_kind != "cross_entropy":  # rounds are scored by accuracy (and C3-Score), label shards need classes
         raise SplitExportError(f"multi-client simulation needs a classifier bundle (loss cross_entropy); this one "
                                f"is {loss_kind}: use simulate without --clients/--strategy")
+    if manifest.defence.active:
+        raise SplitExportError("multi-client simulation does not apply the bundle's defence (--nopeek/--activation-noise) "
+                               "yet; simulate it with one device: splitexport simulate without --clients/--strategy")
     data = resolve_data(dataset, manifest)
     config = StrategyConfig(num_clients=clients, client_lr=opt.lr, alpha=alpha, phi=phi, phase_rounds=phase_rounds,
                             kappa=kappa, eta=eta, lam=lam, total_rounds=rounds, seed=seed)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from ._manifest import OptimizerSpec
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
+
+if TYPE_CHECKING:
+    from ._defence import Defence
 
 
 class UnsafeUpdate(ValueError):
@@ -43,6 +46,8 @@ class TorchSegment:
     server does); inputs are moved there once per call and results come back on the CPU.
     ``grad_hook(params, batch)``, when set, runs after every backward and before the optimizer step
     (the replicated server all-reduces B's gradients there, :mod:`splitexport.strategies._reduce`).
+    ``defence`` (the first segment only): ``forward`` sends ``out + S * noise`` and the aux-loss step adds
+    NoPeek's ``W * dCor(input, out)`` (:mod:`splitexport._defence`).
     """
 
     def __init__(
@@ -55,9 +60,11 @@ class TorchSegment:
         rule: AuxLossRule = EXACT_RULE,
         restorable: bool = False,
         device: torch.device | str = "cpu",
+        defence: Defence | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.module = module
+        self.defence = defence
         self.optimizer = optimizer.build([p for p in module.parameters() if p.requires_grad])
         self.loss_kind = loss
         self.input_grad = input_grad
@@ -109,6 +116,9 @@ class TorchSegment:
         """Train-mode forward; returns the (detached) output to send downstream."""
         x_in, out = self._run(x)
         self._pending = (x_in, out)
+        if self.defence is not None:
+            with torch.no_grad():
+                return self.defence.perturb(out.detach()).cpu()
         return out.detach().cpu()
 
     def train_with_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
@@ -132,7 +142,8 @@ class TorchSegment:
         x_in, out = self._pending
         self._pending = None
         loss = self.rule.loss_from_grad(out, grad_out.to(self.device))
-        return self._backward(loss, x_in)
+        extra = None if self.defence is None else self.defence.penalty(x_in, out)
+        return self._backward(loss if extra is None else loss + extra, x_in)
 
     def stage_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """:meth:`train_with_labels` up to the optimizer step (the weights do not change yet)."""
