@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from splitexport import Dataset, MonolithicModel, OptimizerSpec, fit, load_dataset, named_state, partition
-from splitexport._defence import Defence, distance_correlation
 from splitexport._manifest import DefenceSpec
 from splitexport._partition import list_cut_points
 from splitexport._privacy import measure, psnr, ssim
+from splitexport.defence import Defence, distance_correlation
 from splitexport.models import mlp, resnet_cnn
 
 EXAMPLE = torch.zeros(1, 1, 8, 8)

@@ -36,7 +36,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitexport.protocol import IDEMPOTENCY_KEY, ErrorCode
-from splitexport.strategies._reduce import CollectiveError, Collectives
+from splitexport.strategies import CollectiveError, Collectives
 
 from ._errors import APIError
 

@@ -17,6 +17,7 @@ import socket
 import sys
 from types import FrameType
 
+from ._replicas import refusal
 from ._settings import ServerSettings
 
 
@@ -34,9 +35,8 @@ def serve_rank(args: argparse.Namespace, settings: ServerSettings) -> None:
     """Serve this rank of the job described by torchrun's environment variables until stopped."""
     import uvicorn
 
-    from splitexport._cli import listen
-
     from ._app import create_app
+    from ._listen import listen
     from ._replicas import Replicas, advertised_url
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -103,3 +103,6 @@ def launch(args: argparse.Namespace, settings: ServerSettings) -> int:
         p.join()
     stopped = (0, -signal.SIGTERM, -signal.SIGINT) if stopping else (0,)  # uvicorn re-raises the signal it stopped on
     return next((int(p.exitcode) for p in procs if p.exitcode not in stopped and p.exitcode is not None), 0)
+
+
+__all__ = ["LaunchError", "collective_timeout", "launch", "refusal", "serve_rank"]

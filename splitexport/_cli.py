@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import pickle
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -342,7 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from server import ServerSettings, create_app
+        from server import ServerSettings, create_app, listen
     except ImportError as exc:
         raise SplitExportError(f"the server needs the 'server' extra: pip install 'splitexport[server]' ({exc})") from exc
     from ._bundle import load_bundle
@@ -368,8 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise SplitExportError(f"--device {settings.device}: torch sees no CUDA device on this machine")
     if args.replicas is not None or args.distributed:  # B replicated over ranks (docs/scaling.md)
-        from server._replicas import refusal
-        from server.distributed import LaunchError, launch, serve_rank
+        from server.distributed import LaunchError, launch, refusal, serve_rank
 
         why = refusal(settings.strategy, settings.num_clients, args.replicas or 1)
         if why is not None:
@@ -398,22 +395,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` as uvicorn binds one (IPv6 for a host with ':'), or a one-line error."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OverflowError as exc:  # SPLITEXPORT_PORT from the environment skips the --port check
-        sock.close()
-        raise SplitExportError(f"cannot listen on port {port}: a TCP port is 1..65535") from exc
-    except OSError as exc:  # in use, not an address of this machine, or an unknown host name
-        sock.close()
-        fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host"
-        raise SplitExportError(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}") from exc
-    return sock
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:

@@ -73,7 +73,7 @@ class LossSpec(_Strict):
 
 
 class DefenceSpec(_Strict):
-    """Privacy defences on the first segment A (docs/privacy.md, :mod:`splitexport._defence`)."""
+    """Privacy defences on the first segment A (docs/privacy.md, :mod:`splitexport.defence`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

@@ -13,12 +13,12 @@ import torch
 from ._bundle import Bundle
 from ._data import Dataset
 from ._datafiles import resolve_data
-from ._defence import defence_for
 from ._errors import SplitExportError
 from ._manifest import OptimizerSpec, SegmentSpec
 from ._plots import plot_histories
 from ._torch_segment import TorchSegment
 from ._trainer import History, MonolithicModel, SegmentRunner, SplitModel, compose, fit, max_abs_difference, named_state
+from .defence import defence_for
 
 RunnerFactory = Callable[[Bundle, SegmentSpec, OptimizerSpec, int], SegmentRunner]
 """(bundle, segment, optimizer, seed) -> runner; the seed draws the activation noise of a defended A."""

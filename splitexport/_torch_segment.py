@@ -13,7 +13,7 @@ from ._manifest import OptimizerSpec
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
 
 if TYPE_CHECKING:
-    from ._defence import Defence
+    from .defence import Defence
 
 
 class UnsafeUpdate(ValueError):
@@ -47,7 +47,7 @@ class TorchSegment:
     ``grad_hook(params, batch)``, when set, runs after every backward and before the optimizer step
     (the replicated server all-reduces B's gradients there, :mod:`splitexport.strategies._reduce`).
     ``defence`` (the first segment only): ``forward`` sends ``out + S * noise`` and the aux-loss step adds
-    NoPeek's ``W * dCor(input, out)`` (:mod:`splitexport._defence`).
+    NoPeek's ``W * dCor(input, out)`` (:mod:`splitexport.defence`).
     """
 
     def __init__(

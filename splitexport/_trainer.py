@@ -23,7 +23,7 @@ from ._torch_segment import TorchSegment, eager_execution
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
 
 if TYPE_CHECKING:
-    from ._defence import Defence
+    from .defence import Defence
 
 
 class SegmentRunner(Protocol):

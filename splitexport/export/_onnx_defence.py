@@ -1,4 +1,4 @@
-"""The privacy defences in A's ONNX Runtime training artifacts (:mod:`splitexport._defence`, docs/privacy.md).
+"""The privacy defences in A's ONNX Runtime training artifacts (:mod:`splitexport.defence`, docs/privacy.md).
 
 - Activation noise: the forward model (what produces the activation to send) takes one more input,
   ``activation_noise`` (standard normal, shaped like the output, drawn by the device runtime) and returns
@@ -6,7 +6,7 @@
   is ``g`` with or without the added noise. A runtime that does not know the defence cannot run the forward model
   without feeding the noise, so it cannot silently send clean activations.
 - NoPeek: the training model's loss becomes ``sum(output * grad_output) + W * dCor(input, output)``, built from
-  plain ONNX ops that ORT can differentiate, op for op as :func:`splitexport._defence.distance_correlation`.
+  plain ONNX ops that ORT can differentiate, op for op as :func:`splitexport.defence.distance_correlation`.
 
 The forward model's metadata ``splitexport.defence`` records both (read by ``device_runtime.OrtSegment``).
 """
@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .._defence import EPS
 from .._manifest import DefenceSpec
+from ..defence import EPS
 from . import _onnx_graph as graph
 
 NOISE_INPUT = "activation_noise"

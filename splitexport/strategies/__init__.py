@@ -11,6 +11,7 @@ from ._fedavg import FedAvg
 from ._masks import ClientMasks
 from ._ntxent import projection_head, supervised_nt_xent
 from ._psl import PSL
+from ._reduce import CollectiveError, Collectives
 from ._sfl import SplitFed
 from ._sglr import SGLR
 from ._ssl import SSL
@@ -38,6 +39,8 @@ __all__ = [
     "STRATEGIES",
     "AdaSplit",
     "ClientMasks",
+    "CollectiveError",
+    "Collectives",
     "DeviceState",
     "FedAvg",
     "ServerReply",

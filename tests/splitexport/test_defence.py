@@ -25,9 +25,9 @@ from splitexport import (
     write_bundle,
 )
 from splitexport._cli import main
-from splitexport._defence import Defence, distance_correlation
 from splitexport._manifest import DefenceSpec
 from splitexport._simulate import simulate
+from splitexport.defence import Defence, distance_correlation
 from splitexport.models import mlp
 
 SPECS = {"nopeek": DefenceSpec(nopeek=0.5), "noise": DefenceSpec(activation_noise=0.3),
