@@ -214,7 +214,7 @@ class RoundHost:
             if session.phase == "backward":
                 raise self._wrong(session, "finish the pending backward before ending the round")
             if self.round_clients is None:
-                self.round_clients = list(self.state.sessions)
+                self.round_clients = self.state.open_order()
             if session.id not in self.round_clients:
                 raise APIError(409, "not_in_round", f"this session joined after round {round_index} began; it "
                                f"takes part from round {round_index + 1}", round=round_index)
@@ -363,7 +363,7 @@ class RoundHost:
     def _open(self, step: int) -> _Iteration:
         self._first_open = self._first_open or time.monotonic()
         if self.round_clients is None:
-            self.round_clients = list(self.state.sessions)
+            self.round_clients = self.state.open_order()
         ended = self.end_barrier.arrived if self.end_barrier is not None else {}
         eligible = [c for c in self.round_clients
                     if c not in ended and c not in self.round_left and c in self.state.sessions]

@@ -17,6 +17,7 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -90,6 +91,8 @@ class Session:
     """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
     idempotency_key: str | None = None
     """The ``Idempotency-Key`` it was opened with: the same key (and token) opens this session again."""
+    opened: int = 0
+    """Its place in the order sessions were opened (restored in the same order), the order of a strategy's batch."""
 
     def public(self) -> dict[str, object]:
         return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
@@ -138,7 +141,8 @@ class ServerState:
         self.tokens = {_hash(t) for t in settings.token_set()}
         self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        """Least recently seen first (expiry pops from the front)."""
+        """Least recently seen first (expiry pops from the front); :meth:`open_order` is the order they opened in."""
+        self._opened = itertools.count()
         self.opened_by_key: dict[tuple[str, str], str] = {}
         """(token hash, ``Idempotency-Key``) -> the open session it made."""
         self.applied_steps = 0
@@ -201,7 +205,8 @@ class ServerState:
                     self.counters["retries"] += 1
                     return session
             self._check_session_caps(token_hash)
-            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
+            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key,
+                              opened=next(self._opened))
             try:
                 self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:
@@ -211,6 +216,11 @@ class ServerState:
             if idempotency_key is not None:
                 self.opened_by_key[(token_hash, idempotency_key)] = session.id
             return session
+
+    def open_order(self) -> list[str]:
+        """The open sessions' ids in the order they were opened: a strategy concatenates an iteration's batches in
+        this order, so B's step does not depend on which device was heard from last."""
+        return sorted(self.sessions, key=lambda sid: self.sessions[sid].opened)
 
     def _forget(self, session: Session) -> None:
         """Drop a closed or expired session from memory (its store rows go separately)."""
@@ -580,7 +590,7 @@ class ServerState:
             for s in self.store.sessions():
                 cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
                 self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache,
-                                              idempotency_key=s.idempotency_key)
+                                              idempotency_key=s.idempotency_key, opened=next(self._opened))
                 if s.idempotency_key is not None:
                     self.opened_by_key[(s.token_hash, s.idempotency_key)] = s.id
         except (OSError, sqlite3.Error) as exc:
