@@ -106,6 +106,11 @@ def _hash(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+def _closed(session_id: str) -> APIError:
+    return APIError.of(ErrorCode.UNKNOWN_SESSION, f"session {session_id!r} was closed while its call waited for "
+                       "segment B; open a new session")
+
+
 def storage_error(exc: BaseException) -> APIError:
     """507 ``insufficient_storage`` for a full disk, 503 ``storage_unavailable`` for other I/O errors."""
     full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
@@ -278,10 +283,20 @@ class ServerState:
                 log.warning("could not delete %d expired sessions from the store", len(gone))
 
     def _drop_lease(self, session_id: str) -> None:
+        """A closed session gives B back (a forward it holds B with is undone) and leaves the line for B."""
         if self.lease.held_by(session_id) and not self.lease.busy:
             self._forward_input = None
             self.lease.release(session_id)
             self.executor.submit(self.segment.discard_pending)
+        self.lease.cancel(session_id, _closed(session_id))
+
+    async def _still_open(self, session: Session) -> None:
+        """After a wait for B or B's compute: 404 when ``session`` was closed meanwhile (B given back, its forward
+        undone), so B is never held for a backward that cannot come."""
+        if self.sessions.get(session.id) is not session:
+            if self.lease.held_by(session.id):
+                await self._abandon(session)
+            raise _closed(session.id)
 
     async def _lease_expired(self, session_id: str) -> None:
         holder = self.sessions.get(session_id)
@@ -326,6 +341,7 @@ class ServerState:
             timer = _current.get()
             if timer is not None:
                 timer.add("wait", time.perf_counter() - t0)
+            await self._still_open(session)  # B was handed over just as the session closed
 
     # -- the calls ----------------------------------------------------------------------------
 
@@ -357,6 +373,7 @@ class ServerState:
                 raise
             finally:
                 self.lease.busy = False
+            await self._still_open(session)  # closed while B computed its forward
             self._forward_input = x
             session.cache["forward"] = _Cached("forward", step, body_sha, response)
             session.phase = "backward"
