@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from splitexport._torch_segment import UnsafeUpdate
+from splitexport.protocol import ErrorCode
 from splitexport.strategies import STRATEGIES, ServerReply, Strategy, StrategyConfig, make_strategy
 
 from ._errors import APIError
@@ -75,6 +77,12 @@ class _Iteration:
     finished: set[str] = field(default_factory=set)
     out_shapes: dict[str, torch.Size] = field(default_factory=dict)
     closed: bool = False
+
+
+def refused_step(exc: UnsafeUpdate) -> APIError:
+    """422 ``non_finite_update`` or ``gradient_too_large`` for a step B refused (and undid)."""
+    code = ErrorCode.NON_FINITE_UPDATE if exc.reason == "non_finite" else ErrorCode.GRADIENT_TOO_LARGE
+    return APIError.of(code, f"{exc}; the step was not applied")
 
 
 def build_strategy(state: ServerState) -> Strategy:
@@ -267,10 +275,16 @@ class RoundHost:
         return self.strategy.forward_round({session.id: x})[session.id]
 
     def b_backward(self, session: Session, g: torch.Tensor) -> torch.Tensor:
-        return self.strategy.backward_round({session.id: g})[session.id]
+        try:
+            return self.strategy.backward_round({session.id: g})[session.id]
+        except UnsafeUpdate as exc:
+            raise refused_step(exc) from exc
 
     def b_train(self, session: Session, x: torch.Tensor, y: torch.Tensor) -> ServerReply:
-        return self.strategy.train_round({session.id: (x, y)})[session.id]
+        try:
+            return self.strategy.train_round({session.id: (x, y)})[session.id]
+        except UnsafeUpdate as exc:
+            raise refused_step(exc) from exc
 
     def evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
         return self.strategy.evaluate(session.id, x)
@@ -431,10 +445,16 @@ class RoundHost:
         except APIError as exc:
             bar.error = exc
         except Exception as exc:  # noqa: BLE001 - a failing strategy call fails the whole barrier, not the server
-            bar.error = APIError(500, "strategy_failed", f"{type(exc).__name__}: {exc}")
-            if self.current is not None and self.current.barrier is bar:
+            bar.error = refused_step(exc) if isinstance(exc, UnsafeUpdate) else APIError.of(
+                ErrorCode.STRATEGY_FAILED, f"{type(exc).__name__}: {exc}")
+            it = self.current
+            if it is not None and it.barrier is bar:  # the iteration ends without a step; devices go on at the next
                 self.state.segment.discard_pending()
-                self._close(self.current)
+                for c in it.participants:
+                    s = self.state.sessions.get(c)
+                    if s is not None:
+                        s.phase, s.next_step = "forward", it.index + 1
+                self._close(it)
         finally:
             self._cond.notify_all()
 

@@ -142,7 +142,8 @@ class ServerState:
         self.loss_kind = manifest.loss.kind
         self.num_outputs = int(self.spec.output.sample_shape[-1]) if self.spec.output.sample_shape else 1
         self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name), manifest.optimizer,
-                                    loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None)
+                                    loss=self.loss_kind, input_grad=True, restorable=True,
+                                    checked=settings.strategy is not None, max_grad_norm=settings.max_grad_norm)
         self.tokens = {_hash(t) for t in settings.token_set()}
         self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()

@@ -48,6 +48,8 @@ class TorchSegment:
         input_grad: bool = True,
         rule: AuxLossRule = EXACT_RULE,
         restorable: bool = False,
+        checked: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         self.module = module
         self.optimizer = optimizer.build([p for p in module.parameters() if p.requires_grad])
@@ -62,6 +64,11 @@ class TorchSegment:
         self._staged = False
         self._before_step: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
         """The weights and optimizer state before a provisional step (:meth:`try_staged`)."""
+        self.checked = checked
+        """``train_with_gradient`` / ``train_with_labels`` keep a step only when :meth:`try_staged` (with
+        ``max_grad_norm``) accepts it; otherwise it leaves no trace and :class:`UnsafeUpdate` is raised (B of a
+        server strategy, whose steps the strategies take through these two methods)."""
+        self.max_grad_norm = max_grad_norm
 
     @property
     def has_pending(self) -> bool:
@@ -105,14 +112,23 @@ class TorchSegment:
         if self._pending is None:
             raise RuntimeError("train_with_gradient called without a preceding forward")
         grad = self.stage_gradient(grad_out)
-        self.apply_staged()
+        self._keep_staged()
         return grad
 
     def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """Label-loss step; returns (loss, ``dL/d(input)``, detached output)."""
         result = self.stage_labels(x, labels)
-        self.apply_staged()
+        self._keep_staged()
         return result
+
+    def _keep_staged(self) -> None:
+        if self.checked:
+            try:
+                self.try_staged(self.max_grad_norm)
+            except UnsafeUpdate:
+                self.discard_pending()
+                raise
+        self.apply_staged()
 
     def stage_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         """:meth:`train_with_gradient` up to the optimizer step (the weights do not change yet)."""
