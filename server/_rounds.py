@@ -508,7 +508,13 @@ class RoundHost:
         num_samples = {c: int(bar.arrived[c].payload[1]) for c in present}
         if self.strategy.device_sync != "average":
             states = {c: {} for c in present}
-        out = self.strategy.end_round(states, num_samples)
+        round_before = self.strategy.round
+        try:
+            out = self.strategy.end_round(states, num_samples)
+        except Exception:  # the round is not over: its devices get the error and may end it again
+            self.strategy.round = round_before
+            self.end_barrier = None
+            raise
         bar.responses = {c: encode(dict(out.get(c, {}))) for c in present}
         for c in present:
             s = self.state.sessions.get(c)

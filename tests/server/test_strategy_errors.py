@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 from safetensors.numpy import load, save
 
@@ -127,3 +128,31 @@ def test_a_single_split_strategy_step_that_would_make_b_non_finite_is_refused(ml
             grad = ref_replies[c].grad
             assert grad is not None and torch.equal(torch.from_numpy(load(replies[c].content)["grad"]), grad), c
         assert "shared" in load(replies["a"].content)  # SplitAvg ran in the accepted steps
+
+
+def test_a_failing_round_end_is_strategy_failed_and_can_be_ended_again(mlp_bundle: Path, tmp_path: Path) -> None:
+    """SplitFed's round average is weighted by the devices' ``num_samples``; when every device of the round
+    reports 0 the strategy's ``end_round`` fails (a division by zero): every device of that round end gets 500
+    strategy_failed, the round is not over (B, the round and the counters as before), and the devices end it
+    again with their real counts."""
+    names = ["a", "b"]
+    dev = {c: {"A.w": np.full((3,), float(i + 1), np.float32)} for i, c in enumerate(names)}
+    with threaded_server(mlp_bundle, tmp_path / "s", strategy="sfl", num_clients=2, round_timeout_s=30) as (url,
+                                                                                                           state):
+        sid = {c: str(httpx.post(f"{url}/v1/sessions", headers=AUTH).json()["session_id"]) for c in names}
+        before = _b(state)
+
+        def end(counts: dict[str, int]) -> dict[str, httpx.Response]:
+            return _all({c: (f"/v1/sessions/{sid[c]}/rounds/0/end?num_samples={counts[c]}", save(dev[c]))
+                         for c in names}, url)
+
+        for r in end({"a": 0, "b": 0}).values():
+            error = refused(r, ErrorCode.STRATEGY_FAILED)
+            assert "ZeroDivisionError" in error["message"]
+        assert same(_b(state), before)
+        assert httpx.get(f"{url}/v1/strategy", headers=AUTH).json()["round"] == 0
+        replies = end({"a": 1, "b": 3})
+        assert all(r.status_code == 200 for r in replies.values()), {c: r.text for c, r in replies.items()}
+        for r in replies.values():
+            np.testing.assert_array_equal(load(r.content)["A.w"], np.full((3,), 1.75, np.float32))
+        assert httpx.get(f"{url}/v1/strategy", headers=AUTH).json()["round"] == 1
