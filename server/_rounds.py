@@ -34,7 +34,7 @@ from splitexport.protocol import ErrorCode
 from splitexport.strategies import STRATEGIES, ServerReply, Strategy, StrategyConfig, make_strategy
 
 from ._errors import APIError
-from ._state import ServerState, Session, _Cached
+from ._state import ServerState, Session, _Cached, fault
 from ._wire import encode, encode_reply
 
 HISTORY = 256
@@ -124,6 +124,9 @@ class RoundHost:
         """Clients done with this round's iterations (no more batches), before their round end."""
         self._history: OrderedDict[int, frozenset[str]] = OrderedDict()
         self._first_open: float | None = None
+        self.last_end: tuple[int, dict[str, tuple[str, bytes]]] | None = None
+        """The last round end: its index and each client's (body sha256, reply). Snapshotted with the strategy, so a
+        retried round end is answered from it even when a crash came before the sessions' rows were saved."""
 
     # -- info -------------------------------------------------------------------------------
 
@@ -216,6 +219,10 @@ class RoundHost:
             cached = session.cache.get("end")
             if cached is not None and cached.step == round_index:
                 return self._replayed(session, cached.body_sha, body_sha, cached.response, f"round {round_index} end")
+            last = self.last_end
+            if last is not None and last[0] == round_index and session.id in last[1]:
+                sha, response = last[1][session.id]
+                return self._replayed(session, sha, body_sha, response, f"round {round_index} end")
             if round_index != self.strategy.round:
                 raise APIError(409, "wrong_round", f"the server is in round {self.strategy.round}, got round "
                                f"{round_index}", round=self.strategy.round, **session.public())
@@ -292,13 +299,24 @@ class RoundHost:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
-                "next_iteration": self.current.index if self.current else self.next_iteration}
+        state = {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
+                 "next_iteration": self.current.index if self.current else self.next_iteration}
+        if self.last_end is not None:  # each distinct reply once (SplitFed sends every client the same average)
+            round_index, replies = self.last_end
+            unique: dict[bytes, int] = {}
+            clients = {c: (sha, unique.setdefault(response, len(unique))) for c, (sha, response) in replies.items()}
+            state["last_end"] = {"round": round_index, "clients": clients,
+                                 "replies": [torch.from_numpy(np.frombuffer(r, np.uint8).copy()) for r in unique]}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.strategy.load_state_dict(state["strategy"])
         self.next_iteration = int(state["next_iteration"])
         self._first_open = time.monotonic()
+        last = state.get("last_end")
+        if last is not None:
+            replies = [t.numpy().tobytes() for t in last["replies"]]
+            self.last_end = (int(last["round"]), {c: (sha, replies[i]) for c, (sha, i) in last["clients"].items()})
 
     def metrics(self) -> dict[str, float]:
         return {"rounds_completed_total": self.strategy.round,
@@ -516,6 +534,7 @@ class RoundHost:
             self.end_barrier = None
             raise
         bar.responses = {c: encode(dict(out.get(c, {}))) for c in present}
+        self.last_end = (round_index, {c: (bar.arrived[c].body_sha, bar.responses[c]) for c in present})
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
@@ -525,6 +544,7 @@ class RoundHost:
         self.round_clients = None
         self.round_left.clear()
         self.state.checkpoint()
+        fault("after_round_end", self.state.applied_steps)
 
     def _settle(self, it: _Iteration, kind: str, bar: _Barrier) -> None:
         assert bar.responses is not None

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 Phase = Literal["forward", "backward"]
 log = logging.getLogger("splitexport.server")
 
-FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot")
+FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot", "after_snapshot",
+                "after_round_end")
 
 
 def fault(point: str, applied_steps: int) -> None:
@@ -562,6 +563,7 @@ class ServerState:
                 payload["strategy"] = self.rounds.state_dict()
             try:
                 self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
+                fault("after_snapshot", self.applied_steps)
                 if self.logged:
                     self.store.drop_log(self._log_seq)
                 else:
