@@ -354,10 +354,11 @@ def test_sigkill_at_a_round_end_applies_it_exactly_once(mlp_bundle: Path, tmp_pa
                           for i, c in enumerate(names)}
                 counts = {"a": 3 + r, "b": 5}
                 replies: dict[str, dict[str, torch.Tensor]] = {}
-                ending = threading.Thread(target=lambda: replies.update(link.end_round(states, counts)))
+                ending = threading.Thread(target=lambda out, st, n: out.update(link.end_round(st, n)),
+                                          args=(replies, states, counts))
                 if window is None:  # the first device's round end waits at the barrier when the server dies
-                    first = threading.Thread(target=lambda: replies.update(
-                        a=link.remotes["a"].end_round(r, states["a"], counts["a"])))
+                    first = threading.Thread(target=lambda out, i, st, n: out.update(
+                        a=link.remotes["a"].end_round(i, st, n)), args=(replies, r, states["a"], counts["a"]))
                     first.start()
                     time.sleep(1.0)
                     server.kill()
