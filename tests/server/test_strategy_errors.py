@@ -156,3 +156,21 @@ def test_a_failing_round_end_is_strategy_failed_and_can_be_ended_again(mlp_bundl
         for r in replies.values():
             np.testing.assert_array_equal(load(r.content)["A.w"], np.full((3,), 1.75, np.float32))
         assert httpx.get(f"{url}/v1/strategy", headers=AUTH).json()["round"] == 1
+
+
+def test_a_strategy_step_above_max_grad_norm_is_refused(mlp_single_bundle: Path, tmp_path: Path) -> None:
+    """``max_grad_norm`` holds under a strategy too: a PSL iteration whose gradient norm is above it answers 422
+    gradient_too_large to each of its devices and changes nothing; the limit names itself in the message."""
+    names = ["a", "b"]
+    gen = torch.Generator().manual_seed(0)
+    x = {c: torch.randn(8, 64, generator=gen) for c in names}
+    y = {c: torch.randint(0, 10, (8,), generator=gen) for c in names}
+    with threaded_server(mlp_single_bundle, tmp_path / "s", strategy="psl", num_clients=2, max_grad_norm=1e-6,
+                         round_timeout_s=30) as (url, state):
+        sid = {c: str(httpx.post(f"{url}/v1/sessions", headers=AUTH).json()["session_id"]) for c in names}
+        before = _b(state)
+        replies = _all({c: (f"/v1/sessions/{sid[c]}/steps/0/train",
+                            save({"activation": x[c].numpy(), "labels": y[c].numpy()})) for c in names}, url)
+        for r in replies.values():
+            assert "max_grad_norm=1e-06" in refused(r, ErrorCode.GRADIENT_TOO_LARGE)["message"]
+        assert same(_b(state), before)
