@@ -29,11 +29,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from splitexport.protocol import ServerReply
+from splitexport import UnsafeUpdate
+from splitexport.protocol import ErrorCode, ServerReply
 from splitexport.strategies import STRATEGIES, Strategy, StrategyConfig, make_strategy
 
 from ._errors import APIError
-from ._state import ServerState, Session, _Cached
+from ._state import ServerState, Session, _Cached, fault
 from ._wire import encode, encode_reply
 
 HISTORY = 256
@@ -84,6 +85,12 @@ class _Iteration:
     closed: bool = False
 
 
+def refused_step(exc: UnsafeUpdate) -> APIError:
+    """422 ``non_finite_update`` or ``gradient_too_large`` for a step B refused (and undid)."""
+    code = ErrorCode.NON_FINITE_UPDATE if exc.reason == "non_finite" else ErrorCode.GRADIENT_TOO_LARGE
+    return APIError.of(code, f"{exc}; the step was not applied")
+
+
 def build_strategy(state: ServerState) -> Strategy:
     """The configured strategy around B; ``ValueError`` with a clear message for a bad combination."""
     s = state.settings
@@ -126,6 +133,9 @@ class RoundHost:
         """Clients done with this round's iterations (no more batches), before their round end."""
         self._history: OrderedDict[int, frozenset[str]] = OrderedDict()
         self._first_open: float | None = None
+        self.last_end: tuple[int, dict[str, tuple[str, bytes]]] | None = None
+        """The last round end: its index and each client's (body sha256, reply). Snapshotted with the strategy, so a
+        retried round end is answered from it even when a crash came before the sessions' rows were saved."""
 
     # -- info -------------------------------------------------------------------------------
 
@@ -218,13 +228,17 @@ class RoundHost:
             cached = session.cache.get("end")
             if cached is not None and cached.step == round_index:
                 return self._replayed(session, cached.body_sha, body_sha, cached.response, f"round {round_index} end")
+            last = self.last_end
+            if last is not None and last[0] == round_index and session.id in last[1]:
+                sha, response = last[1][session.id]
+                return self._replayed(session, sha, body_sha, response, f"round {round_index} end")
             if round_index != self.strategy.round:
                 raise APIError(409, "wrong_round", f"the server is in round {self.strategy.round}, got round "
                                f"{round_index}", round=self.strategy.round, **session.public())
             if session.phase == "backward":
                 raise self._wrong(session, "finish the pending backward before ending the round")
             if self.round_clients is None:
-                self.round_clients = list(self.state.sessions)
+                self.round_clients = self.state.open_order()
             if session.id not in self.round_clients:
                 raise APIError(409, "not_in_round", f"this session joined after round {round_index} began; it "
                                f"takes part from round {round_index + 1}", round=round_index)
@@ -277,10 +291,16 @@ class RoundHost:
         return self.strategy.forward_round({session.id: x})[session.id]
 
     def b_backward(self, session: Session, g: torch.Tensor) -> torch.Tensor:
-        return self.strategy.backward_round({session.id: g})[session.id]
+        try:
+            return self.strategy.backward_round({session.id: g})[session.id]
+        except UnsafeUpdate as exc:
+            raise refused_step(exc) from exc
 
     def b_train(self, session: Session, x: torch.Tensor, y: torch.Tensor) -> ServerReply:
-        return self.strategy.train_round({session.id: (x, y)})[session.id]
+        try:
+            return self.strategy.train_round({session.id: (x, y)})[session.id]
+        except UnsafeUpdate as exc:
+            raise refused_step(exc) from exc
 
     def evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
         return self.strategy.evaluate(session.id, x)
@@ -288,13 +308,24 @@ class RoundHost:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
-                "next_iteration": self.current.index if self.current else self.next_iteration}
+        state = {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
+                 "next_iteration": self.current.index if self.current else self.next_iteration}
+        if self.last_end is not None:  # each distinct reply once (SplitFed sends every client the same average)
+            round_index, replies = self.last_end
+            unique: dict[bytes, int] = {}
+            clients = {c: (sha, unique.setdefault(response, len(unique))) for c, (sha, response) in replies.items()}
+            state["last_end"] = {"round": round_index, "clients": clients,
+                                 "replies": [torch.from_numpy(np.frombuffer(r, np.uint8).copy()) for r in unique]}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.strategy.load_state_dict(state["strategy"])
         self.next_iteration = int(state["next_iteration"])
         self._first_open = time.monotonic()
+        last = state.get("last_end")
+        if last is not None:
+            replies = [t.numpy().tobytes() for t in last["replies"]]
+            self.last_end = (int(last["round"]), {c: (sha, replies[i]) for c, (sha, i) in last["clients"].items()})
 
     def metrics(self) -> dict[str, float]:
         return {"rounds_completed_total": self.strategy.round,
@@ -373,7 +404,7 @@ class RoundHost:
     def _open(self, step: int) -> _Iteration:
         self._first_open = self._first_open or time.monotonic()
         if self.round_clients is None:
-            self.round_clients = list(self.state.sessions)
+            self.round_clients = self.state.open_order()
         ended = self.end_barrier.arrived if self.end_barrier is not None else {}
         eligible = [c for c in self.round_clients
                     if c not in ended and c not in self.round_left and c in self.state.sessions]
@@ -441,10 +472,16 @@ class RoundHost:
         except APIError as exc:
             bar.error = exc
         except Exception as exc:  # noqa: BLE001 - a failing strategy call fails the whole barrier, not the server
-            bar.error = APIError(500, "strategy_failed", f"{type(exc).__name__}: {exc}")
-            if self.current is not None and self.current.barrier is bar:
+            bar.error = refused_step(exc) if isinstance(exc, UnsafeUpdate) else APIError.of(
+                ErrorCode.STRATEGY_FAILED, f"{type(exc).__name__}: {exc}")
+            it = self.current
+            if it is not None and it.barrier is bar:  # the iteration ends without a step; devices go on at the next
                 self.state.segment.discard_pending()
-                self._close(self.current)
+                for c in it.participants:
+                    s = self.state.sessions.get(c)
+                    if s is not None:
+                        s.phase, s.next_step = "forward", it.index + 1
+                self._close(it)
         finally:
             self._cond.notify_all()
 
@@ -502,10 +539,17 @@ class RoundHost:
         num_samples = {c: int(bar.arrived[c].payload[1]) for c in present}
         if self.strategy.device_sync != "average":
             states = {c: {} for c in present}
-        if self.replicas is not None:
-            self.replicas.enter("end", round_index)
-        out = self.strategy.end_round(states, num_samples)
+        round_before = self.strategy.round
+        try:
+            if self.replicas is not None:
+                self.replicas.enter("end", round_index)
+            out = self.strategy.end_round(states, num_samples)
+        except Exception:  # the round is not over: its devices get the error and may end it again
+            self.strategy.round = round_before
+            self.end_barrier = None
+            raise
         bar.responses = {c: encode(dict(out.get(c, {}))) for c in present}
+        self.last_end = (round_index, {c: (bar.arrived[c].body_sha, bar.responses[c]) for c in present})
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
@@ -515,6 +559,7 @@ class RoundHost:
         self.round_clients = None
         self.round_left.clear()
         self.state.checkpoint()
+        fault("after_round_end", self.state.applied_steps)
 
     def _settle(self, it: _Iteration, kind: str, bar: _Barrier) -> None:
         assert bar.responses is not None

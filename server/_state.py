@@ -17,6 +17,7 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 Phase = Literal["forward", "backward"]
 log = logging.getLogger("splitexport.server")
 
-FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot")
+FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot", "after_snapshot",
+                "after_round_end")
 
 
 def fault(point: str, applied_steps: int) -> None:
@@ -87,6 +89,8 @@ class Session:
     """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
     idempotency_key: str | None = None
     """The ``Idempotency-Key`` it was opened with: the same key (and token) opens this session again."""
+    opened: int = 0
+    """Its place in the order sessions were opened (restored in the same order), the order of a strategy's batch."""
 
     def public(self) -> dict[str, object]:
         return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
@@ -98,6 +102,11 @@ class Session:
 
 def _hash(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _closed(session_id: str) -> APIError:
+    return APIError.of(ErrorCode.UNKNOWN_SESSION, f"session {session_id!r} was closed while its call waited for "
+                       "segment B; open a new session")
 
 
 def storage_error(exc: BaseException) -> APIError:
@@ -131,12 +140,14 @@ class ServerState:
         self.loss_kind = manifest.loss.kind
         self.num_outputs = int(self.spec.output.sample_shape[-1]) if self.spec.output.sample_shape else 1
         self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name).to(settings.device), manifest.optimizer,
-                                    loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None,
+                                    loss=self.loss_kind, input_grad=True, restorable=True,
+                                    checked=settings.strategy is not None, max_grad_norm=settings.max_grad_norm,
                                     device=settings.device)
         self.tokens = {_hash(t) for t in settings.token_set()}
         self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        """Least recently seen first (expiry pops from the front)."""
+        """Least recently seen first (expiry pops from the front); :meth:`open_order` is the order they opened in."""
+        self._opened = itertools.count()
         self.opened_by_key: dict[tuple[str, str], str] = {}
         """(token hash, ``Idempotency-Key``) -> the open session it made."""
         self.applied_steps = 0
@@ -203,7 +214,8 @@ class ServerState:
                     self.counters["retries"] += 1
                     return session
             self._check_session_caps(token_hash)
-            session = Session(id=self.session_prefix + secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
+            session = Session(id=self.session_prefix + secrets.token_urlsafe(12), token_hash=token_hash,
+                              idempotency_key=idempotency_key, opened=next(self._opened))
             try:
                 self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:
@@ -213,6 +225,11 @@ class ServerState:
             if idempotency_key is not None:
                 self.opened_by_key[(token_hash, idempotency_key)] = session.id
             return session
+
+    def open_order(self) -> list[str]:
+        """The open sessions' ids in the order they were opened: a strategy concatenates an iteration's batches in
+        this order, so B's step does not depend on which device was heard from last."""
+        return sorted(self.sessions, key=lambda sid: self.sessions[sid].opened)
 
     def _forget(self, session: Session) -> None:
         """Drop a closed or expired session from memory (its store rows go separately)."""
@@ -270,10 +287,20 @@ class ServerState:
                 log.warning("could not delete %d expired sessions from the store", len(gone))
 
     def _drop_lease(self, session_id: str) -> None:
+        """A closed session gives B back (a forward it holds B with is undone) and leaves the line for B."""
         if self.lease.held_by(session_id) and not self.lease.busy:
             self._forward_input = None
             self.lease.release(session_id)
             self.executor.submit(self.segment.discard_pending)
+        self.lease.cancel(session_id, _closed(session_id))
+
+    async def _still_open(self, session: Session) -> None:
+        """After a wait for B or B's compute: 404 when ``session`` was closed meanwhile (B given back, its forward
+        undone), so B is never held for a backward that cannot come."""
+        if self.sessions.get(session.id) is not session:
+            if self.lease.held_by(session.id):
+                await self._abandon(session)
+            raise _closed(session.id)
 
     async def _lease_expired(self, session_id: str) -> None:
         holder = self.sessions.get(session_id)
@@ -318,6 +345,7 @@ class ServerState:
             timer = _current.get()
             if timer is not None:
                 timer.add("wait", time.perf_counter() - t0)
+            await self._still_open(session)  # B was handed over just as the session closed
 
     # -- the calls ----------------------------------------------------------------------------
 
@@ -349,6 +377,7 @@ class ServerState:
                 raise
             finally:
                 self.lease.busy = False
+            await self._still_open(session)  # closed while B computed its forward
             self._forward_input = x
             session.cache["forward"] = _Cached("forward", step, body_sha, response)
             session.phase = "backward"
@@ -536,6 +565,7 @@ class ServerState:
                 payload["strategy"] = self.rounds.state_dict()
             try:
                 self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
+                fault("after_snapshot", self.applied_steps)
                 if self.logged:
                     self.store.drop_log(self._log_seq)
                 else:
@@ -582,7 +612,7 @@ class ServerState:
             for s in self.store.sessions():
                 cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
                 self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache,
-                                              idempotency_key=s.idempotency_key)
+                                              idempotency_key=s.idempotency_key, opened=next(self._opened))
                 if s.idempotency_key is not None:
                     self.opened_by_key[(s.token_hash, s.idempotency_key)] = s.id
         except (OSError, sqlite3.Error) as exc:

@@ -61,6 +61,8 @@ class TorchSegment:
         restorable: bool = False,
         device: torch.device | str = "cpu",
         defence: Defence | None = None,
+        checked: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.module = module
@@ -80,6 +82,11 @@ class TorchSegment:
         states) and each parameter's state dict as it was; their values before the step are in ``_saved_values``."""
         self._saved_values: list[torch.Tensor] = []
         self.grad_hook: Callable[[list[torch.Tensor], int], None] | None = None
+        self.checked = checked
+        """``train_with_gradient`` / ``train_with_labels`` keep a step only when :meth:`try_staged` (with
+        ``max_grad_norm``) accepts it; otherwise it leaves no trace and :class:`UnsafeUpdate` is raised (B of a
+        server strategy, whose steps the strategies take through these two methods)."""
+        self.max_grad_norm = max_grad_norm
 
     @property
     def has_pending(self) -> bool:
@@ -126,14 +133,23 @@ class TorchSegment:
         if self._pending is None:
             raise RuntimeError("train_with_gradient called without a preceding forward")
         grad = self.stage_gradient(grad_out)
-        self.apply_staged()
+        self._keep_staged()
         return grad
 
     def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """Label-loss step; returns (loss, ``dL/d(input)``, detached output)."""
         result = self.stage_labels(x, labels)
-        self.apply_staged()
+        self._keep_staged()
         return result
+
+    def _keep_staged(self) -> None:
+        if self.checked:
+            try:
+                self.try_staged(self.max_grad_norm)
+            except UnsafeUpdate:
+                self.discard_pending()
+                raise
+        self.apply_staged()
 
     def stage_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         """:meth:`train_with_gradient` up to the optimizer step (the weights do not change yet)."""

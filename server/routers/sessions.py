@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from .._deps import Caller, CurrentSession, IdempotencyKey, State, TensorCall, Tensors
+from .._models import SessionOpened, SessionState
 from .._wire import MEDIA_TYPE, check_targets
 
 router = APIRouter(prefix="/v1/sessions", tags=["training"])
@@ -28,7 +29,7 @@ async def _timed_call(body: TensorCall, call: Callable[..., Awaitable[bytes]], *
     return response
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=SessionOpened)
 async def open_session(state: State, token_hash: Caller, idempotency_key: IdempotencyKey = None) -> dict[str, object]:
     """Open a session for one device; its steps start at 0. A retry with the same ``Idempotency-Key`` (and
     token) answers the session the first call opened, as long as it is open."""
@@ -36,7 +37,7 @@ async def open_session(state: State, token_hash: Caller, idempotency_key: Idempo
     return {**s.public(), "split": state.split, "segment": state.spec.name, **state.open_extra}
 
 
-@router.get("/{session_id}")
+@router.get("/{session_id}", response_model=SessionState)
 async def get_session(session: CurrentSession) -> dict[str, object]:
     """Where a session stands (after a restart, the step to continue from)."""
     return session.public()
