@@ -1,6 +1,7 @@
 """What the server's state costs: sessions, durability bytes, per-call CPU (issue 12).
 
-    python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--json out.json]
+    python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--devices 60]
+                                            [--only sessions|bytes|cpu|check|store|healthz ...] [--json out.json]
 
 ``splitexport serve --threads 1`` runs in a child process on loopback; this process is one device
 sending fixed forward/backward bodies (batch 32) over one HTTP connection:
@@ -14,14 +15,24 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
   log avoids), and none (B's step in this process, nothing written).
 * **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``, 10 ms ticks:
   use enough steps) per step, minus B's CPU time per step measured here in process with one thread,
-  interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn.
+  interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn;
+  ``--compare DIR`` runs a second server from another checkout in the same blocks (before/after).
+* **the non-finite check**: B's step in this process with and without ``TorchSegment.try_staged`` (the
+  server's refusal of updates that would make a weight or optimizer state non-finite), alternating.
+* **store**: one step's commit to the server's SQLite store, CPU and wall time, with its fsync per
+  commit (``synchronous=FULL``) and, for reference, without (``NORMAL``).
+* **/healthz under contention**: ``--devices`` devices (a child process, asyncio) step B as fast as
+  the lease lets them for ``--seconds`` while this process GETs ``/healthz`` every 10 ms on its own
+  connection: p50, p99 and max latency (the event loop must never be held by training).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -88,10 +99,19 @@ def write_bytes(pid: int) -> int:
     return 0
 
 
-def serve(bundle: Path, state: Path, *extra: str) -> ServerProcess:
+def loop_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of the server's main thread (the event loop; B computes on its own thread)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve(bundle: Path, state: Path, *extra: str, tree: Path | None = None) -> ServerProcess:
+    """``splitexport serve`` from this checkout, or from the one at ``tree`` (``--compare``)."""
     # one token opens every session here: lift the per-token session cap (default 64) for the benchmark
-    return ServerProcess(bundle, state, None, "--threads", "1", *extra, timeout_s=120,
-                         env={"SPLITEXPORT_MAX_SESSIONS_PER_TOKEN": "100000", "SPLITEXPORT_MAX_SESSIONS": "100000"}).start()
+    env = {"SPLITEXPORT_MAX_SESSIONS_PER_TOKEN": "100000", "SPLITEXPORT_MAX_SESSIONS": "100000"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    return ServerProcess(bundle, state, None, "--threads", "1", *extra, timeout_s=120, env=env, cwd=tree).start()
 
 
 def bench_sessions(root: Path, steps: int, sessions: int, blocks: int) -> dict[str, Any]:
@@ -164,23 +184,165 @@ def bench_bytes(root: Path, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_cpu(root: Path, model: str, steps: int, blocks: int) -> dict[str, Any]:
+def bench_cpu(root: Path, model: str, steps: int, blocks: int, compare: Path | None = None) -> dict[str, Any]:
+    """Server CPU per step and B's in-process CPU per step, in alternating blocks; with ``compare``, a second
+    server run from that checkout (e.g. ``git worktree add /tmp/before <commit>``) takes its blocks in turn."""
     bundle = make_bundle(root, model)
-    server = serve(bundle, root / f"s-cpu-{model}", "--checkpoint-every", "1000000")
+    trees: dict[str, Path | None] = {"this": None, **({"compared": compare} if compare is not None else {})}
+    servers = {k: serve(bundle, root / f"s-cpu-{model}-{k}", "--checkpoint-every", "1000000", tree=t)
+               for k, t in trees.items()}
     try:
-        device = Device(server.url, bundle)
-        device.run(10)
-        cpu, b = [], []
+        devices = {k: Device(s.url, bundle) for k, s in servers.items()}
+        for d in devices.values():
+            d.run(10)
+        cpu: dict[str, list[float]] = {k: [] for k in servers}
+        loop: list[float] = []
+        b = []
         for _ in range(blocks):
-            c0 = server.cpu_s()
-            device.run(steps)
-            cpu.append((server.cpu_s() - c0) / steps)
-            b.append(b_compute_s(bundle, device.x, device.g, steps))
+            for k, server in servers.items():
+                c0, l0 = server.cpu_s(), loop_thread_cpu_s(server.pid)
+                devices[k].run(steps)
+                cpu[k].append((server.cpu_s() - c0) / steps)
+                if k == "this":
+                    loop.append((loop_thread_cpu_s(server.pid) - l0) / steps)
+            b.append(b_compute_s(bundle, devices["this"].x, devices["this"].g, steps))
+    finally:
+        for server in servers.values():
+            server.stop()
+    server_cpu, b_cpu = statistics.median(cpu["this"]), statistics.median(b)
+    out = {"model": model, "server_cpu_ms_per_step": server_cpu * 1e3, "b_ms_per_step": b_cpu * 1e3,
+           "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3, "loop_thread_ms_per_step": statistics.median(loop) * 1e3}
+    if compare is not None:
+        other = statistics.median(cpu["compared"])
+        out.update(compared_tree=str(compare), compared_server_cpu_ms_per_step=other * 1e3,
+                   compared_overhead_ms_per_step=(other - b_cpu) * 1e3)
+    return out
+
+
+def bench_check(root: Path, steps: int) -> list[dict[str, Any]]:
+    """The server's refusal of non-finite updates (``TorchSegment.try_staged``): B's step in process with and
+    without it, alternating step by step (thread CPU time, median), for SGD with momentum and Adam."""
+    rows = []
+    for model in ("mlp", "resnet_cnn"):
+        b = load_bundle(make_bundle(root, model))
+        spec = b.manifest.server_segments[0]
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((BATCH, *spec.input.sample_shape))
+                             .astype(np.float32))
+        g = torch.full((BATCH, *spec.output.sample_shape), 1e-4)
+        for opt in (OptimizerSpec(name="sgd", lr=0.01, momentum=0.9), OptimizerSpec(name="adam", lr=1e-3)):
+            seg = TorchSegment(b.torch_segment(spec.name), opt, restorable=True)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for i in range(2 * steps + 10):
+                checked = bool(i % 2)
+                t0 = time.thread_time()
+                seg.forward(x)
+                seg.stage_gradient(g)
+                if checked:
+                    seg.try_staged()
+                seg.apply_staged()
+                if i >= 10:
+                    times[checked].append(time.thread_time() - t0)
+            plain, with_check = statistics.median(times[False]), statistics.median(times[True])
+            rows.append({"model": model, "optimizer": opt.name, "step_ms": plain * 1e3,
+                         "step_with_check_ms": with_check * 1e3, "check_ms": (with_check - plain) * 1e3})
+    return rows
+
+
+def bench_store(root: Path, steps: int) -> list[dict[str, Any]]:
+    """One step's commit to the server's store (session row, response, logged inputs; the MLP's batch-32 sizes),
+    CPU and wall time, with the server's ``synchronous=FULL`` (an fsync per commit) and, for reference,
+    ``NORMAL`` (fsync at WAL checkpoints only: safe against a killed process, not against power loss)."""
+    from server._store import StepRecord, Store
+
+    rng = np.random.default_rng(0)
+    inputs = save({"activation": rng.standard_normal((BATCH, 64)).astype(np.float32),
+                   "grad": rng.standard_normal((BATCH, 64)).astype(np.float32)})
+    response = save({"grad": rng.standard_normal((BATCH, 64)).astype(np.float32)})
+    rows = []
+    for sync in ("FULL", "NORMAL"):
+        store = Store(root / f"store-{sync}")
+        store._db.execute(f"PRAGMA synchronous={sync}")
+        store.open_session("s", "t")
+        cpu, wall = [], []
+        for n in range(steps + 5):
+            c0, t0 = time.process_time(), time.perf_counter()
+            store.commit_steps([StepRecord("s", "backward", n, n + 1, "0" * 64, response, inputs)])
+            if n >= 5:
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - t0)
+        store.close()
+        rows.append({"synchronous": sync, "cpu_ms": sum(cpu) / len(cpu) * 1e3, "wall_ms": statistics.median(wall) * 1e3})
+    return rows
+
+
+async def _devices(url: str, bundle: Path, n: int, seconds: float, opened: Any) -> int:
+    """``n`` devices stepping B as fast as the server lets them for ``seconds`` once all have opened their
+    sessions (then ``opened`` is set); the steps they made."""
+    spec = next(s for s in load_bundle(bundle).manifest.segments if s.role == "server")
+    x = np.random.default_rng(0).standard_normal((BATCH, *spec.input.sample_shape)).astype(np.float32)
+    fwd, bwd = save({"activation": x}), save({"grad": np.full((BATCH, *spec.output.sample_shape), 1e-4, np.float32)})
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4, keepalive_expiry=2)
+    headers = {"Content-Type": "application/vnd.safetensors"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120, headers=headers) as http:
+        async def post(path: str, body: bytes | None = None) -> httpx.Response:
+            while True:  # 503 busy and a pooled connection closed meanwhile: retry (exactly once makes it safe)
+                try:
+                    r = await http.post(path, content=body)
+                except httpx.TransportError:
+                    continue
+                if r.status_code != 503:
+                    return r.raise_for_status()
+
+        sids = [(await post("/v1/sessions")).json()["session_id"] for _ in range(n)]
+        opened.set()
+        deadline = time.monotonic() + seconds
+
+        async def device(sid: str) -> int:
+            step = 0
+            while time.monotonic() < deadline:
+                await post(f"/v1/sessions/{sid}/steps/{step}/forward", fwd)
+                await post(f"/v1/sessions/{sid}/steps/{step}/backward", bwd)
+                step += 1
+            return step
+
+        return sum(await asyncio.gather(*(device(sid) for sid in sids)))
+
+
+def _contend(url: str, bundle: Path, n: int, seconds: float, opened: Any, steps: Any) -> None:
+    steps.value = asyncio.run(_devices(url, bundle, n, seconds, opened))
+
+
+def bench_healthz(root: Path, devices: int, seconds: float) -> dict[str, Any]:
+    """``/healthz`` latency while ``devices`` contend for B: the devices run in a child process, the probe
+    (one GET every 10 ms, its own connection) here, the server in a third process."""
+    bundle = make_bundle(root, "mlp")
+    server = serve(bundle, root / "s-healthz")
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        steps, opened = ctx.Value("q", 0), ctx.Event()
+        child = ctx.Process(target=_contend, args=(server.url, bundle, devices, seconds, opened, steps))
+        child.start()
+        latencies: list[float] = []
+        with httpx.Client(base_url=server.url, timeout=30) as probe:
+            while not opened.wait(0.1) and child.is_alive():
+                pass
+            while child.is_alive():
+                t0 = time.perf_counter()
+                probe.get("/healthz").raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.01)
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"the devices' process failed (exit code {child.exitcode})")
     finally:
         server.stop()
-    server_cpu, b_cpu = statistics.median(cpu), statistics.median(b)
-    return {"model": model, "server_cpu_ms_per_step": server_cpu * 1e3, "b_ms_per_step": b_cpu * 1e3,
-            "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3}
+    lat = np.array(latencies) * 1e3
+    return {"devices": devices, "seconds": seconds, "steps": int(steps.value), "probes": len(latencies),
+            "healthz_p50_ms": float(np.percentile(lat, 50)), "healthz_p99_ms": float(np.percentile(lat, 99)),
+            "healthz_max_ms": float(lat.max())}
+
+
+PARTS = ("sessions", "bytes", "cpu", "check", "store", "healthz")
 
 
 def main() -> None:
@@ -188,27 +350,60 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--sessions", type=int, default=5000)
+    p.add_argument("--devices", type=int, default=60, help="devices contending for B while /healthz is probed")
+    p.add_argument("--seconds", type=float, default=20, help="how long they contend")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="cpu: also run the server of the checkout at this path, blocks alternating (before/after)")
+    p.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     steps, sessions, blocks = (10, 50, 2) if args.smoke else (args.steps, args.sessions, 5)
+    devices, seconds = (4, 3.0) if args.smoke else (args.devices, args.seconds)
+    parts = set(args.only or PARTS)
     torch.set_num_threads(1)
     os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
+    result: dict[str, Any] = {"machine": machine(), "batch": BATCH}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result: dict[str, Any] = {"machine": machine(), "batch": BATCH,
-                  "sessions": bench_sessions(root, max(steps // blocks, 5), sessions, blocks),
-                  "bytes": bench_bytes(root, max(steps // 4, 5)),
-                  "cpu": [bench_cpu(root, m, max(steps // blocks, 5), blocks) for m in ("mlp", "resnet_cnn")]}
-    s = result["sessions"]
+        if "sessions" in parts:
+            result["sessions"] = bench_sessions(root, max(steps // blocks, 5), sessions, blocks)
+        if "bytes" in parts:
+            result["bytes"] = bench_bytes(root, max(steps // 4, 5))
+        if "cpu" in parts:
+            result["cpu"] = [bench_cpu(root, m, max(steps // blocks, 5), blocks, args.compare)
+                             for m in ("mlp", "resnet_cnn")]
+        if "check" in parts:
+            result["check"] = bench_check(root, steps)
+        if "store" in parts:
+            result["store"] = bench_store(root, steps)
+        if "healthz" in parts:
+            result["healthz"] = bench_healthz(root, devices, seconds)
     print(f"machine: {result['machine']}")
-    print(f"step time, 1 session: {s['step_ms_1_session']:.2f} ms; with {s['sessions']} sessions: "
-          f"{s['step_ms_many']:.2f} ms (x{s['ratio']:.2f}); opening a session {s['open_ms_per_session']:.2f} ms")
-    for r in result["bytes"]:
+    if "sessions" in result:
+        s = result["sessions"]
+        print(f"step time, 1 session: {s['step_ms_1_session']:.2f} ms; with {s['sessions']} sessions: "
+              f"{s['step_ms_many']:.2f} ms (x{s['ratio']:.2f}); opening a session {s['open_ms_per_session']:.2f} ms")
+    for r in result.get("bytes", []):
         print(f"B {r['b_params']} params, {r['durability']}: {r['bytes_per_step'] / 1e6:.3f} MB written per step "
               f"(step tensors {r['step_tensor_bytes'] / 1e3:.0f} kB), step {r['step_ms']:.1f} ms")
-    for r in result["cpu"]:
-        print(f"{r['model']}: server CPU {r['server_cpu_ms_per_step']:.2f} ms/step, B {r['b_ms_per_step']:.2f} ms, "
-              f"overhead {r['overhead_ms_per_step']:.2f} ms/step")
+    for r in result.get("cpu", []):
+        print(f"{r['model']}: server CPU {r['server_cpu_ms_per_step']:.2f} ms/step (event-loop thread "
+              f"{r['loop_thread_ms_per_step']:.2f}), B {r['b_ms_per_step']:.2f} ms, overhead "
+              f"{r['overhead_ms_per_step']:.2f} ms/step")
+        if "compared_tree" in r:
+            print(f"  {r['compared_tree']}: server CPU {r['compared_server_cpu_ms_per_step']:.2f} ms/step, overhead "
+                  f"{r['compared_overhead_ms_per_step']:.2f} ms/step (same blocks, same B)")
+    for r in result.get("check", []):
+        print(f"{r['model']} {r['optimizer']}: B's step {r['step_ms']:.3f} ms, with the non-finite check "
+              f"{r['step_with_check_ms']:.3f} ms (+{r['check_ms']:.3f})")
+    for r in result.get("store", []):
+        print(f"store commit of one step, synchronous={r['synchronous']}: CPU {r['cpu_ms']:.3f} ms, "
+              f"wall {r['wall_ms']:.3f} ms (median)")
+    if "healthz" in result:
+        h = result["healthz"]
+        print(f"/healthz while {h['devices']} devices contend for B ({h['steps']} steps in {h['seconds']:g} s): "
+              f"p50 {h['healthz_p50_ms']:.1f} ms, p99 {h['healthz_p99_ms']:.1f} ms, max {h['healthz_max_ms']:.1f} ms "
+              f"over {h['probes']} probes")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

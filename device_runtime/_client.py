@@ -85,7 +85,11 @@ class ServerClient:
     def open_session(self) -> dict[str, Any]:
         """A new session; its retries carry one ``Idempotency-Key``, so a lost reply opens no second session."""
         key = {protocol.IDEMPOTENCY_KEY: secrets.token_urlsafe(16)}
-        return self.request("POST", protocol.SESSIONS, headers=key).json()  # type: ignore[no-any-return]
+        response = self.request("POST", protocol.SESSIONS, headers=key)
+        if response.status_code == 307:  # B is replicated: the session lives on (and is served by) another replica
+            self.http.base_url = httpx.URL(response.json()["url"])
+            response = self.request("POST", response.headers["location"], headers=key)
+        return response.json()  # type: ignore[no-any-return]
 
     def session(self, session_id: str) -> dict[str, Any]:
         return self.request("GET", protocol.path(protocol.SESSION, session_id=session_id)).json()  # type: ignore[no-any-return]

@@ -34,6 +34,8 @@ GRAD_OUTPUT = "grad_output"
 LABELS = "labels"
 MASKS_METADATA = "splitexport.dropout_masks"
 """Forward-model metadata: JSON list of ``{"name", "p", "shape", "layer"}``, one per dropout mask input."""
+DEFENCE_METADATA = "splitexport.defence"
+"""Forward-model metadata of a defended first segment: ``{"nopeek", "activation_noise", "noise_input", "noise_shape"}``."""
 _MODELS = ("training_model", "forward_model", "eval_model", "optimizer_model")
 
 
@@ -87,6 +89,11 @@ class OrtSegment:
     fresh masks (keep with probability ``1 - p``, scaled by ``1 / (1 - p)``) from a
     generator seeded with ``seed`` and :meth:`train_with_gradient` reuses them, so the
     step recomputes exactly the activation that was sent. The masks are not torch's.
+
+    A first segment exported with activation noise (``partition --activation-noise S``) takes standard normal
+    noise as a forward-model input: :meth:`forward` draws it from ``numpy.random.default_rng(seed)`` (a generator
+    of its own, float32, one draw per forward, as ``splitexport``'s torch runs do) and sends ``out + S * noise``.
+    NoPeek's term is inside the training model and needs nothing from the runtime.
     """
 
     def __init__(
@@ -101,7 +108,8 @@ class OrtSegment:
     ) -> None:
         """``threads``: ORT intra-op threads, not spinning while idle (default: ORT's pool, one per core).
 
-        ``seed``: of the generator that draws dropout masks (segments with Dropout before the server).
+        ``seed``: of the generators that draw dropout masks (segments with Dropout before the server) and
+        activation noise (a first segment exported with ``--activation-noise``).
         """
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
@@ -127,8 +135,11 @@ class OrtSegment:
         """The output (logits) of the last :meth:`train_with_labels` step."""
         if learning_rate is not None:
             self.set_learning_rate(learning_rate)
-        shape, self.input_dtype, masks = self._input_info(artifacts.eval_model, artifacts.forward_model)
+        shape, self.input_dtype, masks, defence = self._input_info(artifacts.eval_model, artifacts.forward_model)
         self.dropout_masks: list[tuple[str, float, tuple[int, ...]]] = masks
+        self.defence: dict[str, Any] = defence
+        """The defence recorded in the artifacts (``nopeek``, ``activation_noise``; empty: none)."""
+        self._noise_rng = np.random.default_rng(seed)
         """(input name, p, shape without the batch) of each dropout mask the artifacts take."""
         self._rng = np.random.default_rng(seed)
         self._masks: list[np.ndarray] | None = None
@@ -153,6 +164,7 @@ class OrtSegment:
         ort_format: bool = False,
         learning_rate: float | None = None,
         threads: int | None = None,
+        seed: int | None = None,
     ) -> OrtSegment:
         """Segment ``name`` of a bundle exported with ``splitexport export --format onnx``.
 
@@ -174,7 +186,7 @@ class OrtSegment:
             optimizer = b.manifest.exports.get("onnx", {}).get("optimizer")
             lr = float(optimizer["lr"]) if isinstance(optimizer, dict) and "lr" in optimizer else None
         artifacts = OrtArtifacts.from_mapping({k: b.file(v) for k, v in rel.items()}, ort_format=ort_format)
-        return cls(artifacts, learning_rate=lr, checkpoint=checkpoint, name=name, threads=threads)
+        return cls(artifacts, learning_rate=lr, checkpoint=checkpoint, name=name, threads=threads, seed=seed)
 
     # the steps ----------------------------------------------------------------------------------
 
@@ -190,7 +202,15 @@ class OrtSegment:
             )
             self._forward.eval()
         self._masks = self.draw_masks(x.shape[0])
-        return np.asarray(self._forward(x, *self._masks))
+        noise = self.draw_noise(x.shape[0])
+        return np.asarray(self._forward(x, *self._masks, *noise))
+
+    def draw_noise(self, batch: int) -> list[np.ndarray]:
+        """The next standard normal noise for a batch (empty when the artifacts add none)."""
+        if not self.defence.get("noise_input"):
+            return []
+        shape = (batch, *(int(d) for d in self.defence["noise_shape"]))
+        return [self._noise_rng.standard_normal(shape, dtype=np.float32)]
 
     def draw_masks(self, batch: int) -> list[np.ndarray]:
         """Fresh dropout masks for a batch (empty when the segment has no Dropout before the server)."""
@@ -315,8 +335,9 @@ class OrtSegment:
     @staticmethod
     def _input_info(
         eval_model: Path, forward_model: Path
-    ) -> tuple[tuple[int | None, ...], np.dtype[Any], list[tuple[str, float, tuple[int, ...]]]]:
-        """Input dims (``None`` for a symbolic dim) and dtype from the eval model; masks from the forward model."""
+    ) -> tuple[tuple[int | None, ...], np.dtype[Any], list[tuple[str, float, tuple[int, ...]]], dict[str, Any]]:
+        """Input dims (``None`` for a symbolic dim) and dtype from the eval model; masks and defence from the
+        forward model."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -341,4 +362,5 @@ class OrtSegment:
             meta = dict(fwd.get_modelmeta().custom_metadata_map)
         for m in json.loads(meta.get(MASKS_METADATA, "[]")):
             masks.append((str(m["name"]), float(m["p"]), tuple(int(d) for d in m["shape"][1:])))
-        return dims, np.dtype(types[arg.type]), masks
+        defence = json.loads(meta.get(DEFENCE_METADATA, "{}"))
+        return dims, np.dtype(types[arg.type]), masks, defence

@@ -30,10 +30,11 @@ class OrtRunner(DeviceRunner[OrtSegment]):
         optimizer: OptimizerSpec | None = None,
         ort_format: bool = False,
         threads: int | None = None,
+        seed: int | None = None,
     ) -> OrtRunner:
         """Load segment ``name``; ``optimizer`` must be what the artifacts were exported for (any lr).
 
-        ``threads``: ORT intra-op threads (see :class:`OrtSegment`).
+        ``threads``: ORT intra-op threads; ``seed``: dropout masks and activation noise (see :class:`OrtSegment`).
         """
         from splitexport import Bundle, SplitExportError, load_bundle
         from splitexport.export import DeviceOptimizer
@@ -53,7 +54,8 @@ class OrtRunner(DeviceRunner[OrtSegment]):
                 )
             lr = optimizer.lr
         try:
-            seg = OrtSegment.from_bundle(b, name, ort_format=ort_format, learning_rate=lr, threads=threads)
+            seg = OrtSegment.from_bundle(b, name, ort_format=ort_format, learning_rate=lr, threads=threads,
+                                       seed=seed)
         except OrtRuntimeError as exc:
             raise SplitExportError(str(exc)) from exc
         return cls(seg)

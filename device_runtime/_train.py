@@ -42,8 +42,10 @@ def device_runner(bundle: Bundle, name: str, runtime: str) -> SegmentRunner:
         from ._tflite_runner import TfliteRunner
 
         return TfliteRunner.from_bundle(bundle, name)
+    from splitexport.defence import defence_for
+
     return TorchSegment(bundle.torch_segment(name), bundle.manifest.optimizer, loss=bundle.manifest.loss.kind,
-                        input_grad=spec.index > 0)
+                        input_grad=spec.index > 0, defence=defence_for(bundle.manifest.defence, spec.index))
 
 
 def build_split_model(bundle: Bundle, client: ServerClient, runtime: str, session_id: str | None = None,

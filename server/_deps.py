@@ -1,4 +1,9 @@
-"""Typed FastAPI dependencies: the shared state, the caller's session, the tensor body."""
+"""Typed FastAPI dependencies: the shared state, the caller's session, the tensor body.
+
+The training calls take one dependency, :data:`Tensors` (token, session and body resolved in one
+coroutine): each extra dependency costs FastAPI's resolver ~20 us per call, which adds up on calls whose
+segment B computes in well under a millisecond (docs/benchmarks.md, per-call CPU).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ async def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-async def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str | None:
+def _bearer(authorization: str | None) -> str | None:
     if authorization is None:
         return None
     scheme, _, token = authorization.partition(" ")
@@ -32,9 +37,17 @@ async def bearer_token(authorization: Annotated[str | None, Header()] = None) ->
     return token.strip()
 
 
+async def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    return _bearer(authorization)
+
+
+def _check_caller(request: Request, state: ServerState, token: str | None) -> str:
+    return state.check_token(token, request.client.host if request.client else "")
+
+
 async def caller(request: Request, state: State, token: Annotated[str | None, Depends(bearer_token)]) -> str:
     """The caller's token hash (401 for a missing or wrong token, 429 for too many wrong ones)."""
-    return state.check_token(token, request.client.host if request.client else "")
+    return _check_caller(request, state, token)
 
 
 Caller = Annotated[str, Depends(caller)]
@@ -61,6 +74,10 @@ class TensorBody:
 
 
 async def tensor_body(request: Request, state: State) -> TensorBody:
+    return await _read_tensors(request, state)
+
+
+async def _read_tensors(request: Request, state: ServerState) -> TensorBody:
     media = request.headers.get("content-type", "").split(";")[0].strip()
     if media not in ACCEPTED_MEDIA_TYPES:
         raise APIError(415, "unsupported_media_type", f"send {ACCEPTED_MEDIA_TYPES[0]}, got {media or 'none'!r}")
@@ -85,3 +102,23 @@ async def tensor_body(request: Request, state: State) -> TensorBody:
 
 
 Body = Annotated[TensorBody, Depends(tensor_body)]
+
+
+class TensorCall(TensorBody):
+    """A training call's state, session (the caller's, token checked) and tensor body."""
+
+    def __init__(self, state: ServerState, session: Session, body: TensorBody) -> None:
+        super().__init__(body.arrays, body.sha256, body.size, body.timer)
+        self.state = state
+        self.session = session
+
+
+async def tensor_call(request: Request, session_id: str,
+                      authorization: Annotated[str | None, Header()] = None) -> TensorCall:
+    """:data:`CurrentSession` and :data:`Body` in one dependency (same checks, same order)."""
+    state: ServerState = request.app.state.server
+    session = state.session(session_id, _check_caller(request, state, _bearer(authorization)))
+    return TensorCall(state, session, await _read_tensors(request, state))
+
+
+Tensors = Annotated[TensorCall, Depends(tensor_call)]

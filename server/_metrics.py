@@ -52,13 +52,21 @@ class Metrics:
         self.phases = Histogram("splitexport_call_phase_seconds", "Server time of a tensor call by Server-Timing "
                                 "phase (decode, wait, b, checkpoint, encode, total).", ["call", "phase"],
                                 buckets=BUCKETS, registry=self.registry)
+        self._children: dict[tuple[str, str], Histogram] = {}
+        """(call, phase) -> its histogram: ``labels()`` takes a lock and validates on every call."""
+
+    def _child(self, call: str, phase: str) -> Histogram:
+        child = self._children.get((call, phase))
+        if child is None:
+            child = self._children[call, phase] = self.phases.labels(call, phase)
+        return child
 
     def observe(self, call: str, timer: CallTimer) -> None:
         total = 0.0
         for phase, seconds in timer.seconds.items():
-            self.phases.labels(call, phase).observe(seconds)
+            self._child(call, phase).observe(seconds)
             total += seconds
-        self.phases.labels(call, "total").observe(total)
+        self._child(call, "total").observe(total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,20 +24,27 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from splitexport.protocol import ServerReply
+from splitexport import UnsafeUpdate
+from splitexport.protocol import ErrorCode, ServerReply
 from splitexport.strategies import STRATEGIES, Strategy, make_strategy
 
 from ._errors import APIError
-from ._state import ServerState, Session, _Cached
+from ._state import ServerState, Session, _Cached, fault
 from ._wire import encode, encode_reply
 
 HISTORY = 256
 """How many closed iterations keep their participant list for late status calls."""
+
+
+class ReplicaHook(Protocol):
+    """B replicated over ranks (:mod:`._replicas`): called before each collective strategy call."""
+
+    def enter(self, kind: str, index: int) -> None: ...
 
 
 @dataclass
@@ -78,6 +85,12 @@ class _Iteration:
     closed: bool = False
 
 
+def refused_step(exc: UnsafeUpdate) -> APIError:
+    """422 ``non_finite_update`` or ``gradient_too_large`` for a step B refused (and undid)."""
+    code = ErrorCode.NON_FINITE_UPDATE if exc.reason == "non_finite" else ErrorCode.GRADIENT_TOO_LARGE
+    return APIError.of(code, f"{exc}; the step was not applied")
+
+
 def build_strategy(state: ServerState) -> Strategy:
     """The configured strategy around B; ``ValueError`` with a clear message for a bad combination."""
     s = state.settings
@@ -105,6 +118,9 @@ class RoundHost:
         self.strategy = strategy
         self.timeout = state.settings.round_timeout_s
         self.num_clients = state.settings.num_clients or 1
+        self.expected_sessions = self.num_clients
+        """Sessions the first iteration waits for (a replica: its share of the clients)."""
+        self.replicas: ReplicaHook | None = None
         self.global_steps = strategy.device_sync != "relay" and (strategy.batches_server or state.split == "single")
         self._cond = threading.Condition(state._lock)
         self.next_iteration = 0
@@ -115,6 +131,9 @@ class RoundHost:
         """Clients done with this round's iterations (no more batches), before their round end."""
         self._history: OrderedDict[int, frozenset[str]] = OrderedDict()
         self._first_open: float | None = None
+        self.last_end: tuple[int, dict[str, tuple[str, bytes]]] | None = None
+        """The last round end: its index and each client's (body sha256, reply). Snapshotted with the strategy, so a
+        retried round end is answered from it even when a crash came before the sessions' rows were saved."""
 
     # -- info -------------------------------------------------------------------------------
 
@@ -207,13 +226,17 @@ class RoundHost:
             cached = session.cache.get("end")
             if cached is not None and cached.step == round_index:
                 return self._replayed(session, cached.body_sha, body_sha, cached.response, f"round {round_index} end")
+            last = self.last_end
+            if last is not None and last[0] == round_index and session.id in last[1]:
+                sha, response = last[1][session.id]
+                return self._replayed(session, sha, body_sha, response, f"round {round_index} end")
             if round_index != self.strategy.round:
                 raise APIError(409, "wrong_round", f"the server is in round {self.strategy.round}, got round "
                                f"{round_index}", round=self.strategy.round, **session.public())
             if session.phase == "backward":
                 raise self._wrong(session, "finish the pending backward before ending the round")
             if self.round_clients is None:
-                self.round_clients = list(self.state.sessions)
+                self.round_clients = self.state.open_order()
             if session.id not in self.round_clients:
                 raise APIError(409, "not_in_round", f"this session joined after round {round_index} began; it "
                                f"takes part from round {round_index + 1}", round=round_index)
@@ -266,10 +289,16 @@ class RoundHost:
         return self.strategy.forward_round({session.id: x})[session.id]
 
     def b_backward(self, session: Session, g: torch.Tensor) -> torch.Tensor:
-        return self.strategy.backward_round({session.id: g})[session.id]
+        try:
+            return self.strategy.backward_round({session.id: g})[session.id]
+        except UnsafeUpdate as exc:
+            raise refused_step(exc) from exc
 
     def b_train(self, session: Session, x: torch.Tensor, y: torch.Tensor) -> ServerReply:
-        return self.strategy.train_round({session.id: (x, y)})[session.id]
+        try:
+            return self.strategy.train_round({session.id: (x, y)})[session.id]
+        except UnsafeUpdate as exc:
+            raise refused_step(exc) from exc
 
     def evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
         return self.strategy.evaluate(session.id, x)
@@ -277,13 +306,24 @@ class RoundHost:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
-                "next_iteration": self.current.index if self.current else self.next_iteration}
+        state = {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
+                 "next_iteration": self.current.index if self.current else self.next_iteration}
+        if self.last_end is not None:  # each distinct reply once (SplitFed sends every client the same average)
+            round_index, replies = self.last_end
+            unique: dict[bytes, int] = {}
+            clients = {c: (sha, unique.setdefault(response, len(unique))) for c, (sha, response) in replies.items()}
+            state["last_end"] = {"round": round_index, "clients": clients,
+                                 "replies": [torch.from_numpy(np.frombuffer(r, np.uint8).copy()) for r in unique]}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.strategy.load_state_dict(state["strategy"])
         self.next_iteration = int(state["next_iteration"])
         self._first_open = time.monotonic()
+        last = state.get("last_end")
+        if last is not None:
+            replies = [t.numpy().tobytes() for t in last["replies"]]
+            self.last_end = (int(last["round"]), {c: (sha, replies[i]) for c, (sha, i) in last["clients"].items()})
 
     def metrics(self) -> dict[str, float]:
         return {"rounds_completed_total": self.strategy.round,
@@ -357,12 +397,12 @@ class RoundHost:
     def _can_open(self) -> bool:
         if self._first_open is None:
             self._first_open = time.monotonic()
-        return len(self.state.sessions) >= self.num_clients or time.monotonic() >= self._first_open + self.timeout
+        return len(self.state.sessions) >= self.expected_sessions or time.monotonic() >= self._first_open + self.timeout
 
     def _open(self, step: int) -> _Iteration:
         self._first_open = self._first_open or time.monotonic()
         if self.round_clients is None:
-            self.round_clients = list(self.state.sessions)
+            self.round_clients = self.state.open_order()
         ended = self.end_barrier.arrived if self.end_barrier is not None else {}
         eligible = [c for c in self.round_clients
                     if c not in ended and c not in self.round_left and c in self.state.sessions]
@@ -430,10 +470,16 @@ class RoundHost:
         except APIError as exc:
             bar.error = exc
         except Exception as exc:  # noqa: BLE001 - a failing strategy call fails the whole barrier, not the server
-            bar.error = APIError(500, "strategy_failed", f"{type(exc).__name__}: {exc}")
-            if self.current is not None and self.current.barrier is bar:
+            bar.error = refused_step(exc) if isinstance(exc, UnsafeUpdate) else APIError.of(
+                ErrorCode.STRATEGY_FAILED, f"{type(exc).__name__}: {exc}")
+            it = self.current
+            if it is not None and it.barrier is bar:  # the iteration ends without a step; devices go on at the next
                 self.state.segment.discard_pending()
-                self._close(self.current)
+                for c in it.participants:
+                    s = self.state.sessions.get(c)
+                    if s is not None:
+                        s.phase, s.next_step = "forward", it.index + 1
+                self._close(it)
         finally:
             self._cond.notify_all()
 
@@ -462,6 +508,8 @@ class RoundHost:
         bar = it.barrier
         grads = {c: bar.arrived[c].payload[0] if c in bar.arrived else torch.zeros(it.out_shapes[c])
                  for c in it.participants}
+        if self.replicas is not None:
+            self.replicas.enter("iteration", it.index)
         grads_in = self.strategy.backward_round(grads)
         bar.responses = {c: encode({"grad": grads_in[c], **self._shared(c)}, a.transport)
                          for c, a in bar.arrived.items()}
@@ -475,6 +523,8 @@ class RoundHost:
             bar.responses = {}
             self._close(it)
             return
+        if self.replicas is not None:
+            self.replicas.enter("iteration", it.index)
         replies = self.strategy.train_round({c: bar.arrived[c].payload for c in present})
         bar.responses = {c: encode_reply(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
         self._settle(it, "train", bar)
@@ -485,8 +535,17 @@ class RoundHost:
         present = [c for c in bar.expected if c in bar.arrived] + [c for c in bar.arrived if c not in bar.expected]
         states = {c: bar.arrived[c].payload[0] for c in present}
         num_samples = {c: int(bar.arrived[c].payload[1]) for c in present}
-        out = self.strategy.end_round(states, num_samples)  # the strategy's round-end rule drops unused states
+        round_before = self.strategy.round
+        try:
+            if self.replicas is not None:
+                self.replicas.enter("end", round_index)
+            out = self.strategy.end_round(states, num_samples)  # the strategy's round-end rule drops unused states
+        except Exception:  # the round is not over: its devices get the error and may end it again
+            self.strategy.round = round_before
+            self.end_barrier = None
+            raise
         bar.responses = {c: encode(dict(out.get(c, {}))) for c in present}
+        self.last_end = (round_index, {c: (bar.arrived[c].body_sha, bar.responses[c]) for c in present})
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
@@ -496,6 +555,7 @@ class RoundHost:
         self.round_clients = None
         self.round_left.clear()
         self.state.checkpoint()
+        fault("after_round_end", self.state.applied_steps)
 
     def _settle(self, it: _Iteration, kind: str, bar: _Barrier) -> None:
         assert bar.responses is not None

@@ -84,6 +84,7 @@ class Lease:
                 if now >= deadline:
                     raise APIError(503, "busy", "segment B is busy with other devices; retry", retry_after_s=1)
                 await asyncio.wait([fut], timeout=max(min(deadline, self._deadline) - now, 0.0) + 0.01)
+            fut.result()  # raises the error of :meth:`cancel`
         except BaseException:
             if entry in self._waiters:
                 self._waiters.remove(entry)
@@ -99,6 +100,14 @@ class Lease:
         self.holder = None
         self._hand_over()
         return True
+
+    def cancel(self, session_id: str, error: BaseException) -> None:
+        """``session_id`` is gone (closed, expired): a call of it waiting in line fails with ``error`` and leaves the
+        line, so B is never handed to it. (A lease it holds is released with :meth:`release`.)"""
+        for entry in [e for e in self._waiters if e[0] == session_id]:
+            self._waiters.remove(entry)
+            if not entry[1].done():
+                entry[1].set_exception(error)
 
     def _take(self, session_id: str) -> None:
         self.holder = session_id

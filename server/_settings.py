@@ -78,6 +78,8 @@ class ServerSettings(_StrategySettings):  # type: ignore[misc,valid-type]
     max_grad_norm: float | None = Field(None, gt=0)
     """Refuse (422 ``gradient_too_large``) a step whose gradient of B's parameters has a larger L2 norm; off by
     default. A step that would make a weight or optimizer state non-finite is always refused (``non_finite_update``)."""
+    device: str = "cpu"
+    """Where B and its optimizer live: ``cpu`` or ``cuda`` / ``cuda:N`` (docs/scaling.md)."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads for B (default: torch's, one per core). On a machine shared with other
     processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""
@@ -104,6 +106,13 @@ class ServerSettings(_StrategySettings):  # type: ignore[misc,valid-type]
         assert self.num_clients is not None
         return StrategyConfig(num_clients=self.num_clients, client_lr=client_lr, total_rounds=self.total_rounds,
                               seed=self.strategy_seed, **{k: getattr(self, k) for k in hyperparameter_fields()})
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+            raise ValueError(f"device {device!r} is not cpu, cuda or cuda:N")
+        return device
 
     @field_validator("cors_origins")
     @classmethod

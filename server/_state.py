@@ -17,6 +17,7 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -33,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from starlette.concurrency import run_in_threadpool
 
 from splitexport import Bundle, TorchSegment, UnsafeUpdate, load_bundle
@@ -46,7 +46,7 @@ from ._scheduler import BExecutor, Lease
 from ._settings import ServerSettings
 from ._store import FORMAT, StateError, StepRecord, Store, StoredSession
 from ._timing import timed
-from ._wire import encode, encode_reply, float_tensor, label_tensor
+from ._wire import encode, encode_exact, encode_reply, float_tensor, label_tensor
 
 if TYPE_CHECKING:
     from ._rounds import RoundHost
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 Phase = Literal["forward", "backward"]
 log = logging.getLogger("splitexport.server")
 
-FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot")
+FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot", "after_snapshot",
+                "after_round_end")
 
 
 def fault(point: str, applied_steps: int) -> None:
@@ -88,6 +89,8 @@ class Session:
     """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
     idempotency_key: str | None = None
     """The ``Idempotency-Key`` it was opened with: the same key (and token) opens this session again."""
+    opened: int = 0
+    """Its place in the order sessions were opened (restored in the same order), the order of a strategy's batch."""
 
     def public(self) -> dict[str, object]:
         return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
@@ -99,6 +102,11 @@ class Session:
 
 def _hash(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _closed(session_id: str) -> APIError:
+    return APIError.of(ErrorCode.UNKNOWN_SESSION, f"session {session_id!r} was closed while its call waited for "
+                       "segment B; open a new session")
 
 
 def storage_error(exc: BaseException) -> APIError:
@@ -131,12 +139,15 @@ class ServerState:
         self.split = "single" if self.spec.is_last else "double"
         self.loss_kind = manifest.loss.kind
         self.num_outputs = int(self.spec.output.sample_shape[-1]) if self.spec.output.sample_shape else 1
-        self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name), manifest.optimizer,
-                                    loss=self.loss_kind, input_grad=True, restorable=settings.strategy is None)
+        self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name).to(settings.device), manifest.optimizer,
+                                    loss=self.loss_kind, input_grad=True, restorable=True,
+                                    checked=settings.strategy is not None, max_grad_norm=settings.max_grad_norm,
+                                    device=settings.device)
         self.tokens = {_hash(t) for t in settings.token_set()}
         self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        """Least recently seen first (expiry pops from the front)."""
+        """Least recently seen first (expiry pops from the front); :meth:`open_order` is the order they opened in."""
+        self._opened = itertools.count()
         self.opened_by_key: dict[tuple[str, str], str] = {}
         """(token hash, ``Idempotency-Key``) -> the open session it made."""
         self.applied_steps = 0
@@ -150,6 +161,10 @@ class ServerState:
         self._forward_input: torch.Tensor | None = None
         """The input of the lease holder's forward, logged with its backward."""
         self._dirty: set[str] = set()
+        self.session_prefix = ""
+        """Prepended to new session ids (``r<rank>-`` on a replica, so a load balancer can route by it)."""
+        self.open_extra: dict[str, object] = {}
+        """Added to the ``POST /v1/sessions`` reply (a replica: its rank and URL)."""
         self.rounds: RoundHost | None = None
         """The multi-client strategy layer (``--strategy``); None: per-device sequential steps."""
         if settings.strategy is not None:
@@ -199,7 +214,8 @@ class ServerState:
                     self.counters["retries"] += 1
                     return session
             self._check_session_caps(token_hash)
-            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
+            session = Session(id=self.session_prefix + secrets.token_urlsafe(12), token_hash=token_hash,
+                              idempotency_key=idempotency_key, opened=next(self._opened))
             try:
                 self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:
@@ -209,6 +225,11 @@ class ServerState:
             if idempotency_key is not None:
                 self.opened_by_key[(token_hash, idempotency_key)] = session.id
             return session
+
+    def open_order(self) -> list[str]:
+        """The open sessions' ids in the order they were opened: a strategy concatenates an iteration's batches in
+        this order, so B's step does not depend on which device was heard from last."""
+        return sorted(self.sessions, key=lambda sid: self.sessions[sid].opened)
 
     def _forget(self, session: Session) -> None:
         """Drop a closed or expired session from memory (its store rows go separately)."""
@@ -266,10 +287,20 @@ class ServerState:
                 log.warning("could not delete %d expired sessions from the store", len(gone))
 
     def _drop_lease(self, session_id: str) -> None:
+        """A closed session gives B back (a forward it holds B with is undone) and leaves the line for B."""
         if self.lease.held_by(session_id) and not self.lease.busy:
             self._forward_input = None
             self.lease.release(session_id)
             self.executor.submit(self.segment.discard_pending)
+        self.lease.cancel(session_id, _closed(session_id))
+
+    async def _still_open(self, session: Session) -> None:
+        """After a wait for B or B's compute: 404 when ``session`` was closed meanwhile (B given back, its forward
+        undone), so B is never held for a backward that cannot come."""
+        if self.sessions.get(session.id) is not session:
+            if self.lease.held_by(session.id):
+                await self._abandon(session)
+            raise _closed(session.id)
 
     async def _lease_expired(self, session_id: str) -> None:
         holder = self.sessions.get(session_id)
@@ -314,6 +345,7 @@ class ServerState:
             timer = _current.get()
             if timer is not None:
                 timer.add("wait", time.perf_counter() - t0)
+            await self._still_open(session)  # B was handed over just as the session closed
 
     # -- the calls ----------------------------------------------------------------------------
 
@@ -345,6 +377,7 @@ class ServerState:
                 raise
             finally:
                 self.lease.busy = False
+            await self._still_open(session)  # closed while B computed its forward
             self._forward_input = x
             session.cache["forward"] = _Cached("forward", step, body_sha, response)
             session.phase = "backward"
@@ -480,7 +513,7 @@ class ServerState:
             except UnsafeUpdate as exc:
                 code = ErrorCode.NON_FINITE_UPDATE if exc.reason == "non_finite" else ErrorCode.GRADIENT_TOO_LARGE
                 raise APIError.of(code, f"{exc}; the step was not applied") from exc
-            record = StepRecord(session.id, kind, step, step + 1, body_sha, response, st_save(inputs))
+            record = StepRecord(session.id, kind, step, step + 1, body_sha, response, encode_exact(inputs))
             try:
                 with timed("checkpoint"):
                     seq = self.store.commit_steps([record], lambda: fault("in_commit", n))
@@ -532,6 +565,7 @@ class ServerState:
                 payload["strategy"] = self.rounds.state_dict()
             try:
                 self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
+                fault("after_snapshot", self.applied_steps)
                 if self.logged:
                     self.store.drop_log(self._log_seq)
                 else:
@@ -578,7 +612,7 @@ class ServerState:
             for s in self.store.sessions():
                 cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
                 self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache,
-                                              idempotency_key=s.idempotency_key)
+                                              idempotency_key=s.idempotency_key, opened=next(self._opened))
                 if s.idempotency_key is not None:
                     self.opened_by_key[(s.token_hash, s.idempotency_key)] = s.id
         except (OSError, sqlite3.Error) as exc:

@@ -17,6 +17,7 @@ sha256 of their contents; after a snapshot the log up to it is deleted. See docs
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import sqlite3
@@ -121,9 +122,20 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._file = self._identity()
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"state directory {state_dir} is unusable: {exc}") from exc
         self._lock = threading.Lock()
+
+    def _identity(self) -> tuple[int, int]:
+        st = os.stat(self.dir / DB)
+        return st.st_dev, st.st_ino
+
+    def _check_file(self) -> None:
+        """``OSError`` when ``state.db`` was removed or replaced since it was opened: SQLite would go on writing to
+        the open, unlinked file, acknowledging steps that no restart can find."""
+        if self._identity() != self._file:  # a missing file raises FileNotFoundError itself
+            raise OSError(errno.ESTALE, f"{self.dir / DB} was replaced since the server opened it")
 
     @property
     def snapshot_path(self) -> Path:
@@ -136,6 +148,7 @@ class Store:
     @contextlib.contextmanager
     def _txn(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._check_file()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db

@@ -33,7 +33,17 @@ from torch import nn
 
 from ._errors import BundleError, BundleIntegrityError
 from ._loading import sha256_file
-from ._manifest import BATCH, LossSpec, Manifest, OptimizerSpec, SegmentSpec, SourceSpec, TensorSpec, TorchFormat
+from ._manifest import (
+    BATCH,
+    DefenceSpec,
+    LossSpec,
+    Manifest,
+    OptimizerSpec,
+    SegmentSpec,
+    SourceSpec,
+    TensorSpec,
+    TorchFormat,
+)
 from ._partition import Partition, Segment
 from ._version import __version__
 
@@ -157,11 +167,13 @@ def write_bundle(
     optimizer: OptimizerSpec | None = None,
     force: bool = False,
     preprocess: PreprocessSpec | Callable[[Manifest], PreprocessSpec] | None = None,
+    defence: DefenceSpec | None = None,
 ) -> Bundle:
     """Write ``partition`` as a bundle directory at ``out`` (atomically).
 
     ``preprocess``: the data transform to record, or a function of the new manifest that computes it
     (``partition --data``: fitted on the data, checked against the bundle; an error leaves nothing written).
+    ``defence``: NoPeek / activation noise on the first segment (``partition --nopeek/--activation-noise``).
     """
     out = Path(out)
     if out.exists() and not force:
@@ -199,6 +211,7 @@ def write_bundle(
             split=partition.split,
             loss=loss or LossSpec(),
             optimizer=optimizer or OptimizerSpec(),
+            defence=defence or DefenceSpec(),
             segments=specs,
             preprocess=None if callable(preprocess) else preprocess,
             files=files,

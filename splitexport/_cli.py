@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import pickle
-import socket
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -163,11 +161,25 @@ def cmd_partition(args: argparse.Namespace) -> None:
         optimizer=_optimizer_from(args, OptimizerSpec()),
         force=args.force,
         preprocess=preprocess,
+        defence=_defence_from(args, part),
     )
     print(f"wrote {bundle.path} ({part.split} split)")
     for seg in bundle.manifest.segments:
         print(f"  {seg.name} [{seg.role}] {seg.input.shape} -> {seg.output.shape}, {seg.parameters} params, "
               f"modules {', '.join(seg.modules)}")
+
+
+def _defence_from(args: argparse.Namespace, part: Any) -> Any:
+    """``--nopeek`` / ``--activation-noise`` as the manifest's DefenceSpec (checked against the partition)."""
+    from ._manifest import DefenceSpec
+
+    spec = DefenceSpec(nopeek=args.nopeek, activation_noise=args.activation_noise)
+    if spec.nopeek > 0 and not part.segments[0].input_dtype.is_floating_point:
+        raise SplitExportError("--nopeek needs float inputs: the distance correlation with token ids "
+                               f"({part.segments[0].input_dtype}) is not defined here; use --activation-noise")
+    if spec.active and part.segments[0].role != "device":
+        raise SplitExportError("the defences apply to the first segment, which must run on the device")
+    return spec
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -363,7 +375,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from server import ServerSettings, create_app
+        from server import ServerSettings, create_app, listen
     except ImportError as exc:
         raise SplitExportError(f"the server needs the 'server' extra: pip install 'splitexport[server]' ({exc})") from exc
     from ._bundle import load_bundle
@@ -372,6 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {"bundle": args.bundle, "host": args.host, "port": args.port,
                                    "state_dir": args.state_dir, "tokens_file": args.tokens,
                                    "checkpoint_every": args.checkpoint_every, "threads": args.threads,
+                                   "device": args.device,
                                    "strategy": args.strategy,
                                    "num_clients": args.clients, "round_timeout_s": args.round_timeout,
                                    **_hyperparameters(args),
@@ -381,6 +394,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings = ServerSettings(**overrides)
     except ValidationError as exc:
         raise SplitExportError(f"invalid server settings: {validation_message(exc)}") from exc
+    if settings.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SplitExportError(f"--device {settings.device}: torch sees no CUDA device on this machine")
+    if args.replicas is not None or args.distributed:  # B replicated over ranks (docs/scaling.md)
+        from server.distributed import LaunchError, launch, refusal, serve_rank
+
+        why = refusal(settings.strategy, settings.num_clients, args.replicas or 1)
+        if why is not None:
+            raise SplitExportError(why)
+        try:
+            if args.distributed:
+                serve_rank(args, settings)
+            elif (code := launch(args, settings)) != 0:
+                raise SplitExportError(f"a replica exited with status {code}")
+        except LaunchError as exc:
+            raise SplitExportError(str(exc)) from exc
+        return
     sock = listen(settings.host, settings.port)  # a port in use is one clear line, before B loads
     try:
         try:
@@ -397,22 +429,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` as uvicorn binds one (IPv6 for a host with ':'), or a one-line error."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OverflowError as exc:  # SPLITEXPORT_PORT from the environment skips the --port check
-        sock.close()
-        raise SplitExportError(f"cannot listen on port {port}: a TCP port is 1..65535") from exc
-    except OSError as exc:  # in use, not an address of this machine, or an unknown host name
-        sock.close()
-        fix = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host"
-        raise SplitExportError(f"cannot listen on {host}:{port}: {exc.strerror}; {fix}") from exc
-    return sock
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -462,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record this preprocessing (over what --data fits): kind=image|table|array|tokens, "
                    "scale=1/255, mean=0.485,0.456,0.406, std=..., image_size=H,W, channel_order=L|RGB, "
                    "feature_names=a,b, label_names=cat,dog, num_classes=N (docs/bundle.md)")
+    p.add_argument("--nopeek", type=at.non_negative_float, default=0.0, metavar="W",
+                   help="train A with NoPeek's distance correlation between its input and output, weight W "
+                   "(docs/privacy.md; default 0: off)")
+    p.add_argument("--activation-noise", type=at.non_negative_float, default=0.0, metavar="S",
+                   help="add Gaussian noise of std S to A's output before it leaves the device, in training "
+                   "(default 0: off)")
     _optimizer_args(p, defaults=True)
     p.set_defaults(func=cmd_partition)
 
@@ -544,6 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshot B every N steps (default 100, with --strategy 1); without a strategy every step "
                    "is also logged, so a crash loses none")
     p.add_argument("--threads", type=at.positive_int, default=None, help="torch threads for B (default: one per core)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="where B and its optimizer live "
+                   "(default cpu)")
+    p.add_argument("--replicas", type=at.positive_int, default=None, metavar="N",
+                   help="run N replicas of B on this machine, rank r on --port + r (psl, sfl, sglr; docs/scaling.md)")
+    p.add_argument("--distributed", action="store_true", help="run one rank of a torchrun job (RANK, WORLD_SIZE, "
+                   "MASTER_ADDR, MASTER_PORT from the environment), on --port + LOCAL_RANK")
+    p.add_argument("--collective-timeout", type=at.positive_float, default=None, metavar="S",
+                   help="replicas: seconds a collective waits for the other ranks before answering 503 replica_lost "
+                   "(default 2 x round timeout + 30)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"], default="warning")
     p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let pages from ORIGIN (scheme://host[:port]) call the API; repeatable; none by default")

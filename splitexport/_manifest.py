@@ -72,6 +72,21 @@ class LossSpec(_Strict):
     kind: LossKind = "cross_entropy"
 
 
+class DefenceSpec(_Strict):
+    """Privacy defences on the first segment A (docs/privacy.md, :mod:`splitexport.defence`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    nopeek: float = Field(0.0, ge=0)
+    """Weight of NoPeek's distance correlation between A's input batch and its output in A's loss (0: off)."""
+    activation_noise: float = Field(0.0, ge=0)
+    """Std of the Gaussian noise added to A's output before it leaves the device, in training (0: off)."""
+
+    @property
+    def active(self) -> bool:
+        return self.nopeek > 0 or self.activation_noise > 0
+
+
 class SourceSpec(_Strict):
     """The model file the bundle was cut from."""
 
@@ -149,6 +164,8 @@ class Manifest(_Strict):
     split: Literal["single", "double", "multi"]
     loss: LossSpec = LossSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
+    defence: DefenceSpec = DefenceSpec()
+    """Privacy defences of the first device segment (``partition --nopeek/--activation-noise``)."""
     segments: list[SegmentSpec]
     exports: dict[str, dict[str, object]] = Field(default_factory=dict)
     """Options each export format was produced with."""

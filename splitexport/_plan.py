@@ -120,7 +120,8 @@ class Candidate:
     device_memory: dict[str, int]
     """params, gradients, optimizer_state, activations, total: bytes a device step holds."""
     leakage: dict[str, float | None] | None = None
-    """``--attack``: psnr_db, ssim (images), label_auc (single split); see :mod:`splitexport._privacy`."""
+    """``--attack``: psnr_db, ssim (images), label_auc (single split), token_accuracy and token_baseline (token
+    inputs); see :mod:`splitexport._privacy`."""
     step_time_s: dict[str, float] = field(default_factory=dict)
     epoch_time_s: dict[str, float] = field(default_factory=dict)
     pareto: bool = False
@@ -262,9 +263,6 @@ def plan(
 
     ``attack``: (inputs, labels) to measure each candidate's leakage on (:func:`splitexport._privacy.measure`).
     """
-    if attack is not None and not example.dtype.is_floating_point:
-        raise SplitExportError("--attack measures the reconstruction of float inputs; a model over token ids "
-                               "(--input-dtype int64/int32) is not supported by the attacks yet")
     points = list_cut_points(model, example)
     if not points:
         raise PartitionError("the model has no valid cut point")
@@ -340,7 +338,8 @@ def plan(
                 from ._privacy import measure
 
                 found = measure(model, cuts, example, attack[0], attack[1])
-                cand.leakage = {"psnr_db": found.psnr_db, "ssim": found.ssim, "label_auc": found.label_auc}
+                cand.leakage = {"psnr_db": found.psnr_db, "ssim": found.ssim, "label_auc": found.label_auc,
+                                "token_accuracy": found.token_accuracy, "token_baseline": found.token_baseline}
             steps = math.ceil(train_samples / batch)
             for k in ("float32", "float16"):
                 t = cand.device_time_s + srv_t + link.time(requests, bytes_up[k] + bytes_down[k])
@@ -384,9 +383,12 @@ def format_table(p: Plan) -> str:
     """The terminal table: one row per candidate, ``*`` on the Pareto-best."""
     s = p.settings
     w = max([22, *(len(c.label) for c in p.candidates)])
+    leak = p.candidates[0].leakage
+    tokens = leak is not None and leak.get("token_accuracy") is not None
     head = (f"{'cut':<{w}} {'dev FLOPs':>10} {'dev ms':>7} {'srv ms':>7} {'up kB':>8} {'down kB':>8} "
             f"{'dev mem kB':>10} {'step ms':>8} {'fp16 ms':>8} {'epoch s':>8}  pareto"
-            + (f" {'PSNR dB':>7} {'SSIM':>5} {'labelAUC':>8}" if p.candidates[0].leakage is not None else ""))
+            + ("" if leak is None else f" {'tokenAcc':>8} {'majority':>8} {'labelAUC':>8}" if tokens
+               else f" {'PSNR dB':>7} {'SSIM':>5} {'labelAUC':>8}"))
     lines = [
         (f"{s['split']} split, batch {s['batch_size']}, {s['train_samples']} training samples; link "
          f"{s['bandwidth_bps'] / 1e6:g} Mbit/s, RTT {s['rtt_s'] * 1e3:g} ms; device {s['device_profile']} "
@@ -412,6 +414,9 @@ def _leak(leak: dict[str, float | None] | None) -> str:
 
     def f(v: float | None, fmt: str, width: int) -> str:
         return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+    if leak.get("token_accuracy") is not None:
+        return (f" {f(leak['token_accuracy'], '.3f', 8)} {f(leak['token_baseline'], '.3f', 8)}"
+                f" {f(leak['label_auc'], '.3f', 8)}")
     return f" {f(leak['psnr_db'], '.1f', 7)} {f(leak['ssim'], '.2f', 5)} {f(leak['label_auc'], '.3f', 8)}"
 
 

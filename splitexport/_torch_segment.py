@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from ._manifest import OptimizerSpec
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
+
+if TYPE_CHECKING:
+    from .defence import Defence
 
 
 class UnsafeUpdate(ValueError):
@@ -37,6 +41,13 @@ class TorchSegment:
     applies the auxiliary-loss step without running the segment (and its BatchNorm
     statistics) a second time. ``train_with_labels`` is the last segment's step.
     Both return ``dL/d(input)`` when ``input_grad`` is set (every segment but the first).
+
+    ``device``: where the module and its optimizer live (move the module before building, as the
+    server does); inputs are moved there once per call and results come back on the CPU.
+    ``grad_hook(params, batch)``, when set, runs after every backward and before the optimizer step
+    (the replicated server all-reduces B's gradients there, :mod:`splitexport.strategies._reduce`).
+    ``defence`` (the first segment only): ``forward`` sends ``out + S * noise`` and the aux-loss step adds
+    NoPeek's ``W * dCor(input, out)`` (:mod:`splitexport.defence`).
     """
 
     def __init__(
@@ -48,8 +59,14 @@ class TorchSegment:
         input_grad: bool = True,
         rule: AuxLossRule = EXACT_RULE,
         restorable: bool = False,
+        device: torch.device | str = "cpu",
+        defence: Defence | None = None,
+        checked: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
+        self.device = torch.device(device)
         self.module = module
+        self.defence = defence
         self.optimizer = optimizer.build([p for p in module.parameters() if p.requires_grad])
         self.loss_kind = loss
         self.input_grad = input_grad
@@ -61,7 +78,15 @@ class TorchSegment:
         self._saved_buffers: list[torch.Tensor] | None = None
         self._staged = False
         self._before_step: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
-        """The weights and optimizer state before a provisional step (:meth:`try_staged`)."""
+        """During a provisional step (:meth:`try_staged`): the tensors it changes in place (weights, then optimizer
+        states) and each parameter's state dict as it was; their values before the step are in ``_saved_values``."""
+        self._saved_values: list[torch.Tensor] = []
+        self.grad_hook: Callable[[list[torch.Tensor], int], None] | None = None
+        self.checked = checked
+        """``train_with_gradient`` / ``train_with_labels`` keep a step only when :meth:`try_staged` (with
+        ``max_grad_norm``) accepts it; otherwise it leaves no trace and :class:`UnsafeUpdate` is raised (B of a
+        server strategy, whose steps the strategies take through these two methods)."""
+        self.max_grad_norm = max_grad_norm
 
     @property
     def has_pending(self) -> bool:
@@ -90,7 +115,7 @@ class TorchSegment:
         if self._buffers:
             self._saved_buffers = [b.detach().clone() for b in self._buffers]
         self.module.train()
-        x = x.detach().requires_grad_(self.input_grad)
+        x = x.detach().to(self.device).requires_grad_(self.input_grad)
         with eager_execution():
             return x, self.module(x)
 
@@ -98,21 +123,33 @@ class TorchSegment:
         """Train-mode forward; returns the (detached) output to send downstream."""
         x_in, out = self._run(x)
         self._pending = (x_in, out)
-        return out.detach()
+        if self.defence is not None:
+            with torch.no_grad():
+                return self.defence.perturb(out.detach()).cpu()
+        return out.detach().cpu()
 
     def train_with_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         """Aux-loss step for the output of the last ``forward``; returns ``dL/d(input)``."""
         if self._pending is None:
             raise RuntimeError("train_with_gradient called without a preceding forward")
         grad = self.stage_gradient(grad_out)
-        self.apply_staged()
+        self._keep_staged()
         return grad
 
     def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """Label-loss step; returns (loss, ``dL/d(input)``, detached output)."""
         result = self.stage_labels(x, labels)
-        self.apply_staged()
+        self._keep_staged()
         return result
+
+    def _keep_staged(self) -> None:
+        if self.checked:
+            try:
+                self.try_staged(self.max_grad_norm)
+            except UnsafeUpdate:
+                self.discard_pending()
+                raise
+        self.apply_staged()
 
     def stage_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         """:meth:`train_with_gradient` up to the optimizer step (the weights do not change yet)."""
@@ -120,15 +157,16 @@ class TorchSegment:
             raise RuntimeError("train_with_gradient called without a preceding forward")
         x_in, out = self._pending
         self._pending = None
-        loss = self.rule.loss_from_grad(out, grad_out)
-        return self._backward(loss, x_in)
+        loss = self.rule.loss_from_grad(out, grad_out.to(self.device))
+        extra = None if self.defence is None else self.defence.penalty(x_in, out)
+        return self._backward(loss if extra is None else loss + extra, x_in)
 
     def stage_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """:meth:`train_with_labels` up to the optimizer step (the weights do not change yet)."""
         x_in, out = self._run(x)
-        loss = label_loss(out, labels, self.loss_kind)
+        loss = label_loss(out, labels.to(self.device), self.loss_kind)
         grad = self._backward(loss, x_in)
-        return float(loss.detach()), grad, out.detach()
+        return float(loss.detach()), grad, out.detach().cpu()
 
     def apply_staged(self) -> None:
         """The optimizer step of the staged gradients (kept as is when :meth:`try_staged` took it)."""
@@ -147,6 +185,10 @@ class TorchSegment:
         """Take the staged optimizer step provisionally: :meth:`apply_staged` keeps it, :meth:`discard_pending`
         undoes it. :class:`UnsafeUpdate` (the step undone, the gradients still staged) when the gradients' L2 norm
         exceeds ``max_grad_norm`` or is not finite, or when a weight or an optimizer state would become non-finite.
+
+        Cheap per step: the weights and optimizer state are copied into buffers kept from the last step (one
+        ``_foreach_copy_``), and the step's result is checked with one sum per tensor (a sum is finite only when
+        every element is; a non-finite sum of finite values, an overflow, is confirmed element-wise).
         """
         if not self._staged or self._before_step is not None:
             raise RuntimeError("try_staged called without a staged step")
@@ -154,23 +196,49 @@ class TorchSegment:
         if max_grad_norm is not None and not (norm := self._grad_norm(params)) <= max_grad_norm:
             raise UnsafeUpdate("gradient_norm", f"the gradient norm of B's parameters is {norm:.6g}, above the "
                                f"limit max_grad_norm={max_grad_norm:g}")
-        state = self.optimizer.state
-        self._before_step = ([p.detach().clone() for p in params],
-                             {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state[p].items()}
-                              for p in params if p in state})
+        self._snapshot(params)
         self.optimizer.step()
-        tensors = [(f"parameter {i}", p) for i, p in enumerate(params)] + [
-            (f"optimizer state {name!r} of parameter {i}", v) for i, p in enumerate(params)
-            for name, v in state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        # min and max (NaN propagates) are finite exactly when every element is: one fast pass per tensor
-        with torch.no_grad():
-            finite = torch.isfinite(torch.stack([torch.stack(torch.aminmax(t.detach())).double() if t.numel()
-                                                 else torch.zeros(2, dtype=torch.float64) for _, t in tensors])).all(dim=1)
-        bad = None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
+        bad = self._non_finite(params)
         if bad is not None:
             norm = self._grad_norm(params)
             self._undo_step()
             raise UnsafeUpdate("non_finite", f"the step would make {bad} of B non-finite (gradient norm {norm:.6g})")
+
+    def _snapshot(self, params: list[torch.Tensor]) -> None:
+        """Keep what the optimizer step changes: the weights, and each parameter's state (its dict, and the values
+        of its tensors, copied into the buffers of the last snapshot when their shapes still match)."""
+        state = self.optimizer.state
+        dicts = {p: dict(state[p]) for p in params if p in state}
+        live = [p.detach() for p in params] + [v for d in dicts.values() for v in d.values()
+                                               if isinstance(v, torch.Tensor)]
+        saved = self._saved_values
+        if len(saved) != len(live) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(saved, live)):
+            saved = self._saved_values = [t.detach().clone() for t in live]
+        else:
+            with torch.no_grad():
+                torch._foreach_copy_(saved, live)
+        self._before_step = (live, dicts)
+
+    def _non_finite(self, params: list[torch.Tensor]) -> str | None:
+        """The first weight or floating optimizer state of ``params`` with a NaN or Inf, or None."""
+        state = self.optimizer.state
+        tensors = [p.detach() for p in params] + [v for p in params for v in state.get(p, {}).values()
+                                                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        with torch.no_grad():
+            if bool(torch.stack([t.sum() for t in tensors]).isfinite().all()):
+                return None
+            for i, t in enumerate(tensors):  # rare: find it (or find that a sum overflowed)
+                if not bool(torch.isfinite(t).all()):
+                    if i < len(params):
+                        return f"parameter {i}"
+                    k = i - len(params)
+                    for j, p in enumerate(params):
+                        names = [n for n, v in state.get(p, {}).items()
+                                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
+                        if k < len(names):
+                            return f"optimizer state {names[k]!r} of parameter {j}"
+                        k -= len(names)
+        return None
 
     @staticmethod
     def _grad_norm(params: list[torch.Tensor]) -> float:
@@ -179,22 +247,24 @@ class TorchSegment:
 
     def _undo_step(self) -> None:
         assert self._before_step is not None
-        weights, state = self._before_step
+        live, dicts = self._before_step
         self._before_step = None
         with torch.no_grad():
-            for p, w in zip(self._params(), weights, strict=True):
-                p.copy_(w)
-                if p in state:
-                    self.optimizer.state[p] = state[p]
-                else:
-                    self.optimizer.state.pop(p, None)
+            torch._foreach_copy_(live, self._saved_values)
+        for p in self._params():
+            if p in dicts:
+                self.optimizer.state[p] = dicts[p]
+            else:
+                self.optimizer.state.pop(p, None)
 
     def _backward(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)
         with eager_execution():
             loss.backward()
         self._staged = True
-        return x_in.grad.detach() if self.input_grad and x_in.grad is not None else None
+        if self.grad_hook is not None:
+            self.grad_hook(self._params(), int(x_in.shape[0]))
+        return x_in.grad.detach().cpu() if self.input_grad and x_in.grad is not None else None
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +273,6 @@ class TorchSegment:
         self.module.eval()
         try:
             with eager_execution():
-                return self.module(x)
+                return self.module(x.to(self.device)).cpu()
         finally:
             self.module.train(was_training)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from ._data import Dataset, batch_indices
 from ._manifest import OptimizerSpec
 from ._torch_segment import TorchSegment, eager_execution
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
+
+if TYPE_CHECKING:
+    from .defence import Defence
 
 
 class SegmentRunner(Protocol):
@@ -71,20 +74,35 @@ class SplitModel:
 
 
 class MonolithicModel:
-    """The whole model trained by ordinary backprop with one optimizer."""
+    """The whole model trained by ordinary backprop with one optimizer.
 
-    def __init__(self, module: nn.Module, optimizer: OptimizerSpec, loss: LossKind = "cross_entropy") -> None:
+    ``defence`` (``module`` an ``nn.Sequential`` whose first element is A): the training forward adds the noise
+    to A's output and the loss NoPeek's term, as the split run does; the reported loss is the label loss.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: OptimizerSpec, loss: LossKind = "cross_entropy",
+                 defence: Defence | None = None) -> None:
+        if defence is not None and not isinstance(module, nn.Sequential):
+            raise TypeError("a monolithic model with a defence must be an nn.Sequential of segments")
         self.module = module
         self.optimizer = optimizer.build(module.parameters())
         self.loss_kind = loss
+        self.defence = defence
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
         self.module.train()
         with eager_execution():
-            out = self.module(x)
+            extra = None
+            if self.defence is None:
+                out = self.module(x)
+            else:
+                assert isinstance(self.module, nn.Sequential)
+                h = self.module[0](x)
+                extra = self.defence.penalty(x, h)
+                out = self.module[1:](self.defence.perturb(h))
             loss = label_loss(out, y, self.loss_kind)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if extra is None else loss + extra).backward()
         self.optimizer.step()
         return float(loss.detach()), out.detach()
 
@@ -103,10 +121,12 @@ def torch_split_model(
     optimizer: OptimizerSpec,
     loss: LossKind = "cross_entropy",
     rule: AuxLossRule = EXACT_RULE,
+    defence: Defence | None = None,
 ) -> SplitModel:
-    """A split model of torch segments (the first needs no input gradient)."""
+    """A split model of torch segments (the first needs no input gradient; ``defence`` applies to it)."""
     return SplitModel(
-        [TorchSegment(m, optimizer, loss=loss, input_grad=i > 0, rule=rule) for i, m in enumerate(modules)]
+        [TorchSegment(m, optimizer, loss=loss, input_grad=i > 0, rule=rule, defence=defence if i == 0 else None)
+         for i, m in enumerate(modules)]
     )
 
 

@@ -121,6 +121,7 @@ class ErrorCode(StrEnum):
     BUSY = "busy"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     INSUFFICIENT_STORAGE = "insufficient_storage"
+    REPLICA_LOST = "replica_lost"
     UNREACHABLE = "unreachable"
 
     @property
@@ -151,7 +152,8 @@ _STATUS: dict[ErrorCode, int] = {
                      ErrorCode.STATE_MISMATCH], 422),
     **dict.fromkeys([ErrorCode.TOO_MANY_SESSIONS, ErrorCode.TOO_MANY_ATTEMPTS], 429),
     **dict.fromkeys([ErrorCode.INTERNAL_ERROR, ErrorCode.STRATEGY_FAILED], 500),
-    **dict.fromkeys([ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.UNREACHABLE], 503),
+    **dict.fromkeys([ErrorCode.BUSY, ErrorCode.STORAGE_UNAVAILABLE, ErrorCode.REPLICA_LOST, ErrorCode.UNREACHABLE],
+                    503),
     ErrorCode.INSUFFICIENT_STORAGE: 507,
 }
 

@@ -7,6 +7,7 @@ from fastapi.responses import FileResponse
 
 from .._deps import Caller, State
 from .._errors import APIError
+from .._models import ManifestReply
 
 router = APIRouter(prefix="/v1", tags=["artifacts"])
 
@@ -17,7 +18,7 @@ def _device_files(state: State) -> dict[str, str]:
     return {rel: m.files[rel] for rel in rels}
 
 
-@router.get("/manifest")
+@router.get("/manifest", response_model=ManifestReply)
 def manifest(state: State, _: Caller) -> dict[str, object]:
     """The bundle manifest, and which of its files a device needs."""
     return {"manifest": state.bundle.manifest.model_dump(mode="json"), "device_files": _device_files(state)}

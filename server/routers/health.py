@@ -7,11 +7,12 @@ from fastapi.responses import PlainTextResponse
 
 from .._deps import State
 from .._metrics import CONTENT_TYPE
+from .._models import Health
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 async def health(state: State) -> dict[str, object]:
     return {"status": "ok", "split": state.split, "segment": state.spec.name, "steps_applied": state.applied_steps}
 

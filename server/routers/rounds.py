@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .._deps import Body, Caller, CurrentSession, State
 from .._errors import APIError
+from .._models import IterationStatus, StrategyInfo
 from .._rounds import RoundHost
 from .._wire import MEDIA_TYPE
 
@@ -27,13 +28,14 @@ def _tensors(state: State, data: bytes) -> Response:
     return Response(content=data, media_type=MEDIA_TYPE)
 
 
-@router.get("/strategy")
+@router.get("/strategy", response_model=StrategyInfo)
 def strategy(state: State, _: Caller) -> dict[str, object]:
     """The strategy, its learning rates, and where training stands (round, next iteration)."""
     return _host(state).info()
 
 
-@router.get("/sessions/{session_id}/steps/{step}")
+@router.get("/sessions/{session_id}/steps/{step}", response_model=IterationStatus,
+            response_model_exclude_unset=True)
 async def step_status(step: int, session: CurrentSession, state: State) -> dict[str, object]:
     """Whether this session takes part in iteration ``step`` (waits until that iteration opens)."""
     return await run_in_threadpool(_host(state).status, session, step)

@@ -40,6 +40,10 @@ def export(bundle: Bundle | str | Path, fmt: Format, options: ExportOptions | No
         raise ExportError(f"the {fmt} export takes {_OPTIONS[fmt].__name__}, not {type(opts).__name__}")
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     optimizer = opts.optimizer or b.manifest.optimizer
+    if fmt != "onnx" and b.manifest.defence.active:
+        raise ExportError(f"the bundle's defence (nopeek={b.manifest.defence.nopeek:g}, activation_noise="
+                          f"{b.manifest.defence.activation_noise:g}) is exported to ONNX Runtime only: the {fmt} "
+                          "training graph and device runtime have no distance-correlation term or noise input yet")
     if isinstance(opts, OnnxOptions):
         from ._onnx import export_onnx
 

@@ -48,8 +48,9 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from .._errors import ExportError
-from .._manifest import OptimizerSpec
+from .._manifest import DefenceSpec, OptimizerSpec
 from .._update_rule import LossKind
+from . import _onnx_defence as defences
 from . import _onnx_graph as graph
 from ._onnx_ops import UnsupportedOpError, check_trainable
 from ._onnx_rewrite import DropoutMask, draw_mask, prepare
@@ -166,6 +167,7 @@ def export_segment_onnx(
     check: bool = True,
     dtype: torch.dtype = torch.float32,
     masks_out: list[DropoutMask] | None = None,
+    defence: DefenceSpec | None = None,
 ) -> dict[str, Path]:
     """Write the training artifacts of one segment to ``out_dir``; returns kind -> path.
 
@@ -178,11 +180,19 @@ def export_segment_onnx(
     embeds them). Layers ORT cannot train as exported are rewritten first
     (:mod:`._onnx_rewrite`); a segment trained on a received gradient gets one
     ``dropout_mask_<k>`` input per Dropout, appended to ``masks_out``.
+    ``defence`` (the first segment, trained on a gradient): NoPeek's term in the training loss and the
+    activation noise as a forward-model input (:mod:`._onnx_defence`).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET}")
     if batch_size is not None and batch_size < 1:
         raise ExportError(f"--batch-size must be positive, got {batch_size}")
+    if defence is not None and not defence.active:
+        defence = None
+    if defence is not None and is_last:
+        raise ExportError(f"segment {name}: the defences apply to the first segment, which trains on a gradient")
+    if defence is not None and defence.nopeek > 0 and not dtype.is_floating_point:
+        raise ExportError(f"segment {name}: NoPeek needs float inputs, not {dtype} token ids")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base, eval_base, trainable, frozen, masks = _torch_to_onnx(
@@ -205,6 +215,8 @@ def export_segment_onnx(
         helper.set_model_props(forward, {MASKS_METADATA: json.dumps([m.to_json() for m in masks])})
     graph.isolate_batchnorm_statistics(forward, update=False)
     graph.move_initializers_to_inputs(forward, params)
+    if defence is not None:
+        defences.add_activation_noise(forward, defence)
     _save(forward, paths["forward_model"])
 
     evaluation = copy.deepcopy(eval_base)
@@ -225,11 +237,13 @@ def export_segment_onnx(
         opset=opset,
         batch=batch,
         segment=name,
+        nopeek=0.0 if defence is None else defence.nopeek,
     )
     if ort_format:
         paths.update(_to_ort_format(paths, out))
     if check:
-        _smoke_test(paths, sample_shape, batch_size, is_last=is_last, loss=loss, segment=name, dtype=dtype, masks=masks)
+        _smoke_test(paths, sample_shape, batch_size, is_last=is_last, loss=loss, segment=name, dtype=dtype, masks=masks,
+                    noise=defence is not None and defence.activation_noise > 0)
     if masks_out is not None:
         masks_out.extend(masks)
     return paths
@@ -342,6 +356,7 @@ def _build_training_artifacts(
     opset: int,
     batch: int | str,
     segment: str,
+    nopeek: float = 0.0,
 ) -> None:
     from onnxruntime.training import onnxblock
 
@@ -354,7 +369,8 @@ def _build_training_artifacts(
             if not is_last:
                 g.input.append(helper.make_tensor_value_info(graph.GRAD_OUTPUT, TensorProto.FLOAT, out_dims))
                 product = onnxblock.blocks.Mul()(output, graph.GRAD_OUTPUT)
-                return onnxblock.blocks.ReduceSum(keepdims=False)(product)
+                total = onnxblock.blocks.ReduceSum(keepdims=False)(product)
+                return defences.add_nopeek(g, total, weight=nopeek, opset=opset) if nopeek > 0 else total
             # the loss blocks add the ``labels`` input: int64 [batch] or float like the output
             if loss == "cross_entropy":
                 value = onnxblock.loss.CrossEntropyLoss(reduction="mean")(output, graph.LABELS)
@@ -444,6 +460,7 @@ def _smoke_test(
     segment: str,
     dtype: torch.dtype = torch.float32,
     masks: list[DropoutMask] | None = None,
+    noise: bool = False,
 ) -> None:
     """Load the artifacts and run every model once on random data (nothing is written)."""
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
@@ -458,7 +475,11 @@ def _smoke_test(
             module = Module(os.fspath(paths["training_model"]), state, os.fspath(paths["eval_model"]))
             Optimizer(os.fspath(paths["optimizer_model"]), module)
             forward = Module(os.fspath(paths["training_model"]), state, os.fspath(paths["forward_model"]))
-            out = forward.eval()(x, *drawn)
+            if noise:  # the forward model takes the noise, shaped like the (eval model's) output
+                clean = module.eval()(x)
+                out = forward.eval()(x, *drawn, rng.standard_normal(clean.shape).astype(np.float32))
+            else:
+                out = forward.eval()(x, *drawn)
             if is_last:
                 labels: np.ndarray = (
                     rng.integers(0, out.shape[1], size=n).astype(np.int64)
@@ -555,6 +576,7 @@ def export_onnx(
                 ort_format=ort_format,
                 dtype=spec.input.torch_dtype,
                 masks_out=masks[spec.name],
+                defence=manifest.defence if spec.index == 0 else None,
             )
         import onnxruntime
 
@@ -569,5 +591,8 @@ def export_onnx(
             "gradient_loss": "sum(output * grad_output)",
             "dropout_masks": {k: [m.to_json() for m in v] for k, v in masks.items() if v},
         }
+        if manifest.defence.active:
+            options["defence"] = {"segment": manifest.segments[0].name, **manifest.defence.model_dump(mode="json"),
+                                  "noise_input": defences.NOISE_INPUT if manifest.defence.activation_noise > 0 else None}
         b.add_artifacts(FORMAT, files, options)
     return b

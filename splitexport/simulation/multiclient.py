@@ -206,6 +206,9 @@ def _strategy_for(bundle: Bundle, strategy: str, rounds: int, batch_size: int) -
     if loss_kind != "cross_entropy":  # rounds are scored by accuracy (and C3-Score), label shards need classes
         raise SplitExportError(f"multi-client simulation needs a classifier bundle (loss cross_entropy); this one "
                                f"is {loss_kind}: use simulate without --clients/--strategy")
+    if manifest.defence.active:
+        raise SplitExportError("multi-client simulation does not apply the bundle's defence (--nopeek/--activation-noise) "
+                               "yet; simulate it with one device: splitexport simulate without --clients/--strategy")
     return cls
 
 

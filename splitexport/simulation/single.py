@@ -26,19 +26,22 @@ from .._trainer import (
     max_abs_difference,
     named_state,
 )
+from ..defence import defence_for
 from .plots import plot_histories
 
-RunnerFactory = Callable[[Bundle, SegmentSpec, OptimizerSpec], SegmentRunner]
+RunnerFactory = Callable[[Bundle, SegmentSpec, OptimizerSpec, int], SegmentRunner]
+"""(bundle, segment, optimizer, seed) -> runner; the seed draws the activation noise of a defended A."""
 
 
-def _torch_runner(bundle: Bundle, spec: SegmentSpec, optimizer: OptimizerSpec) -> SegmentRunner:
-    return TorchSegment(bundle.torch_segment(spec.name), optimizer, loss=bundle.manifest.loss.kind, input_grad=spec.index > 0)
+def _torch_runner(bundle: Bundle, spec: SegmentSpec, optimizer: OptimizerSpec, seed: int) -> SegmentRunner:
+    return TorchSegment(bundle.torch_segment(spec.name), optimizer, loss=bundle.manifest.loss.kind,
+                        input_grad=spec.index > 0, defence=defence_for(bundle.manifest.defence, spec.index, seed))
 
 
-def _onnx_runner(bundle: Bundle, spec: SegmentSpec, optimizer: OptimizerSpec) -> SegmentRunner:
+def _onnx_runner(bundle: Bundle, spec: SegmentSpec, optimizer: OptimizerSpec, seed: int) -> SegmentRunner:
     from device_runtime import OrtRunner  # the ONNX Runtime device runtime (optional extra)
 
-    return OrtRunner.from_bundle(bundle, spec.name, optimizer=optimizer)  # type: ignore[no-any-return]
+    return OrtRunner.from_bundle(bundle, spec.name, optimizer=optimizer, seed=seed)  # type: ignore[no-any-return]
 
 
 DEVICE_RUNTIMES: dict[str, RunnerFactory] = {"torch": _torch_runner, "onnx": _onnx_runner}
@@ -76,6 +79,9 @@ def simulate(
 ) -> SimulationResult:
     """Train the bundle's segments split (device runtime for A/C, torch for B) and monolithically.
 
+    A defence recorded in the manifest applies to A in every run, the monolithic one included (the same
+    NoPeek term, the same noise drawn from ``seed``).
+
     ``data``: a file or image folder (``--data``; ``target``: the CSV label column), read and
     preprocessed as the manifest records (else as fitted on it); otherwise ``dataset``.
     """
@@ -95,7 +101,7 @@ def simulate(
         runners: list[SegmentRunner] = []
         for spec in manifest.segments:
             make = DEVICE_RUNTIMES[runtime] if spec.role == "device" else _torch_runner
-            runners.append(make(bundle, spec, opt))
+            runners.append(make(bundle, spec, opt, seed))
 
         def state() -> dict[str, torch.Tensor]:
             out: dict[str, torch.Tensor] = {}
@@ -107,7 +113,7 @@ def simulate(
 
     def mono_run() -> tuple[object, StateFn]:
         seq = compose([bundle.torch_segment(s.name) for s in manifest.segments])
-        return MonolithicModel(seq, opt, loss), lambda: named_state(list(seq))
+        return MonolithicModel(seq, opt, loss, defence_for(manifest.defence, 0, seed)), lambda: named_state(list(seq))
 
     runs.append(("split (torch)", lambda: split_run("torch")))
     if device_runtime != "torch":

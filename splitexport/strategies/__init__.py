@@ -30,6 +30,7 @@ from ._fedavg import FedAvg
 from ._masks import ClientMasks
 from ._ntxent import projection_head, supervised_nt_xent
 from ._psl import PSL
+from ._reduce import CollectiveError, Collectives
 from ._sfl import SplitFed
 from ._sglr import SGLR, SGLRParams
 from ._ssl import SSL
@@ -84,6 +85,8 @@ __all__ = [
     "AdaSplit",
     "AdaSplitParams",
     "ClientMasks",
+    "CollectiveError",
+    "Collectives",
     "Context",
     "Device",
     "DeviceState",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +31,9 @@ from .._torch_segment import TorchSegment
 from .._update_rule import label_loss
 from ..protocol import DeviceState, ServerReply
 from ._devices import Device, SplitClient
+
+if TYPE_CHECKING:
+    from ._reduce import Collectives
 
 Split = Literal["single", "double"]
 DeviceSync = Literal["independent", "relay", "average"]
@@ -99,6 +102,8 @@ class Strategy(ABC):
         """Clients that received one shared gradient in the last backward step (sent once, SplitAvg)."""
         self._generator = torch.Generator().manual_seed(config.seed)
         self._pending_round: tuple[list[str], list[int]] | None = None
+        self.reducer: Collectives | None = None
+        """Set when B is replicated over ranks (:mod:`._reduce`): iterations and round ends span every rank."""
         if server is not None:
             for group in server.optimizer.param_groups:
                 group["lr"] = self.server_lr()
@@ -189,7 +194,10 @@ class Strategy(ABC):
         self.round += 1
         if not self.averages_device_states() or not device_states:
             return {}
-        avg = average_states(device_states, num_samples)
+        if self.reducer is not None:
+            avg = self.reducer.average_states(device_states, num_samples)
+        else:
+            avg = average_states(device_states, num_samples)
         return {c: {k: v.clone() for k, v in avg.items()} for c in device_states}
 
     @classmethod

@@ -51,6 +51,8 @@ class SGLR(PSL):
     def combine_gradients(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.split_avg_active():
             return local
+        if self.reducer is not None:  # B replicated: sample among every replica's clients
+            return self.reducer.split_avg(self, local)
         shapes = [tuple(g.shape) for g in local.values()]
         common = max(set(shapes), key=lambda s: (shapes.count(s), s))
         candidates = [c for c, g in local.items() if tuple(g.shape) == common]

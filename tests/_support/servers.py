@@ -69,7 +69,8 @@ class ServerProcess:
     """
 
     def __init__(self, bundle: Path, state_dir: Path | None = None, tokens: Path | None = None, *extra: str,
-                 env: dict[str, str] | None = None, stderr_dir: Path | None = None, timeout_s: float = 60.0) -> None:
+                 env: dict[str, str] | None = None, stderr_dir: Path | None = None, timeout_s: float = 60.0,
+                 cwd: Path | None = None) -> None:
         self.port = free_port()
         self.args = [sys.executable, "-m", "splitexport", "serve", str(bundle), "--port", str(self.port),
                      *(["--state-dir", str(state_dir)] if state_dir is not None else []),
@@ -78,6 +79,7 @@ class ServerProcess:
         self.env = env or {}
         self.stderr_dir = stderr_dir
         self.timeout_s = timeout_s
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.log: list[str] = []
@@ -93,11 +95,11 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is not None and self._stderr is not None:
             self.log.append(self._stderr.read_text())
         if self.stderr_dir is None:
-            self.proc = proc = subprocess.Popen(self.args, env=env)
+            self.proc = proc = subprocess.Popen(self.args, env=env, cwd=self.cwd)
         else:
             self._stderr = self.stderr_dir / f"stderr-{self.starts}.txt"
             with self._stderr.open("wb") as err:
-                self.proc = proc = subprocess.Popen(self.args, env=env, stderr=err)
+                self.proc = proc = subprocess.Popen(self.args, env=env, stderr=err, cwd=self.cwd)
         self.starts += 1
         try:
             wait_until_healthy(self.url, proc, timeout_s=self.timeout_s)

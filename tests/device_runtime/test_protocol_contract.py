@@ -96,6 +96,59 @@ def test_openapi_documents_safetensors_bodies_bearer_auth_and_every_error(mlp_bu
     assert "security" not in doc["paths"][protocol.HEALTHZ]["get"]
 
 
+JSON_MODELS = {(protocol.SESSIONS, "post", "201"): "SessionOpened", (protocol.SESSION, "get", "200"): "SessionState",
+               (protocol.HEALTHZ, "get", "200"): "Health", (protocol.MANIFEST, "get", "200"): "ManifestReply",
+               (protocol.STRATEGY, "get", "200"): "StrategyInfo", (protocol.ITERATION, "get", "200"): "IterationStatus"}
+"""Every JSON route of the protocol (the dashboard's aside) and its response model in the OpenAPI document."""
+
+
+def test_openapi_names_a_response_model_for_every_json_route(mlp_bundle_path: Path, tmp_path: Path) -> None:
+    from server import ServerSettings, create_app
+
+    doc = create_app(ServerSettings(bundle=mlp_bundle_path, state_dir=tmp_path / "state")).openapi()
+    schemas = doc["components"]["schemas"]
+    for (path, method, status), name in JSON_MODELS.items():
+        content = doc["paths"][path][method]["responses"][status]["content"]
+        assert content == {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}, path
+        assert schemas[name]["type"] == "object" and schemas[name]["properties"], name
+    assert set(schemas["SessionOpened"]["required"]) == {"session_id", "next_step", "expected", "split", "segment"}
+    assert schemas["SessionState"]["properties"]["expected"]["enum"] == ["forward", "backward"]
+    assert "expected" not in schemas["IterationStatus"]["required"]  # only while the iteration is open
+
+
+def test_json_routes_answer_the_same_bytes_as_before_the_models(mlp_bundle_path: Path, tmp_path: Path) -> None:
+    """The response models change the document, not the wire: each JSON route answers exactly the bytes of the
+    dict its handler builds, serialized as before the models (the handlers' ``dict[str, object]`` return type,
+    which FastAPI encodes with pydantic: compact, ``1e-8`` for floats); the JS client and the docs rely on it."""
+    import httpx
+    from pydantic import TypeAdapter
+
+    from server.routers.artifacts import _device_files
+    from tests.server.conftest import TOKEN, threaded_server
+
+    def wire(d: dict[str, object]) -> bytes:
+        return TypeAdapter(dict[str, object]).dump_json(d)
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with threaded_server(mlp_bundle_path, tmp_path / "state", strategy="psl", num_clients=1) as (url, state):
+        opened = httpx.post(f"{url}/v1/sessions", headers=auth)
+        sid = opened.json()["session_id"]
+        session = state.sessions[sid]
+        assert opened.status_code == 201
+        assert opened.content == wire({**session.public(), "split": state.split, "segment": state.spec.name})
+        assert httpx.get(f"{url}/v1/sessions/{sid}", headers=auth).content == wire(session.public())
+        assert httpx.get(f"{url}/healthz").content == wire({"status": "ok", "split": state.split,
+                                                            "segment": state.spec.name, "steps_applied": 0})
+        manifest = httpx.get(f"{url}/v1/manifest", headers=auth).content
+        assert manifest == wire({"manifest": state.bundle.manifest.model_dump(mode="json"),
+                                 "device_files": _device_files(state)})
+        assert state.rounds is not None
+        assert httpx.get(f"{url}/v1/strategy", headers=auth).content == wire(state.rounds.info())
+        status = httpx.get(f"{url}/v1/sessions/{sid}/steps/0", headers=auth)
+        assert status.content == wire(state.rounds.status(session, 0))  # open: with "expected"
+        assert b'"expected"' in status.content
+
+
 def test_docs_list_every_error_code_with_its_status_and_test() -> None:
     """docs/protocol.md's bad-input matrix: one row per code, ``| status | `code` | ... | test |``."""
     docs = (ROOT / "docs" / "protocol.md").read_text()

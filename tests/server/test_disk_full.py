@@ -1,4 +1,5 @@
-"""A full disk while a step is persisted: 507, state byte-identical, lease released, recovery after."""
+"""Storage failures while a step is persisted (a full disk: 507; a state directory gone: 503): state unchanged,
+lease released, recovery after."""
 
 from __future__ import annotations
 
@@ -92,3 +93,44 @@ def test_full_disk_answers_507_and_changes_nothing(mlp_bundle: Path, small_disk:
         assert r.status_code == 200
         assert state.applied_steps == before["applied"] + 1  # type: ignore[operator]
         assert state.counters["storage_errors"] >= 3
+
+
+def test_a_removed_state_directory_answers_503_and_changes_nothing(mlp_bundle: Path, tmp_path: Path) -> None:
+    """The state directory is moved away while the server runs (an operator's mistake, a lost volume): SQLite would
+    go on writing to its open, unlinked file and acknowledge steps no restart finds. Instead every write answers
+    503 storage_unavailable with Retry-After, nothing changes, B's lease is released; with the directory back the
+    same step goes through, and a restart finds every acknowledged step."""
+    state_dir, away = tmp_path / "state", tmp_path / "moved"
+    rng = np.random.default_rng(0)
+    x = save({"activation": rng.standard_normal((8, 64)).astype(np.float32)})
+    g = save({"grad": np.full((8, 64), 1e-2, dtype=np.float32)})
+    with threaded_server(mlp_bundle, state_dir) as (url, state):
+        remote = RemoteSegment(ServerClient(url, TOKEN))
+        for _ in range(2):
+            remote.forward(torch.randn(8, 64))
+            remote.train_with_gradient(torch.full((8, 64), 1e-2))
+        other = httpx.post(f"{url}/v1/sessions", headers=ST).json()["session_id"]
+        sid, n = remote.session_id, remote.step
+        before = _snapshot(state)
+        state_dir.rename(away)
+        assert httpx.post(f"{url}/v1/sessions/{sid}/steps/{n}/forward", content=x, headers=ST).status_code == 200
+        r = httpx.post(f"{url}/v1/sessions/{sid}/steps/{n}/backward", content=g, headers=ST)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
+        assert int(r.headers["retry-after"]) >= 1
+        assert _same(before, _snapshot(state)), "a failed step changed B, its optimizer or the counters"
+        r = httpx.post(f"{url}/v1/sessions/{other}/steps/0/forward", content=x, headers=ST, timeout=5)
+        assert r.status_code == 200  # the lease was released
+        r = httpx.post(f"{url}/v1/sessions/{other}/steps/0/backward", content=g, headers=ST)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
+        r = httpx.post(f"{url}/v1/sessions", headers=ST)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
+        assert _same(before, _snapshot(state)) and len(state.sessions) == 2
+        away.rename(state_dir)  # the directory is back: the same step goes through (forward first)
+        assert httpx.post(f"{url}/v1/sessions/{sid}/steps/{n}/forward", content=x, headers=ST).status_code == 200
+        assert httpx.post(f"{url}/v1/sessions/{sid}/steps/{n}/backward", content=g, headers=ST).status_code == 200
+        assert state.applied_steps == before["applied"] + 1  # type: ignore[operator]
+        final = {k: v.clone() for k, v in state.segment.module.state_dict().items()}
+    with threaded_server(mlp_bundle, state_dir) as (url, state):
+        assert state.applied_steps == before["applied"] + 1  # type: ignore[operator]
+        assert all(torch.equal(final[k], v) for k, v in state.segment.module.state_dict().items())
+        assert httpx.get(f"{url}/v1/sessions/{sid}", headers=ST).json()["next_step"] == n + 1

@@ -270,3 +270,74 @@ def test_state_files_are_not_left_behind(mlp_bundle: Path, tmp_path: Path) -> No
     assert not (state_dir / "checkpoint.tmp").exists()
     state.store.close()
     shutil.rmtree(state_dir)
+
+
+def test_sigkill_at_a_round_end_applies_it_exactly_once(mlp_bundle: Path, tmp_path: Path, tokens: Path) -> None:
+    """SplitFed, two devices; four round ends, each hit by a SIGKILL in another window: while the round end's
+    snapshot is written, after the snapshot but before the sessions' rows are saved, after all of it before the
+    reply (these two rounds also run an iteration, so the snapshot carries a B step), and while the first
+    device's call waits at the barrier (the test kills). The devices' clients retry on their own against the restarted
+    server: every round end is applied exactly once (the server's round counts them), every device gets the
+    sample-weighted average, and B ends equal to the in-process strategy's."""
+    from device_runtime import HttpLink
+    from splitexport.strategies import StrategyConfig, average_states, make_strategy
+
+    names = ["a", "b"]
+    # the fault armed for each round: SPLITEXPORT_FAULT=<point>:<n> fires at or after the n-th applied step, so the
+    # server that recovers round r's end (before the iteration of round r + 1) can be armed for round r + 1 already
+    windows = ["in_snapshot:0", "after_snapshot:1", "after_round_end:2", None]
+    bundle = load_bundle(mlp_bundle)
+    spec, m = bundle.manifest.server_segments[0], bundle.manifest
+    ref = make_strategy("sfl", TorchSegment(bundle.torch_segment(spec.name), m.optimizer, loss=m.loss.kind),
+                        StrategyConfig(num_clients=2, client_lr=m.optimizer.lr))
+    gen = torch.Generator().manual_seed(0)
+    # snapshots only at round ends (and shutdown), so each fault fires in its round end
+    server = killable_server(mlp_bundle, tmp_path / "state", tokens, "--strategy", "sfl", "--clients", "2",
+                             "--round-timeout", "60", "--checkpoint-every", "1000")
+    server.start(windows[0])
+    try:
+        with HttpLink(server.url, names, TOKEN, max_wait_s=120) as link:
+            for r, window in enumerate(windows):
+                if r in (1, 2):  # an iteration, which the round end's snapshot keeps (the fault is in it or after it)
+                    x = {c: torch.randn(8, *spec.input.sample_shape, generator=gen) for c in names}
+                    g = {c: torch.randn(8, *spec.output.sample_shape, generator=gen) for c in names}
+                    link.participants(r, names)
+                    link.forward_round(x)
+                    link.backward_round(g)
+                    ref.forward_round(x)
+                    ref.backward_round(g)
+                states = {c: {"A.w": torch.randn(3, 2, generator=gen), "C.n": torch.tensor([r + i])}
+                          for i, c in enumerate(names)}
+                counts = {"a": 3 + r, "b": 5}
+                replies: dict[str, dict[str, torch.Tensor]] = {}
+                ending = threading.Thread(target=lambda out, st, n: out.update(link.end_round(st, n)),
+                                          args=(replies, states, counts))
+                if window is None:  # the first device's round end waits at the barrier when the server dies
+                    first = threading.Thread(target=lambda out, i, st, n: out.update(
+                        a=link.remotes["a"].end_round(i, st, n)), args=(replies, r, states["a"], counts["a"]))
+                    first.start()
+                    time.sleep(1.0)
+                    server.kill()
+                    server.start()
+                    replies["b"] = link.remotes["b"].end_round(r, states["b"], counts["b"])
+                    first.join()
+                    link.round += 1
+                else:  # the server kills itself inside the round end; the clients retry against its successor
+                    ending.start()
+                    assert server.proc is not None
+                    assert server.proc.wait(timeout=60) == -9, f"the fault {window} did not fire"
+                    server.start(windows[r + 1] if r + 1 < len(windows) else None)
+                    ending.join()
+                expected = average_states(states, counts)
+                for c in names:
+                    assert set(replies[c]) == set(expected), (window, c)
+                    assert all(torch.equal(replies[c][k], expected[k]) for k in expected), (window, c)
+                ref.end_round(states, counts)
+                info = httpx.get(f"{server.url}/v1/strategy", headers=AUTH).json()
+                assert (info["round"], info["next_iteration"]) == (r + 1, min(r, 2)), (window, info)
+        server.stop()
+        diff, where = max_abs_difference(final_snapshot(tmp_path / "state")["strategy"]["strategy"]["server"],
+                                         ref.server.module.state_dict())  # type: ignore[union-attr]
+        assert diff == 0.0, (diff, where)
+    finally:
+        server.stop()

@@ -370,6 +370,47 @@ def test_busy_and_forward_lost(mlp_bundle: Path, tmp_path: Path) -> None:
         assert post(url, f"/v1/sessions/{winner}/steps/0/backward", grad).status_code == 200
 
 
+def test_closing_a_session_that_waits_for_b_releases_its_place(mlp_bundle: Path, tmp_path: Path) -> None:
+    """Device Y's forward waits for B (X holds it) when Y's session is deleted: Y's call answers 404
+    unknown_session at once, and when X's step ends B goes to the next device Z without delay (before, the
+    lease went to the closed session, whose backward never comes: Z waited the whole ``lease_timeout_s``)."""
+    with threaded_server(mlp_bundle, tmp_path / "state", lease_timeout_s=20.0) as (url, state):
+        x, y, z = (open_session(url) for _ in range(3))
+        spec = state.spec
+        a = save({"activation": np.random.default_rng(0).standard_normal((4, *spec.input.sample_shape))
+                  .astype(np.float32)})
+        grad = save({"grad": np.full((4, *spec.output.sample_shape), 1e-3, np.float32)})
+        assert post(url, f"/v1/sessions/{x}/steps/0/forward", a).status_code == 200
+        before = b_state(url, state, {x: AUTH, z: AUTH})
+        waiting: dict[str, Any] = {}
+
+        def forward_y() -> None:
+            waiting["r"] = post(url, f"/v1/sessions/{y}/steps/0/forward", a)
+            waiting["t"] = time.monotonic()
+
+        thread = threading.Thread(target=forward_y)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while state.lease.waiting == 0:  # Y waits in line for B
+            assert time.monotonic() < deadline and thread.is_alive(), "Y's forward never waited for B"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert httpx.delete(f"{url}/v1/sessions/{y}", headers=AUTH).status_code == 204
+        thread.join(timeout=10)
+        error = refused(waiting["r"], ErrorCode.UNKNOWN_SESSION)
+        assert "closed" in error["message"] and waiting["t"] - t0 < 2.0
+        assert state.lease.waiting == 0 and state.lease.holder == x
+        assert same(b_state(url, state, {x: AUTH, z: AUTH}), before)  # Y left no trace in B
+        assert post(url, f"/v1/sessions/{x}/steps/0/backward", grad).status_code == 200
+        t1 = time.monotonic()
+        r = post(url, f"/v1/sessions/{z}/steps/0/forward", a)
+        assert r.status_code == 200 and time.monotonic() - t1 < 2.0, (r.text, time.monotonic() - t1)
+        assert state.lease.holder == z
+        assert post(url, f"/v1/sessions/{z}/steps/0/backward", grad).status_code == 200
+        assert httpx.get(f"{url}/healthz").json()["steps_applied"] == 2
+        refused(httpx.get(f"{url}/v1/sessions/{y}", headers=AUTH), ErrorCode.UNKNOWN_SESSION)
+
+
 # -- updates that would break B: non-finite results, a gradient-norm limit -------------------------------------
 
 def _logged(state: Any) -> int:

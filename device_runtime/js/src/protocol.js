@@ -58,6 +58,7 @@ export const ErrorCode = Object.freeze({
   BUSY: "busy",
   STORAGE_UNAVAILABLE: "storage_unavailable",
   INSUFFICIENT_STORAGE: "insufficient_storage",
+  REPLICA_LOST: "replica_lost",
   UNREACHABLE: "unreachable",
 });
 
@@ -102,5 +103,6 @@ export const ERROR_STATUS = Object.freeze({
   "busy": 503,
   "storage_unavailable": 503,
   "insufficient_storage": 507,
+  "replica_lost": 503,
   "unreachable": 503,
 });
