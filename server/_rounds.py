@@ -19,12 +19,13 @@ same body returns the stored response.
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ from splitexport.strategies import STRATEGIES, ServerReply, Strategy, StrategyCo
 from ._errors import APIError
 from ._state import ServerState, Session, _Cached
 from ._wire import encode, encode_reply
+
+T = TypeVar("T")
 
 HISTORY = 256
 """How many closed iterations keep their participant list for late status calls."""
@@ -99,7 +102,12 @@ def build_strategy(state: ServerState) -> Strategy:
 
 
 class RoundHost:
-    """The strategy layer of the server; every method runs under the server's lock."""
+    """The strategy layer of the server, on the event loop.
+
+    The bookkeeping of iterations and round ends runs under one :class:`asyncio.Condition`; a request waiting
+    at a barrier awaits it (no thread). The strategy's compute runs on B's thread (:class:`~._scheduler.BExecutor`)
+    while the condition's lock is held, so it sees the barriers as they were when it fired.
+    """
 
     def __init__(self, state: ServerState, strategy: Strategy) -> None:
         self.state = state
@@ -107,7 +115,7 @@ class RoundHost:
         self.timeout = state.settings.round_timeout_s
         self.num_clients = state.settings.num_clients or 1
         self.global_steps = strategy.device_sync != "relay" and (strategy.batches_server or state.split == "single")
-        self._cond = threading.Condition(state._lock)
+        self._cond = asyncio.Condition()
         self.next_iteration = 0
         self.current: _Iteration | None = None
         self.round_clients: list[str] | None = None
@@ -120,35 +128,35 @@ class RoundHost:
     # -- info -------------------------------------------------------------------------------
 
     def info(self) -> dict[str, object]:
+        """Where training stands (read without the lock: a consistent enough view for status pages)."""
         st = self.strategy
-        with self._cond:
-            return {
-                "strategy": st.name, "split": self.state.split, "device_sync": st.device_sync,
-                "batches_server": st.batches_server, "sends_gradient": st.sends_gradient,
-                "needs_server": st.needs_server, "steps": "global" if self.global_steps else "per_session",
-                "num_clients": self.num_clients, "client_lr": st.config.client_lr,
-                "server_lr": st.server_lr() if st.needs_server else None,
-                "alpha": st.config.alpha, "phi": st.config.phi, "round": st.round,
-                "next_iteration": self.current.index if self.current else self.next_iteration,
-                "round_timeout_s": self.timeout,
-            }
+        return {
+            "strategy": st.name, "split": self.state.split, "device_sync": st.device_sync,
+            "batches_server": st.batches_server, "sends_gradient": st.sends_gradient,
+            "needs_server": st.needs_server, "steps": "global" if self.global_steps else "per_session",
+            "num_clients": self.num_clients, "client_lr": st.config.client_lr,
+            "server_lr": st.server_lr() if st.needs_server else None,
+            "alpha": st.config.alpha, "phi": st.config.phi, "round": st.round,
+            "next_iteration": self.current.index if self.current else self.next_iteration,
+            "round_timeout_s": self.timeout,
+        }
 
-    def status(self, session: Session, step: int) -> dict[str, object]:
+    async def status(self, session: Session, step: int) -> dict[str, object]:
         """Whether ``session`` takes part in iteration ``step`` (waits until the iteration opens)."""
         self._need_global("steps/{n}")
-        with self._cond:
+        async with self._cond:
             if step in self._history and (self.current is None or self.current.index != step):
                 members = self._history[step]
                 return {"step": step, "participate": session.id in members, "open": False,
                         "participants": len(members), "round": self.strategy.round}
-            it = self._await_open(session, step)
+            it = await self._await_open(session, step)
             return {"step": step, "participate": session.id in it.participants, "open": True,
                     "participants": len(it.participants), "round": it.round, "expected": it.phase}
 
     # -- global iterations --------------------------------------------------------------------
 
-    def forward(self, session: Session, step: int, x: torch.Tensor, transport: type, body_sha: str) -> bytes:
-        with self._cond:
+    async def forward(self, session: Session, step: int, x: torch.Tensor, transport: type, body_sha: str) -> bytes:
+        async with self._cond:
             replay = self._replay(session, "forward", step, body_sha)
             if replay is not None:
                 return replay
@@ -156,11 +164,11 @@ class RoundHost:
             if session.phase == "backward" and cur is not None and cur.phase == "backward" \
                     and session.id in cur.participants:
                 raise self._wrong(session, f"step {cur.index} waits for this session's backward")
-            it = self._participant(session, step, "forward")
-            return self._arrive(it, session, _Arrival((x,), transport, body_sha), self._fire_forward)
+            it = await self._participant(session, step, "forward")
+            return await self._arrive(it, session, _Arrival((x,), transport, body_sha), self._fire_forward)
 
-    def backward(self, session: Session, step: int, g: torch.Tensor, transport: type, body_sha: str) -> bytes:
-        with self._cond:
+    async def backward(self, session: Session, step: int, g: torch.Tensor, transport: type, body_sha: str) -> bytes:
+        async with self._cond:
             replay = self._replay(session, "backward", step, body_sha)
             if replay is not None:
                 return replay
@@ -175,36 +183,36 @@ class RoundHost:
             shape = it.out_shapes[session.id]
             if tuple(g.shape) != tuple(shape):
                 raise APIError(422, "wrong_batch", f"grad has shape {list(g.shape)}, the forward gave {list(shape)}")
-            return self._arrive(it, session, _Arrival((g,), transport, body_sha), self._fire_backward)
+            return await self._arrive(it, session, _Arrival((g,), transport, body_sha), self._fire_backward)
 
-    def train(self, session: Session, step: int, x: torch.Tensor, y: torch.Tensor, transport: type,
-              body_sha: str) -> bytes:
-        with self._cond:
+    async def train(self, session: Session, step: int, x: torch.Tensor, y: torch.Tensor, transport: type,
+                    body_sha: str) -> bytes:
+        async with self._cond:
             replay = self._replay(session, "train", step, body_sha)
             if replay is not None:
                 return replay
-            it = self._participant(session, step, "train")
+            it = await self._participant(session, step, "train")
             arrival = _Arrival((x, y), transport, body_sha)
             if self.strategy.batches_server:
-                return self._arrive(it, session, arrival, self._fire_train)
+                return await self._arrive(it, session, arrival, self._fire_train)
             if session.id in it.finished:
                 raise APIError(409, "conflicting_retry", f"step {step} train was already applied with another body",
                                **session.public())
-            reply = self.strategy.train_round({session.id: (x, y)})[session.id]
-            response = encode_reply(reply, transport)
+            response = await self._b(lambda: encode_reply(self.strategy.train_round({session.id: (x, y)})[session.id],
+                                                          transport))
             self._finish(session, "train", step, body_sha, response)
             it.finished.add(session.id)
             self._count_step()
             if all(c in it.finished for c in it.participants):
-                self._close(it)
+                await self._close(it)
             return response
 
     # -- round ends ---------------------------------------------------------------------------
 
-    def end_round(self, session: Session, round_index: int, arrays: dict[str, np.ndarray], num_samples: int,
-                  body_sha: str) -> bytes:
+    async def end_round(self, session: Session, round_index: int, arrays: dict[str, np.ndarray], num_samples: int,
+                        body_sha: str) -> bytes:
         """The device weights this client must load after round ``round_index`` (empty: keep its own)."""
-        with self._cond:
+        async with self._cond:
             cached = session.cache.get("end")
             if cached is not None and cached.step == round_index:
                 return self._replayed(session, cached.body_sha, body_sha, cached.response, f"round {round_index} end")
@@ -214,7 +222,7 @@ class RoundHost:
             if session.phase == "backward":
                 raise self._wrong(session, "finish the pending backward before ending the round")
             if self.round_clients is None:
-                self.round_clients = list(self.state.sessions)
+                self.round_clients = self._clients()
             if session.id not in self.round_clients:
                 raise APIError(409, "not_in_round", f"this session joined after round {round_index} began; it "
                                f"takes part from round {round_index + 1}", round=round_index)
@@ -231,34 +239,34 @@ class RoundHost:
                 raise APIError(409, "conflicting_retry", f"round {round_index} end was already sent with another body")
             if known is None:
                 bar.arrived[session.id] = _Arrival((states, num_samples), np.float32, body_sha)
-                self._leave_iteration(session.id)
-            return self._wait(bar, session, lambda: self._fire_end(bar, round_index))
+                await self._leave_iteration(session.id)
+            return await self._wait(bar, session, lambda: self._fire_end(bar, round_index))
 
-    def leave_round(self, session: Session, round_index: int) -> None:
+    async def leave_round(self, session: Session, round_index: int) -> None:
         """This client has no more batches in round ``round_index``: iterations stop waiting for it."""
-        with self._cond:
+        async with self._cond:
             if round_index != self.strategy.round:
                 raise APIError(409, "wrong_round", f"the server is in round {self.strategy.round}, got round "
                                f"{round_index}", round=self.strategy.round, **session.public())
             if session.phase == "backward":
                 raise self._wrong(session, "finish the pending backward before leaving the round")
             self.round_left.add(session.id)
-            self._leave_iteration(session.id)
+            await self._leave_iteration(session.id)
 
-    def relayed_state(self, session: Session) -> bytes:
+    async def relayed_state(self, session: Session) -> bytes:
         """SSL: the device weights to load before this client's turn (empty: keep its own)."""
         self._need_relay()
-        with self._cond:
+        async with self._cond:
             return encode(dict(self.strategy.device_state_for(session.id) or {}))
 
-    def end_turn(self, session: Session, arrays: dict[str, np.ndarray]) -> None:
+    async def end_turn(self, session: Session, arrays: dict[str, np.ndarray]) -> None:
         """SSL: this client's weights after its turn, handed to the next client."""
         self._need_relay()
-        with self._cond:
+        async with self._cond:
             self.strategy.end_turn(session.id, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
-    def observe(self, session: Session, metrics: Mapping[str, float]) -> None:
-        with self._cond:
+    async def observe(self, session: Session, metrics: Mapping[str, float]) -> None:
+        async with self._cond:
             self.strategy.observe(session.id, metrics)
 
     # -- per-session steps (the default protocol, B's calls through the strategy) ----------------
@@ -272,8 +280,8 @@ class RoundHost:
     def b_train(self, session: Session, x: torch.Tensor, y: torch.Tensor) -> ServerReply:
         return self.strategy.train_round({session.id: (x, y)})[session.id]
 
-    def evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
-        return self.strategy.evaluate(session.id, x)
+    async def evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+        return await self._b(lambda: self.strategy.evaluate(session.id, x))
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -287,10 +295,26 @@ class RoundHost:
         self._first_open = time.monotonic()
 
     def metrics(self) -> dict[str, float]:
+        waiting = sum(len(b.arrived) for b in (self.current.barrier if self.current else None, self.end_barrier)
+                      if b is not None and not b.done)
         return {"rounds_completed_total": self.strategy.round,
-                "iterations_total": self.current.index if self.current else self.next_iteration}
+                "iterations_total": self.current.index if self.current else self.next_iteration,
+                "barrier_waiting": waiting}
 
     # -- internals ----------------------------------------------------------------------------
+
+    async def _b(self, fn: Callable[[], T]) -> T:
+        """``fn`` on B's thread (the lock stays held: nothing else changes the strategy meanwhile)."""
+        return await self.state.executor.run(fn)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Release the lock until a barrier changes or ``seconds`` pass (an await, not a thread)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cond.wait(), max(seconds, 0.0))
+
+    def _clients(self) -> list[str]:
+        """The open sessions in the order they were opened (the strategy's client order)."""
+        return [s.id for s in sorted(self.state.sessions.values(), key=lambda s: s.opened)]
 
     def _need_global(self, call: str) -> None:
         if not self.global_steps:
@@ -322,8 +346,8 @@ class RoundHost:
             session.next_step = max(session.next_step, self._position())
         return APIError(409, "wrong_step", message, **session.public())
 
-    def _participant(self, session: Session, step: int, phase: str) -> _Iteration:
-        it = self._await_open(session, step)
+    async def _participant(self, session: Session, step: int, phase: str) -> _Iteration:
+        it = await self._await_open(session, step)
         if session.id not in it.participants:
             why = "was not selected for" if session.id in (self.round_clients or []) else "is not part of"
             raise APIError(409, "not_in_round", f"this session {why} iteration {step} (round {it.round})",
@@ -332,11 +356,11 @@ class RoundHost:
             raise self._wrong(session, f"iteration {step} is in its {it.phase} phase, got {phase}")
         return it
 
-    def _await_open(self, session: Session, step: int) -> _Iteration:
+    async def _await_open(self, session: Session, step: int) -> _Iteration:
         """Iteration ``step``, opening it when it is next; waits while the one before is still running."""
         deadline = time.monotonic() + 2 * self.timeout
         while True:
-            self._tick()
+            await self._tick()
             cur = self.current
             position = self._position()
             if cur is not None and cur.index == step:
@@ -349,21 +373,21 @@ class RoundHost:
             if step > position + (1 if cur is not None else 0):
                 raise self._wrong(session, f"iteration {step} is ahead; the server is at iteration {position}")
             if cur is None and self._can_open():
-                return self._open(step)
+                return await self._open(step)
             now = time.monotonic()
             if now >= deadline:
                 raise APIError(503, "busy", f"iteration {step} has not opened yet; retry", retry_after_s=1)
-            self._cond.wait(timeout=max(min(deadline, self._next_deadline()) - now, 0.0) + 0.005)
+            await self._sleep(min(deadline, self._next_deadline()) - now + 0.005)
 
     def _can_open(self) -> bool:
         if self._first_open is None:
             self._first_open = time.monotonic()
         return len(self.state.sessions) >= self.num_clients or time.monotonic() >= self._first_open + self.timeout
 
-    def _open(self, step: int) -> _Iteration:
+    async def _open(self, step: int) -> _Iteration:
         self._first_open = self._first_open or time.monotonic()
         if self.round_clients is None:
-            self.round_clients = list(self.state.sessions)
+            self.round_clients = self._clients()
         ended = self.end_barrier.arrived if self.end_barrier is not None else {}
         eligible = [c for c in self.round_clients
                     if c not in ended and c not in self.round_left and c in self.state.sessions]
@@ -372,7 +396,7 @@ class RoundHost:
         it = _Iteration(step, self.strategy.round, list(members), phase, _Barrier(list(members), time.monotonic()))
         self.current = it
         if not it.participants:
-            self._close(it)
+            await self._close(it)
         return it
 
     def _next_deadline(self) -> float:
@@ -380,22 +404,22 @@ class RoundHost:
                                                        self.end_barrier) if b is not None]
         return min(deadlines, default=time.monotonic() + self.timeout)
 
-    def _tick(self) -> None:
+    async def _tick(self) -> None:
         """Proceed with the clients present when a barrier's time is up (nobody else may be waiting in it)."""
         now = time.monotonic()
         it = self.current
         if it is not None and not it.closed and now >= it.barrier.opened + self.timeout:
             if not self.strategy.batches_server or (it.phase == "forward" and not it.barrier.arrived):
-                self._close(it)
+                await self._close(it)
             elif not it.barrier.done:
                 fire = {"forward": self._fire_forward, "backward": self._fire_backward, "train": self._fire_train}
-                self._fire(it.barrier, lambda: fire[it.phase](it))
+                await self._fire(it.barrier, lambda: fire[it.phase](it))
         bar = self.end_barrier
         if bar is not None and not bar.done and now >= bar.opened + self.timeout:
-            self._fire(bar, lambda: self._fire_end(bar, self.strategy.round))
+            await self._fire(bar, lambda: self._fire_end(bar, self.strategy.round))
 
-    def _arrive(self, it: _Iteration, session: Session, arrival: _Arrival,
-                fire: Callable[[_Iteration], None]) -> bytes:
+    async def _arrive(self, it: _Iteration, session: Session, arrival: _Arrival,
+                      fire: Callable[[_Iteration], Awaitable[None]]) -> bytes:
         bar = it.barrier
         known = bar.arrived.get(session.id)
         if known is not None and known.body_sha != arrival.body_sha:
@@ -404,18 +428,19 @@ class RoundHost:
         if known is None:  # no wake-up: the last arrival fires the barrier itself
             bar.arrived[session.id] = arrival
             session.next_step = it.index
-        return self._wait(bar, session, lambda: fire(it))
+        return await self._wait(bar, session, lambda: fire(it))
 
-    def _wait(self, bar: _Barrier, session: Session, fire: Callable[[], None]) -> bytes:
+    async def _wait(self, bar: _Barrier, session: Session, fire: Callable[[], Awaitable[None]]) -> bytes:
+        """Until ``bar`` has fired: the last arrival (or the first caller after the timeout) fires it."""
         while not bar.done:
             now = time.monotonic()
             if bar.complete() or now >= bar.opened + self.timeout:
-                self._fire(bar, fire)
+                await self._fire(bar, fire)
                 break
-            self._tick()
+            await self._tick()
             if bar.done:
                 break
-            self._cond.wait(timeout=max(min(bar.opened + self.timeout, self._next_deadline()) - now, 0.0) + 0.005)
+            await self._sleep(min(bar.opened + self.timeout, self._next_deadline()) - now + 0.005)
         if bar.error is not None:
             raise bar.error
         assert bar.responses is not None
@@ -425,71 +450,87 @@ class RoundHost:
                            **session.public())
         return response
 
-    def _fire(self, bar: _Barrier, fire: Callable[[], None]) -> None:
+    async def _fire(self, bar: _Barrier, fire: Callable[[], Awaitable[None]]) -> None:
         try:
-            fire()
+            await fire()
         except APIError as exc:
             bar.error = exc
         except Exception as exc:  # noqa: BLE001 - a failing strategy call fails the whole barrier, not the server
             bar.error = APIError(500, "strategy_failed", f"{type(exc).__name__}: {exc}")
             if self.current is not None and self.current.barrier is bar:
-                self.state.segment.discard_pending()
-                self._close(self.current)
+                await self._b(self.state.segment.discard_pending)
+                await self._close(self.current)
         finally:
             self._cond.notify_all()
 
     def _present(self, it: _Iteration) -> list[str]:
         return [c for c in it.participants if c in it.barrier.arrived]
 
-    def _fire_forward(self, it: _Iteration) -> None:
+    async def _fire_forward(self, it: _Iteration) -> None:
         bar, present = it.barrier, self._present(it)
         if not present:
-            self._close(it)
+            await self._close(it)
             bar.responses = {}
             return
-        outs = self.strategy.forward_round({c: bar.arrived[c].payload[0] for c in present})
-        bar.responses = {c: encode({"output": outs[c]}, bar.arrived[c].transport) for c in present}
+
+        def compute() -> tuple[dict[str, torch.Size], dict[str, bytes]]:
+            outs = self.strategy.forward_round({c: bar.arrived[c].payload[0] for c in present})
+            return ({c: outs[c].shape for c in present},
+                    {c: encode({"output": outs[c]}, bar.arrived[c].transport) for c in present})
+
+        it.out_shapes, responses = await self._b(compute)
+        bar.responses = responses
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
-                s.cache["forward"] = _Cached("forward", it.index, bar.arrived[c].body_sha, bar.responses[c])
+                s.cache["forward"] = _Cached("forward", it.index, bar.arrived[c].body_sha, responses[c])
                 s.phase, s.next_step = "backward", it.index
         it.participants = present
-        it.out_shapes = {c: outs[c].shape for c in present}
         it.phase = "backward"
         it.barrier = _Barrier(list(present), time.monotonic())
 
-    def _fire_backward(self, it: _Iteration) -> None:
+    async def _fire_backward(self, it: _Iteration) -> None:
         bar = it.barrier
-        grads = {c: bar.arrived[c].payload[0] if c in bar.arrived else torch.zeros(it.out_shapes[c])
-                 for c in it.participants}
-        grads_in = self.strategy.backward_round(grads)
-        bar.responses = {c: encode({"grad": grads_in[c], **self._shared(c)}, a.transport)
-                         for c, a in bar.arrived.items()}
+
+        def compute() -> dict[str, bytes]:
+            grads = {c: bar.arrived[c].payload[0] if c in bar.arrived else torch.zeros(it.out_shapes[c])
+                     for c in it.participants}
+            grads_in = self.strategy.backward_round(grads)
+            return {c: encode({"grad": grads_in[c], **self._shared(c)}, a.transport) for c, a in bar.arrived.items()}
+
+        bar.responses = await self._b(compute)
         self._settle(it, "backward", bar)
         self._count_step()
-        self._close(it)
+        await self._close(it)
 
-    def _fire_train(self, it: _Iteration) -> None:
+    async def _fire_train(self, it: _Iteration) -> None:
         bar, present = it.barrier, self._present(it)
         if not present:
             bar.responses = {}
-            self._close(it)
+            await self._close(it)
             return
-        replies = self.strategy.train_round({c: bar.arrived[c].payload for c in present})
-        bar.responses = {c: encode_reply(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
+
+        def compute() -> dict[str, bytes]:
+            replies = self.strategy.train_round({c: bar.arrived[c].payload for c in present})
+            return {c: encode_reply(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
+
+        bar.responses = await self._b(compute)
         self._settle(it, "train", bar)
         self._count_step()
-        self._close(it)
+        await self._close(it)
 
-    def _fire_end(self, bar: _Barrier, round_index: int) -> None:
+    async def _fire_end(self, bar: _Barrier, round_index: int) -> None:
         present = [c for c in bar.expected if c in bar.arrived] + [c for c in bar.arrived if c not in bar.expected]
         states = {c: bar.arrived[c].payload[0] for c in present}
         num_samples = {c: int(bar.arrived[c].payload[1]) for c in present}
         if self.strategy.device_sync != "average":
             states = {c: {} for c in present}
-        out = self.strategy.end_round(states, num_samples)
-        bar.responses = {c: encode(dict(out.get(c, {}))) for c in present}
+
+        def compute() -> dict[str, bytes]:
+            out = self.strategy.end_round(states, num_samples)
+            return {c: encode(dict(out.get(c, {}))) for c in present}
+
+        bar.responses = await self._b(compute)
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
@@ -498,7 +539,7 @@ class RoundHost:
         self.end_barrier = None
         self.round_clients = None
         self.round_left.clear()
-        self.state.checkpoint()
+        await self._b(self.state.checkpoint)
 
     def _settle(self, it: _Iteration, kind: str, bar: _Barrier) -> None:
         assert bar.responses is not None
@@ -519,7 +560,7 @@ class RoundHost:
     def _count_step(self) -> None:
         self.state.count_step()
 
-    def _close(self, it: _Iteration) -> None:
+    async def _close(self, it: _Iteration) -> None:
         if it.closed:
             return
         it.closed = True
@@ -530,10 +571,10 @@ class RoundHost:
             self.current = None
             self.next_iteration = it.index + 1
         if self.state.snapshot_due:
-            self.state.checkpoint()
+            await self._b(self.state.checkpoint)
         self._cond.notify_all()
 
-    def _leave_iteration(self, client: str) -> None:
+    async def _leave_iteration(self, client: str) -> None:
         """A client that ended its round is no longer expected in the open iteration."""
         it = self.current
         if it is None or client not in it.participants or client in it.barrier.arrived or client in it.finished:
@@ -543,7 +584,7 @@ class RoundHost:
             it.barrier.expected.remove(client)
             if not it.participants or (not self.strategy.batches_server
                                        and all(c in it.finished for c in it.participants)):
-                self._close(it)
+                await self._close(it)
             elif it.barrier.complete():  # the clients waiting in it can go on now
                 self._cond.notify_all()
 

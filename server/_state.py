@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from starlette.concurrency import run_in_threadpool
 
 from splitexport import Bundle, TorchSegment, load_bundle
 from splitexport._torch_segment import UnsafeUpdate
@@ -90,6 +89,8 @@ class Session:
     """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
     idempotency_key: str | None = None
     """The ``Idempotency-Key`` it was opened with: the same key (and token) opens this session again."""
+    opened: int = 0
+    """Open order (``ServerState.sessions`` is in least-recently-seen order): a round's clients come in this order."""
 
     def public(self) -> dict[str, object]:
         return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
@@ -97,6 +98,14 @@ class Session:
     def stored(self) -> StoredSession:
         return StoredSession(self.id, self.token_hash, self.next_step, "forward",
                              {k: (c.step, c.body_sha, c.response) for k, c in self.cache.items() if k != "forward"})
+
+
+def _thread_count() -> int:
+    """The process's threads, native ones included (torch's, SQLite's): ``/proc/self/task`` where there is one."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def _hash(data: bytes | str) -> str:
@@ -142,6 +151,7 @@ class ServerState:
         self.opened_by_key: dict[tuple[str, str], str] = {}
         """(token hash, ``Idempotency-Key``) -> the open session it made."""
         self.applied_steps = 0
+        self._opened = 0
         self._since_snapshot = 0
         self._log_seq = 0
         self._lock = threading.RLock()
@@ -201,7 +211,9 @@ class ServerState:
                     self.counters["retries"] += 1
                     return session
             self._check_session_caps(token_hash)
-            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key)
+            self._opened += 1
+            session = Session(id=secrets.token_urlsafe(12), token_hash=token_hash, idempotency_key=idempotency_key,
+                              opened=self._opened)
             try:
                 self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:
@@ -323,7 +335,7 @@ class ServerState:
         self._need_split("double", "forward")
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         if self.rounds is not None and self.rounds.global_steps:
-            return await run_in_threadpool(self.rounds.forward, session, step, x, transport, body_sha)
+            return await self.rounds.forward(session, step, x, transport, body_sha)
 
         async def call() -> bytes:
             replay = self._replay_or_check(session, "forward", step, "forward", body_sha)
@@ -358,7 +370,7 @@ class ServerState:
         self._need_split("double", "backward")
         if self.rounds is not None and self.rounds.global_steps:
             g, transport = float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch)
-            return await run_in_threadpool(self.rounds.backward, session, step, g, transport, body_sha)
+            return await self.rounds.backward(session, step, g, transport, body_sha)
 
         async def call() -> bytes:
             replay = self._replay_or_check(session, "backward", step, "backward", body_sha)
@@ -397,7 +409,7 @@ class ServerState:
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         y = label_tensor(arrays, x.shape[0], self.loss_kind, self.num_outputs)
         if self.rounds is not None and self.rounds.global_steps:
-            return await run_in_threadpool(self.rounds.train, session, step, x, y, transport, body_sha)
+            return await self.rounds.train(session, step, x, y, transport, body_sha)
 
         async def call() -> bytes:
             replay = self._replay_or_check(session, "train", step, "forward", body_sha)
@@ -445,13 +457,7 @@ class ServerState:
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         if self.rounds is not None and session is not None:
             self._need_server("evaluate")
-            rounds = self.rounds
-
-            def strategy_eval() -> torch.Tensor:
-                with self._lock:
-                    return rounds.evaluate(session, x)
-
-            out = await run_in_threadpool(strategy_eval)
+            out = await self.rounds.evaluate(session, x)
         else:
             out = await self.executor.run(lambda: self.segment.evaluate(x))
         return encode({"output": out}, transport)
@@ -579,8 +585,9 @@ class ServerState:
             now = time.monotonic()
             for s in self.store.sessions():
                 cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
+                self._opened += 1
                 self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache,
-                                              idempotency_key=s.idempotency_key)
+                                              idempotency_key=s.idempotency_key, opened=self._opened)
                 if s.idempotency_key is not None:
                     self.opened_by_key[(s.token_hash, s.idempotency_key)] = s.id
         except (OSError, sqlite3.Error) as exc:
@@ -622,6 +629,6 @@ class ServerState:
 
     def metrics(self) -> dict[str, float]:
         return {"sessions_active": len(self.sessions), "steps_applied_total": self.applied_steps,
-                "lease_waiting": self.lease.waiting,
+                "lease_waiting": self.lease.waiting, "threads": _thread_count(),
                 **{f"{k}_total": v for k, v in self.counters.items()},
                 **(self.rounds.metrics() if self.rounds is not None else {})}
