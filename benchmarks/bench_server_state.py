@@ -1,6 +1,7 @@
 """What the server's state costs: sessions, durability bytes, per-call CPU (issue 12).
 
     python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--json out.json]
+                                            [--only sessions,bytes,cpu,strategy]
 
 ``splitexport serve --threads 1`` runs in a child process on loopback; this process is one device
 sending fixed forward/backward bodies (batch 32) over one HTTP connection:
@@ -12,6 +13,10 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
   storage per step (``/proc/PID/io`` ``write_bytes``: SQLite WAL, snapshots) and the step time, for
   the default durability (step log + snapshot every 100 steps), a snapshot every step (the cost the
   log avoids), and none (B's step in this process, nothing written).
+* **strategy bytes**: PSL with ``--clients 8`` around the ~10M-parameter B: the bytes written and the time per
+  iteration (8 devices' forwards at the barrier, then their backwards), with the step log (default) and
+  with a snapshot every iteration (``--checkpoint-every 1``: what a strategy server wrote before its calls
+  were logged).
 * **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``, 10 ms ticks:
   use enough steps) per step, minus B's CPU time per step measured here in process with one thread,
   interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn.
@@ -164,6 +169,35 @@ def bench_bytes(root: Path, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_strategy_bytes(root: Path, model: str, iterations: int, clients: int = 8) -> list[dict[str, Any]]:
+    """PSL iterations of ``clients`` devices (one thread each, so the barrier fills); bytes written per iteration."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = make_bundle(root, model)
+    loaded = load_bundle(bundle)
+    params = sum(p.numel() for p in loaded.torch_segment(loaded.manifest.server_segments[0].name).parameters())
+    rows: list[dict[str, Any]] = []
+    for label, extra in (("step log (default)", []), ("snapshot every iteration", ["--checkpoint-every", "1"])):
+        server = serve(bundle, root / f"s-strategy-{len(rows)}", "--strategy", "psl", "--clients", str(clients),
+                       *extra)
+        try:
+            devices = [Device(server.url, bundle) for _ in range(clients)]
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(lambda d: d.run(2), devices))
+                before = write_bytes(server.proc.pid)
+                t0 = time.perf_counter()
+                list(pool.map(lambda d: d.run(iterations), devices))
+                elapsed = time.perf_counter() - t0
+                written = write_bytes(server.proc.pid) - before
+        finally:
+            server.stop()
+        x, g = devices[0].x, devices[0].g
+        rows.append({"durability": label, "b_params": params, "clients": clients,
+                     "bytes_per_iteration": written / iterations, "iteration_ms": elapsed / iterations * 1e3,
+                     "step_tensor_bytes": clients * (x.nbytes * 2 + g.nbytes)})
+    return rows
+
+
 def bench_cpu(root: Path, model: str, steps: int, blocks: int) -> dict[str, Any]:
     bundle = make_bundle(root, model)
     server = serve(bundle, root / f"s-cpu-{model}", "--checkpoint-every", "1000000")
@@ -189,24 +223,36 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--sessions", type=int, default=5000)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--only", default="sessions,bytes,cpu,strategy", help="comma-separated sections to run")
     args = p.parse_args()
+    only = set(args.only.split(","))
     steps, sessions, blocks = (10, 50, 2) if args.smoke else (args.steps, args.sessions, 5)
     torch.set_num_threads(1)
     os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result: dict[str, Any] = {"machine": machine(), "batch": BATCH,
-                  "sessions": bench_sessions(root, max(steps // blocks, 5), sessions, blocks),
-                  "bytes": bench_bytes(root, max(steps // 4, 5)),
-                  "cpu": [bench_cpu(root, m, max(steps // blocks, 5), blocks) for m in ("mlp", "resnet_cnn")]}
-    s = result["sessions"]
+        result: dict[str, Any] = {"machine": machine(), "batch": BATCH}
+        if "sessions" in only:
+            result["sessions"] = bench_sessions(root, max(steps // blocks, 5), sessions, blocks)
+        if "bytes" in only:
+            result["bytes"] = bench_bytes(root, max(steps // 4, 5))
+        if "cpu" in only:
+            result["cpu"] = [bench_cpu(root, m, max(steps // blocks, 5), blocks) for m in ("mlp", "resnet_cnn")]
+        if "strategy" in only:
+            result["strategy"] = bench_strategy_bytes(root, "mlp" if args.smoke else "mlp10m", max(steps // 20, 3))
     print(f"machine: {result['machine']}")
-    print(f"step time, 1 session: {s['step_ms_1_session']:.2f} ms; with {s['sessions']} sessions: "
-          f"{s['step_ms_many']:.2f} ms (x{s['ratio']:.2f}); opening a session {s['open_ms_per_session']:.2f} ms")
-    for r in result["bytes"]:
+    if "sessions" in result:
+        s = result["sessions"]
+        print(f"step time, 1 session: {s['step_ms_1_session']:.2f} ms; with {s['sessions']} sessions: "
+              f"{s['step_ms_many']:.2f} ms (x{s['ratio']:.2f}); opening a session {s['open_ms_per_session']:.2f} ms")
+    for r in result.get("strategy", []):
+        print(f"PSL, {r['clients']} devices, B {r['b_params']} params, {r['durability']}: "
+              f"{r['bytes_per_iteration'] / 1e6:.3f} MB written per iteration (the iteration's tensors "
+              f"{r['step_tensor_bytes'] / 1e3:.0f} kB), {r['iteration_ms']:.1f} ms per iteration")
+    for r in result.get("bytes", []):
         print(f"B {r['b_params']} params, {r['durability']}: {r['bytes_per_step'] / 1e6:.3f} MB written per step "
               f"(step tensors {r['step_tensor_bytes'] / 1e3:.0f} kB), step {r['step_ms']:.1f} ms")
-    for r in result["cpu"]:
+    for r in result.get("cpu", []):
         print(f"{r['model']}: server CPU {r['server_cpu_ms_per_step']:.2f} ms/step, B {r['b_ms_per_step']:.2f} ms, "
               f"overhead {r['overhead_ms_per_step']:.2f} ms/step")
     if args.json:

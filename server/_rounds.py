@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +33,12 @@ import torch
 from splitexport.strategies import STRATEGIES, ServerReply, Strategy, StrategyConfig, make_strategy
 
 from ._errors import APIError
-from ._state import ServerState, Session, _Cached
+from ._scheduler import GradDecoder, Host
+from ._session import Session
+from ._store import LogEvent, StateError, StepRecord, pack
+
+if TYPE_CHECKING:
+    from ._state import ServerState
 from ._wire import encode, encode_reply
 
 T = TypeVar("T")
@@ -78,6 +83,12 @@ class _Iteration:
     finished: set[str] = field(default_factory=set)
     out_shapes: dict[str, torch.Size] = field(default_factory=dict)
     closed: bool = False
+    opening: dict[str, Any] = field(default_factory=dict)
+    """``Strategy.participants``' arguments and result, logged before the iteration's first step."""
+    logged: bool = False
+    """Its opening is in the step log (or in the snapshot)."""
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The forward's activations, logged with the backward (the step's inputs)."""
 
 
 def build_strategy(state: ServerState) -> Strategy:
@@ -109,7 +120,7 @@ class RoundHost:
     while the condition's lock is held, so it sees the barriers as they were when it fired.
     """
 
-    def __init__(self, state: ServerState, strategy: Strategy) -> None:
+    def __init__(self, state: Host, strategy: Strategy) -> None:
         self.state = state
         self.strategy = strategy
         self.timeout = state.settings.round_timeout_s
@@ -167,7 +178,8 @@ class RoundHost:
             it = await self._participant(session, step, "forward")
             return await self._arrive(it, session, _Arrival((x,), transport, body_sha), self._fire_forward)
 
-    async def backward(self, session: Session, step: int, g: torch.Tensor, transport: type, body_sha: str) -> bytes:
+    async def backward(self, session: Session, step: int, grad: GradDecoder, body_sha: str) -> bytes:
+        g, transport = grad()
         async with self._cond:
             replay = self._replay(session, "backward", step, body_sha)
             if replay is not None:
@@ -198,8 +210,14 @@ class RoundHost:
             if session.id in it.finished:
                 raise APIError(409, "conflicting_retry", f"step {step} train was already applied with another body",
                                **session.public())
-            response = await self._b(lambda: encode_reply(self.strategy.train_round({session.id: (x, y)})[session.id],
-                                                          transport))
+            def compute() -> bytes:
+                response = encode_reply(self.strategy.train_round({session.id: (x, y)})[session.id], transport)
+                event = LogEvent("train", it.index, pack({"x.0": x, "y.0": y}, {"clients": [session.id]}))
+                self.state.commit_applied([StepRecord(session.id, "train", step, step + 1, body_sha, response, None)],
+                                          [*self._opening(it), event])
+                return response
+
+            response = await self._b(compute)
             self._finish(session, "train", step, body_sha, response)
             it.finished.add(session.id)
             self._count_step()
@@ -213,9 +231,10 @@ class RoundHost:
                         body_sha: str) -> bytes:
         """The device weights this client must load after round ``round_index`` (empty: keep its own)."""
         async with self._cond:
-            cached = session.cache.get("end")
-            if cached is not None and cached.step == round_index:
-                return self._replayed(session, cached.body_sha, body_sha, cached.response, f"round {round_index} end")
+            replay = self.state.exactly_once.replay(session, "end", round_index, body_sha,
+                                                    what=f"round {round_index} end")
+            if replay is not None:
+                return replay
             if round_index != self.strategy.round:
                 raise APIError(409, "wrong_round", f"the server is in round {self.strategy.round}, got round "
                                f"{round_index}", round=self.strategy.round, **session.public())
@@ -263,36 +282,118 @@ class RoundHost:
         """SSL: this client's weights after its turn, handed to the next client."""
         self._need_relay()
         async with self._cond:
-            self.strategy.end_turn(session.id, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+            states = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            event = LogEvent("turn", 0, pack(states, {"client": session.id}))
+
+            def compute() -> None:
+                self.strategy.end_turn(session.id, states)
+                self.state.commit_applied([], [event])
+
+            await self._b(compute)
 
     async def observe(self, session: Session, metrics: Mapping[str, float]) -> None:
+        if type(self.strategy).observe is Strategy.observe:
+            return  # the strategy ignores feedback: nothing to do or to log
         async with self._cond:
-            self.strategy.observe(session.id, metrics)
+            event = LogEvent("observe", 0, pack({}, {"client": session.id, "metrics": dict(metrics)}))
 
-    # -- per-session steps (the default protocol, B's calls through the strategy) ----------------
+            def compute() -> None:
+                self.strategy.observe(session.id, metrics)
+                self.state.commit_applied([], [event])
+
+            await self._b(compute)
+
+    # -- per-session steps (SSL: the lease scheduler's steps, B's calls through the strategy) -----
 
     def b_forward(self, session: Session, x: torch.Tensor) -> torch.Tensor:
         return self.strategy.forward_round({session.id: x})[session.id]
 
-    def b_backward(self, session: Session, g: torch.Tensor) -> torch.Tensor:
-        return self.strategy.backward_round({session.id: g})[session.id]
+    def b_backward(self, session: Session, step: int, body_sha: str, x: torch.Tensor, g: torch.Tensor,
+                   transport: type) -> bytes:
+        response = encode({"grad": self.strategy.backward_round({session.id: g})[session.id]}, transport)
+        event = LogEvent("iteration", step, pack({"x.0": x, "g.0": g}, {"clients": [session.id]}))
+        self.state.commit_step(session, "backward", step, body_sha, response, None, event)
+        return response
 
-    def b_train(self, session: Session, x: torch.Tensor, y: torch.Tensor) -> ServerReply:
-        return self.strategy.train_round({session.id: (x, y)})[session.id]
+    def b_train(self, session: Session, step: int, body_sha: str, x: torch.Tensor, y: torch.Tensor,
+                transport: type) -> bytes:
+        reply: ServerReply = self.strategy.train_round({session.id: (x, y)})[session.id]
+        response = encode_reply(reply, transport)
+        event = LogEvent("train", step, pack({"x.0": x, "y.0": y}, {"clients": [session.id]}))
+        self.state.commit_step(session, "train", step, body_sha, response, None, event)
+        return response
+
+    def b_evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+        return self.strategy.evaluate(session.id, x)
 
     async def evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
-        return await self._b(lambda: self.strategy.evaluate(session.id, x))
+        return await self._b(lambda: self.b_evaluate(session, x))
+
+    def drop(self, session_id: str) -> None:
+        """A closed session holds nothing here: a barrier proceeds without it at its timeout."""
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """For a snapshot (on B's thread): the strategy, the next iteration, and the open one's members (its
+        ``Strategy.participants`` call is in the strategy's state now, so the log will not repeat it)."""
+        it = self.current
+        current = None
+        if it is not None:
+            it.logged = True
+            current = {"index": it.index, "round": it.round, "participants": list(it.participants),
+                       "finished": sorted(it.finished)}
         return {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
-                "next_iteration": self.current.index if self.current else self.next_iteration}
+                "next_iteration": self.current.index if self.current else self.next_iteration, "current": current}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.strategy.load_state_dict(state["strategy"])
         self.next_iteration = int(state["next_iteration"])
         self._first_open = time.monotonic()
+        cur = state.get("current")
+        if cur is not None:
+            self._restore_iteration(int(cur["index"]), int(cur["round"]), list(cur["participants"]))
+            assert self.current is not None
+            self.current.finished = set(cur["finished"])
+
+    def replay(self, kind: str, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Re-apply one logged strategy call on restart (before the server answers anything)."""
+        st, clients = self.strategy, list(meta.get("clients", []))
+        if kind == "open":
+            members = st.participants(int(meta["round"]), list(meta["eligible"]))
+            if members != meta["members"]:
+                raise StateError(f"replaying the step log diverged at iteration {step} (participants {members}, "
+                                 f"logged {meta['members']}); use another --state-dir")
+            self._restore_iteration(step, int(meta["round"]), members)
+        elif kind == "iteration":
+            st.forward_round({c: tensors[f"x.{i}"] for i, c in enumerate(clients)})
+            st.backward_round({c: tensors[f"g.{i}"] for i, c in enumerate(clients)})
+            self.state.count_step()
+        elif kind == "train":
+            st.train_round({c: (tensors[f"x.{i}"], tensors[f"y.{i}"]) for i, c in enumerate(clients)})
+            self.state.count_step()
+            if self.current is not None and self.current.index == step:
+                self.current.finished.update(clients)
+        elif kind == "end":
+            states = {c: {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == str(i)}
+                      for i, c in enumerate(clients)}
+            st.end_round(states, dict(zip(clients, meta["num_samples"], strict=True)))
+        elif kind == "turn":
+            st.end_turn(str(meta["client"]), tensors)
+        elif kind == "observe":
+            st.observe(str(meta["client"]), meta["metrics"])
+        elif kind != "close":
+            raise StateError(f"the step log holds an entry of unknown kind {kind!r}; use another --state-dir")
+        if kind == "close" or meta.get("close"):
+            members = self.current.participants if self.current is not None else []
+            self._history[step] = frozenset(members)
+            self.current = None
+            self.next_iteration = step + 1
+
+    def _restore_iteration(self, index: int, round_index: int, members: list[str]) -> None:
+        phase = "train" if self.state.split == "single" else "forward"
+        self.current = _Iteration(index, round_index, list(members), phase, _Barrier(list(members), time.monotonic()),
+                                  logged=True)
 
     def metrics(self) -> dict[str, float]:
         waiting = sum(len(b.arrived) for b in (self.current.barrier if self.current else None, self.end_barrier)
@@ -326,17 +427,7 @@ class RoundHost:
             raise APIError(400, "wrong_call", f"strategy {self.strategy.name!r} does not relay device weights")
 
     def _replay(self, session: Session, kind: str, step: int, body_sha: str) -> bytes | None:
-        cached = session.cache.get(kind)
-        if cached is None or cached.step != step:
-            return None
-        return self._replayed(session, cached.body_sha, body_sha, cached.response, f"step {step} {kind}")
-
-    def _replayed(self, session: Session, sha: str, body_sha: str, response: bytes, what: str) -> bytes:
-        if sha != body_sha:
-            raise APIError(409, "conflicting_retry", f"{what} was already applied with a different body",
-                           **session.public())
-        self.state.counters["retries"] += 1
-        return response
+        return self.state.exactly_once.replay(session, kind, step, body_sha)
 
     def _position(self) -> int:
         return self.current.index if self.current is not None else self.next_iteration
@@ -393,7 +484,8 @@ class RoundHost:
                     if c not in ended and c not in self.round_left and c in self.state.sessions]
         members = self.strategy.participants(self.strategy.round, eligible)
         phase = "train" if self.state.split == "single" else "forward"
-        it = _Iteration(step, self.strategy.round, list(members), phase, _Barrier(list(members), time.monotonic()))
+        it = _Iteration(step, self.strategy.round, list(members), phase, _Barrier(list(members), time.monotonic()),
+                        opening={"round": self.strategy.round, "eligible": eligible, "members": list(members)})
         self.current = it
         if not it.participants:
             await self._close(it)
@@ -480,10 +572,12 @@ class RoundHost:
 
         it.out_shapes, responses = await self._b(compute)
         bar.responses = responses
+        it.inputs = {c: bar.arrived[c].payload[0] for c in present}
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
-                s.cache["forward"] = _Cached("forward", it.index, bar.arrived[c].body_sha, responses[c])
+                self.state.exactly_once.record(s, "forward", it.index, bar.arrived[c].body_sha, responses[c],
+                                               advance=False)
                 s.phase, s.next_step = "backward", it.index
         it.participants = present
         it.phase = "backward"
@@ -496,12 +590,19 @@ class RoundHost:
             grads = {c: bar.arrived[c].payload[0] if c in bar.arrived else torch.zeros(it.out_shapes[c])
                      for c in it.participants}
             grads_in = self.strategy.backward_round(grads)
-            return {c: encode({"grad": grads_in[c], **self._shared(c)}, a.transport) for c, a in bar.arrived.items()}
+            responses = {c: encode({"grad": grads_in[c], **self._shared(c)}, a.transport)
+                         for c, a in bar.arrived.items()}
+            names = list(grads)
+            tensors = {**{f"x.{i}": it.inputs[c] for i, c in enumerate(names)},
+                       **{f"g.{i}": grads[c] for i, c in enumerate(names)}}
+            event = LogEvent("iteration", it.index, pack(tensors, {"clients": names, "close": True}))
+            self.state.commit_applied(self._rows(it, "backward", bar, responses), [*self._opening(it), event])
+            return responses
 
         bar.responses = await self._b(compute)
         self._settle(it, "backward", bar)
         self._count_step()
-        await self._close(it)
+        await self._close(it, logged=True)
 
     async def _fire_train(self, it: _Iteration) -> None:
         bar, present = it.barrier, self._present(it)
@@ -512,12 +613,17 @@ class RoundHost:
 
         def compute() -> dict[str, bytes]:
             replies = self.strategy.train_round({c: bar.arrived[c].payload for c in present})
-            return {c: encode_reply(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
+            responses = {c: encode_reply(replies[c], bar.arrived[c].transport, self._shared(c)) for c in present}
+            tensors = {**{f"x.{i}": bar.arrived[c].payload[0] for i, c in enumerate(present)},
+                       **{f"y.{i}": bar.arrived[c].payload[1] for i, c in enumerate(present)}}
+            event = LogEvent("train", it.index, pack(tensors, {"clients": present, "close": True}))
+            self.state.commit_applied(self._rows(it, "train", bar, responses), [*self._opening(it), event])
+            return responses
 
         bar.responses = await self._b(compute)
         self._settle(it, "train", bar)
         self._count_step()
-        await self._close(it)
+        await self._close(it, logged=True)
 
     async def _fire_end(self, bar: _Barrier, round_index: int) -> None:
         present = [c for c in bar.expected if c in bar.arrived] + [c for c in bar.arrived if c not in bar.expected]
@@ -528,18 +634,25 @@ class RoundHost:
 
         def compute() -> dict[str, bytes]:
             out = self.strategy.end_round(states, num_samples)
-            return {c: encode(dict(out.get(c, {}))) for c in present}
+            responses = {c: encode(dict(out.get(c, {}))) for c in present}
+            tensors = {f"{i}.{k}": t for i, c in enumerate(present) for k, t in states[c].items()}
+            event = LogEvent("end", round_index, pack(tensors, {"clients": present,
+                                                                "num_samples": [num_samples[c] for c in present]}))
+            rows = [StepRecord(c, "end", round_index, s.next_step, bar.arrived[c].body_sha, responses[c], None)
+                    for c in present if (s := self.state.sessions.get(c)) is not None]
+            self.state.commit_applied(rows, [event])
+            return responses
 
         bar.responses = await self._b(compute)
         for c in present:
             s = self.state.sessions.get(c)
             if s is not None:
-                s.cache["end"] = _Cached("end", round_index, bar.arrived[c].body_sha, bar.responses[c])
-                self.state.touched(s)
+                self.state.exactly_once.record(s, "end", round_index, bar.arrived[c].body_sha, bar.responses[c],
+                                               advance=False)
         self.end_barrier = None
         self.round_clients = None
         self.round_left.clear()
-        await self._b(self.state.checkpoint)
+        await self._b(self.state.checkpoint)  # once a round (not per step): the round's log entries go
 
     def _settle(self, it: _Iteration, kind: str, bar: _Barrier) -> None:
         assert bar.responses is not None
@@ -553,17 +666,31 @@ class RoundHost:
                 s.phase, s.next_step = "forward", it.index + 1
 
     def _finish(self, session: Session, kind: str, step: int, body_sha: str, response: bytes) -> None:
-        session.cache[kind] = _Cached(kind, step, body_sha, response)
-        session.next_step, session.phase = step + 1, "forward"
-        self.state.touched(session)
+        self.state.exactly_once.record(session, kind, step, body_sha, response)
+
+    def _rows(self, it: _Iteration, kind: str, bar: _Barrier, responses: dict[str, bytes]) -> list[StepRecord]:
+        """The iteration's devices for the group commit: reply and next step (or only the next step)."""
+        return [StepRecord(c, kind, it.index, it.index + 1, bar.arrived[c].body_sha if c in responses else "",
+                           responses.get(c), None) for c in it.participants if c in self.state.sessions]
+
+    def _opening(self, it: _Iteration) -> list[LogEvent]:
+        """The iteration's ``Strategy.participants`` call for the log, once, before its first step."""
+        if it.logged:
+            return []
+        it.logged = True
+        return [LogEvent("open", it.index, pack({}, it.opening))]
 
     def _count_step(self) -> None:
         self.state.count_step()
 
-    async def _close(self, it: _Iteration) -> None:
+    async def _close(self, it: _Iteration, logged: bool = False) -> None:
+        """Close the iteration (``logged``: its closing is in the log already, with its B step)."""
         if it.closed:
             return
         it.closed = True
+        if not logged:
+            events = [*self._opening(it), LogEvent("close", it.index, pack({}, {}))]
+            await self._b(lambda: self.state.commit_applied([], events))
         self._history[it.index] = frozenset(it.participants)
         while len(self._history) > HISTORY:
             self._history.popitem(last=False)
