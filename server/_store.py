@@ -143,6 +143,8 @@ class Store:
         self.dir = state_dir
         self.bytes_written = 0
         """Bytes of tensors, rows and snapshots handed to the disk (the benchmark reads it)."""
+        self.commits = 0
+        """Write transactions committed (each one fsync of the WAL)."""
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             for stale in state_dir.glob("*.tmp"):  # a snapshot that a crash interrupted
@@ -174,6 +176,7 @@ class Store:
                     self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self.commits += 1
 
     # -- meta ---------------------------------------------------------------------------------
 

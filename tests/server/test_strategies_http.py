@@ -419,3 +419,31 @@ def test_sigkill_replays_the_strategy_log(name: str, bundle_name: str, tmp_path:
         assert ucb["iterations"] == ref.orchestrator.iterations  # type: ignore[attr-defined]
         assert ucb["s"] == pytest.approx(dict(zip(sessions.values(),
                                                   (ref.orchestrator.s[c] for c in names), strict=True)))  # type: ignore[attr-defined]
+
+
+def test_a_barrier_commits_every_device_in_one_transaction(mlp_bundle: Path, tmp_path: Path) -> None:
+    """Group commit: when the backward barrier fires for three devices, their replies and step counters and the
+    iteration's log entry reach state.db in one SQLite transaction (no snapshot of B per iteration)."""
+    import sqlite3
+
+    names = ["a", "b", "c"]
+    x = activations(mlp_bundle, names)
+    with threaded_server(mlp_bundle, tmp_path / "s", strategy="psl", num_clients=3) as (url, state), \
+            HttpLink(url, names, TOKEN) as link:
+        link.participants(0, names)
+        out = link.forward_round(x)
+        commits = state.store.commits
+        back = link.backward_round({c: torch.ones_like(o) for c, o in out.items()})
+        assert state.store.commits == commits + 1
+        assert not (tmp_path / "s" / "checkpoint.pt").exists()  # B is not snapshotted per iteration
+        sessions = {link.remotes[c].session_id: c for c in names}
+        db = sqlite3.connect(tmp_path / "s" / "state.db")
+        rows = db.execute("SELECT session_id, step, response FROM responses WHERE kind = 'backward'").fetchall()
+        steps = dict(db.execute("SELECT id, next_step FROM sessions").fetchall())
+        log = db.execute("SELECT kind, step FROM steps ORDER BY seq").fetchall()
+        db.close()
+    assert sorted(sessions[sid] for sid, _, _ in rows) == names
+    for sid, step, response in rows:
+        assert step == 0 and torch.equal(torch.from_numpy(load(response)["grad"].copy()), back[sessions[sid]])
+    assert all(steps[sid] == 1 for sid in sessions)
+    assert log == [("open", 0), ("iteration", 0)]
