@@ -343,11 +343,20 @@ class RoundHost:
             it.logged = True
             current = {"index": it.index, "round": it.round, "participants": list(it.participants),
                        "finished": sorted(it.finished)}
-        return {"name": self.strategy.name, "strategy": self.strategy.state_dict(),
+        strategy = self.strategy.state_dict()
+        strategy.pop("server", None)  # B and its optimizer: the snapshot holds them once, beside this
+        strategy.pop("optimizer", None)
+        return {"name": self.strategy.name, "strategy": strategy,
                 "next_iteration": self.current.index if self.current else self.next_iteration, "current": current}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.strategy.load_state_dict(state["strategy"])
+        """After B and its optimizer are restored (they are not part of ``state``)."""
+        strategy = dict(state["strategy"])
+        server = self.strategy.server
+        if server is not None and "server" not in strategy:
+            strategy["server"] = server.module.state_dict()
+            strategy["optimizer"] = server.optimizer.state_dict()
+        self.strategy.load_state_dict(strategy)
         self.next_iteration = int(state["next_iteration"])
         self._first_open = time.monotonic()
         cur = state.get("current")
