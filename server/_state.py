@@ -351,31 +351,31 @@ class ServerState:
     def checkpoint(self) -> None:
         """Snapshot B and its optimizer (and the strategy); then drop the log up to it.
 
-        A failed snapshot is logged and retried at the next one: the log still holds every step.
+        A failed snapshot is logged and retried at the next one: the log still holds every step. Runs on B's
+        thread without the sessions' lock: session calls on the event loop never wait for a snapshot.
         """
-        with self._lock:
-            payload: dict[str, Any] = {
-                "format": FORMAT,
-                "bundle_files": self._bundle_hash(),
-                "applied_steps": self.applied_steps,
-                "log_seq": self._log_seq,
-                "module": self.segment.module.state_dict(),
-                "optimizer": self.segment.optimizer.state_dict(),
-            }
-            if self.rounds is not None:
-                payload["strategy"] = self.rounds.state_dict()
-            try:
-                self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
-                self.store.drop_log(self._log_seq)
-            except Exception as exc:  # noqa: BLE001 - the step is committed; a snapshot failure must not undo it
-                self.counters["storage_errors"] += 1
-                log.warning("snapshot failed (%s: %s); retrying at the next one", type(exc).__name__, exc)
-                return
-            self._since_snapshot = 0
-            records, events = self._unsaved
-            if events:  # the snapshot holds their effect: only the devices' rows are left to write
-                self._unsaved = (records, [])
-                self.commit_applied([], [])
+        payload: dict[str, Any] = {
+            "format": FORMAT,
+            "bundle_files": self._bundle_hash(),
+            "applied_steps": self.applied_steps,
+            "log_seq": self._log_seq,
+            "module": self.segment.module.state_dict(),
+            "optimizer": self.segment.optimizer.state_dict(),
+        }
+        if self.rounds is not None:
+            payload["strategy"] = self.rounds.state_dict()
+        try:
+            self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
+            self.store.drop_log(self._log_seq)
+        except Exception as exc:  # noqa: BLE001 - the step is committed; a snapshot failure must not undo it
+            self.counters["storage_errors"] += 1
+            log.warning("snapshot failed (%s: %s); retrying at the next one", type(exc).__name__, exc)
+            return
+        self._since_snapshot = 0
+        records, events = self._unsaved
+        if events:  # the snapshot holds their effect: only the devices' rows are left to write
+            self._unsaved = (records, [])
+            self.commit_applied([], [])
 
     def _bundle_hash(self) -> str:
         return _hash(repr(sorted(self.bundle.manifest.files.items())))
