@@ -15,6 +15,10 @@ A round ends when every client of the round has called ``rounds/{r}/end`` (or th
 passed since the first did): one ``Strategy.end_round`` call, each client gets the device weights
 it must load (SFL, FedAvg: the average; others: none). Exactly once: a repeated call with the
 same body returns the stored response.
+
+``RoundHost`` is the barrier :class:`~._scheduler.StepScheduler` (and SSL's ``SessionSteps``). Every strategy
+call that changes state goes to the step log with its tensors, in the same transaction as the replies of
+the devices it answers (``Host.commit_applied``), and :meth:`RoundHost.replay` re-applies it on restart.
 """
 
 from __future__ import annotations
