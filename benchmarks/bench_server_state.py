@@ -1,7 +1,7 @@
 """What the server's state costs: sessions, durability bytes, per-call CPU (issue 12).
 
     python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--devices 60]
-                                            [--only sessions|bytes|cpu|check|store|healthz ...] [--json out.json]
+                                            [--only sessions|bytes|cpu|check|store|healthz|strategy ...] [--json out.json]
 
 ``splitexport serve --threads 1`` runs in a child process on loopback; this process is one device
 sending fixed forward/backward bodies (batch 32) over one HTTP connection:
@@ -13,6 +13,10 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
   storage per step (``/proc/PID/io`` ``write_bytes``: SQLite WAL, snapshots) and the step time, for
   the default durability (step log + snapshot every 100 steps), a snapshot every step (the cost the
   log avoids), and none (B's step in this process, nothing written).
+* **strategy bytes**: PSL with ``--clients 8`` around the ~10M-parameter B: the bytes written and the time per
+  iteration (8 devices' forwards at the barrier, then their backwards), with the step log (default) and
+  with a snapshot every iteration (``--checkpoint-every 1``: what a strategy server wrote before its calls
+  were logged).
 * **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``, 10 ms ticks:
   use enough steps) per step, minus B's CPU time per step measured here in process with one thread,
   interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn;
@@ -184,6 +188,35 @@ def bench_bytes(root: Path, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_strategy_bytes(root: Path, model: str, iterations: int, clients: int = 8) -> list[dict[str, Any]]:
+    """PSL iterations of ``clients`` devices (one thread each, so the barrier fills); bytes written per iteration."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = make_bundle(root, model)
+    loaded = load_bundle(bundle)
+    params = sum(p.numel() for p in loaded.torch_segment(loaded.manifest.server_segments[0].name).parameters())
+    rows: list[dict[str, Any]] = []
+    for label, extra in (("step log (default)", []), ("snapshot every iteration", ["--checkpoint-every", "1"])):
+        server = serve(bundle, root / f"s-strategy-{len(rows)}", "--strategy", "psl", "--clients", str(clients),
+                       *extra)
+        try:
+            devices = [Device(server.url, bundle) for _ in range(clients)]
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(lambda d: d.run(2), devices))
+                before = write_bytes(server.pid)
+                t0 = time.perf_counter()
+                list(pool.map(lambda d: d.run(iterations), devices))
+                elapsed = time.perf_counter() - t0
+                written = write_bytes(server.pid) - before
+        finally:
+            server.stop()
+        x, g = devices[0].x, devices[0].g
+        rows.append({"durability": label, "b_params": params, "clients": clients,
+                     "bytes_per_iteration": written / iterations, "iteration_ms": elapsed / iterations * 1e3,
+                     "step_tensor_bytes": clients * (x.nbytes * 2 + g.nbytes)})
+    return rows
+
+
 def bench_cpu(root: Path, model: str, steps: int, blocks: int, compare: Path | None = None) -> dict[str, Any]:
     """Server CPU per step and B's in-process CPU per step, in alternating blocks; with ``compare``, a second
     server run from that checkout (e.g. ``git worktree add /tmp/before <commit>``) takes its blocks in turn."""
@@ -342,7 +375,7 @@ def bench_healthz(root: Path, devices: int, seconds: float) -> dict[str, Any]:
             "healthz_max_ms": float(lat.max())}
 
 
-PARTS = ("sessions", "bytes", "cpu", "check", "store", "healthz")
+PARTS = ("sessions", "bytes", "cpu", "check", "store", "healthz", "strategy")
 
 
 def main() -> None:
@@ -378,11 +411,17 @@ def main() -> None:
             result["store"] = bench_store(root, steps)
         if "healthz" in parts:
             result["healthz"] = bench_healthz(root, devices, seconds)
+        if "strategy" in parts:
+            result["strategy"] = bench_strategy_bytes(root, "mlp" if args.smoke else "mlp10m", max(steps // 20, 3))
     print(f"machine: {result['machine']}")
     if "sessions" in result:
         s = result["sessions"]
         print(f"step time, 1 session: {s['step_ms_1_session']:.2f} ms; with {s['sessions']} sessions: "
               f"{s['step_ms_many']:.2f} ms (x{s['ratio']:.2f}); opening a session {s['open_ms_per_session']:.2f} ms")
+    for r in result.get("strategy", []):
+        print(f"PSL, {r['clients']} devices, B {r['b_params']} params, {r['durability']}: "
+              f"{r['bytes_per_iteration'] / 1e6:.3f} MB written per iteration (the iteration's tensors "
+              f"{r['step_tensor_bytes'] / 1e3:.0f} kB), {r['iteration_ms']:.1f} ms per iteration")
     for r in result.get("bytes", []):
         print(f"B {r['b_params']} params, {r['durability']}: {r['bytes_per_step'] / 1e6:.3f} MB written per step "
               f"(step tensors {r['step_tensor_bytes'] / 1e3:.0f} kB), step {r['step_ms']:.1f} ms")

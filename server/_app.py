@@ -6,7 +6,6 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio.to_thread
 import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,15 +51,12 @@ def create_app(settings: ServerSettings, replicas: Replicas | None = None) -> Fa
         )
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    state = ServerState(settings)
+    state = ServerState(settings, replicated=replicas is not None)
     if replicas is not None:
         replicas.attach(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.rounds is not None:  # every client of a round may wait in a barrier thread at once
-            limiter = anyio.to_thread.current_default_thread_limiter()
-            limiter.total_tokens = max(limiter.total_tokens, 4 * state.rounds.num_clients + 16)
         # torch, the app and B are ~330k long-lived objects: a full collection would rescan them all (a
         # 0.1-0.5 s pause of the event loop); frozen, the collector only looks at what requests allocate
         gc.collect()

@@ -25,6 +25,8 @@ HELP: dict[str, str] = {
     "storage_errors_total": "Failed commits or snapshots (disk full, I/O errors).",
     "rounds_completed_total": "Strategy rounds completed.",
     "iterations_total": "Strategy iterations opened.",
+    "barrier_waiting": "Requests waiting at a strategy's round barrier now.",
+    "threads": "Threads of the server process (waiting requests hold none).",
 }
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

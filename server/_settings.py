@@ -58,8 +58,8 @@ class ServerSettings(_StrategySettings):  # type: ignore[misc,valid-type]
     tokens_file: Path | None = None
     """One token per line; blank lines and lines starting with ``#`` are skipped (see :meth:`token_set`)."""
     checkpoint_every: int | None = Field(None, ge=1)
-    """Snapshot B and its optimizer every N applied steps (default 100; with a strategy 1). Without a
-    strategy every step is also logged, so a crash loses no step whatever N is (docs/protocol.md)."""
+    """Snapshot B and its optimizer every N applied steps (default 100; a strategy also at every round end).
+    Every step is also logged, so a crash loses no step whatever N is (docs/protocol.md)."""
     max_sessions_per_token: int = Field(64, ge=1)
     """Open sessions one token may hold (a device needs one; close or let expire the others), else 429."""
     max_sessions: int = Field(10_000, ge=1)

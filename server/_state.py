@@ -1,23 +1,18 @@
-"""The server's training state: segment B, device sessions with exactly-once steps, durability.
+"""The server's training state: segment B, device sessions, durability, and which scheduler runs the steps.
 
-Step protocol per session (double split): ``forward(n)`` then ``backward(n)``, then
-``n + 1``. A device holds B from its forward to its backward (a :class:`~._scheduler.Lease`), so
-updates to the shared B are serialized and every backward finds the autograd graph of its own
-forward. A repeated call with the same body returns the stored response without touching B; any
-other step gets 409 naming the expected one. Single split: one ``train(n)`` call per step.
-
-A step is computed up to B's optimizer step, committed to the store (session row, response, the
-step's inputs in the log), and only then applied: a failure before the commit leaves B, its
-optimizer and the counters as they were (docs/protocol.md, Durability).
+Without a strategy, or with one that serves one client at a time (SSL), a session's steps go through the
+:class:`~._scheduler.LeaseScheduler` (B held from a forward to its backward); strategies with global
+iterations go through ``._rounds.RoundHost`` (barriers). Either way B computes on one thread
+(:class:`~._scheduler.BExecutor`) and a step is durable before it is answered (docs/protocol.md, Durability):
+without a strategy it is computed up to B's optimizer step, committed to the store (session row, response,
+the step's inputs in the log), and only then applied, so a failure before the commit changes nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import hmac
-import itertools
 import logging
 import math
 import os
@@ -27,14 +22,11 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
-from starlette.concurrency import run_in_threadpool
 
 from splitexport import Bundle, TorchSegment, UnsafeUpdate, load_bundle
 from splitexport.protocol import ErrorCode, ServerReply
@@ -42,16 +34,17 @@ from splitexport.protocol import ErrorCode, ServerReply
 from ._errors import APIError
 from ._metrics import Metrics
 from ._ratelimit import FailureLimiter
-from ._scheduler import BExecutor, Lease
+from ._scheduler import BExecutor, LeaseScheduler, SessionSteps, StepScheduler
+from ._session import Cached, ExactlyOnce, Session
 from ._settings import ServerSettings
-from ._store import FORMAT, StateError, StepRecord, Store, StoredSession
+from ._store import FORMAT, LogEvent, StateError, StepRecord, Store, unpack
 from ._timing import timed
 from ._wire import encode, encode_exact, encode_reply, float_tensor, label_tensor
 
 if TYPE_CHECKING:
     from ._rounds import RoundHost
 
-Phase = Literal["forward", "backward"]
+__all__ = ["ServerState", "Session", "StateError", "storage_error"]
 log = logging.getLogger("splitexport.server")
 
 FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot", "after_snapshot",
@@ -68,45 +61,16 @@ def fault(point: str, applied_steps: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass
-class _Cached:
-    kind: str
-    step: int
-    body_sha: str
-    response: bytes
-
-
-@dataclass
-class Session:
-    id: str
-    token_hash: str
-    next_step: int = 0
-    phase: Phase = "forward"
-    last_seen: float = field(default_factory=time.monotonic)
-    cache: dict[str, _Cached] = field(default_factory=dict)
-    """The last response of each call kind, for exactly-once retries."""
-    inflight: asyncio.Future[None] | None = None
-    """A tensor call of this session is running: a concurrent retry waits for it, then replays."""
-    idempotency_key: str | None = None
-    """The ``Idempotency-Key`` it was opened with: the same key (and token) opens this session again."""
-    opened: int = 0
-    """Its place in the order sessions were opened (restored in the same order), the order of a strategy's batch."""
-
-    def public(self) -> dict[str, object]:
-        return {"session_id": self.id, "next_step": self.next_step, "expected": self.phase}
-
-    def stored(self) -> StoredSession:
-        return StoredSession(self.id, self.token_hash, self.next_step, "forward",
-                             {k: (c.step, c.body_sha, c.response) for k, c in self.cache.items() if k != "forward"})
+def _thread_count() -> int:
+    """The process's threads, native ones included (torch's, SQLite's): ``/proc/self/task`` where there is one."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def _hash(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def _closed(session_id: str) -> APIError:
-    return APIError.of(ErrorCode.UNKNOWN_SESSION, f"session {session_id!r} was closed while its call waited for "
-                       "segment B; open a new session")
 
 
 def storage_error(exc: BaseException) -> APIError:
@@ -121,15 +85,18 @@ def storage_error(exc: BaseException) -> APIError:
 
 
 class ServerState:
-    """Everything the endpoints share.
+    """Everything the endpoints share, and the :class:`~._scheduler.Host` the step schedulers use.
 
-    Without a strategy the per-session calls are coroutines on the event loop: bookkeeping there, B's
-    compute and the store's writes on the one :class:`BExecutor` thread. The strategy layer
-    (:mod:`._rounds`) runs in worker threads under ``self._lock``.
+    The calls are coroutines on the event loop: bookkeeping there, B's compute and the store's writes on the one
+    :class:`BExecutor` thread (``self._lock`` guards the sessions against the snapshot writer there).
     """
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, *, replicated: bool = False) -> None:
+        """``replicated``: this is one rank of a replicated B (docs/scaling.md). Its B steps depend on the other
+        ranks' gradients, which the log does not hold, so it snapshots after every step and does not replay the
+        log's B steps on restart (the ranks then align on the most advanced rank's snapshot)."""
         self.settings = settings
+        self.replicated = replicated
         self.bundle: Bundle = load_bundle(settings.bundle)
         manifest = self.bundle.manifest
         servers = manifest.server_segments
@@ -146,21 +113,20 @@ class ServerState:
         self.tokens = {_hash(t) for t in settings.token_set()}
         self.bad_tokens = FailureLimiter(settings.bad_token_burst, settings.bad_token_per_s)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        """Least recently seen first (expiry pops from the front); :meth:`open_order` is the order they opened in."""
-        self._opened = itertools.count()
+        """Least recently seen first (expiry pops from the front) (``Session.opened`` is the order they opened in)."""
         self.opened_by_key: dict[tuple[str, str], str] = {}
         """(token hash, ``Idempotency-Key``) -> the open session it made."""
         self.applied_steps = 0
+        self._opened = 0
         self._since_snapshot = 0
         self._log_seq = 0
         self._lock = threading.RLock()
         self.counters: dict[str, int] = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "retries": 0,
                                          "storage_errors": 0, "bad_token_limited": 0}
-        self.lease = Lease(settings.lease_timeout_s, self._lease_expired)
         self.executor = BExecutor()
-        self._forward_input: torch.Tensor | None = None
-        """The input of the lease holder's forward, logged with its backward."""
-        self._dirty: set[str] = set()
+        self.exactly_once = ExactlyOnce(self.counters)
+        self._unsaved: tuple[list[StepRecord], list[LogEvent]] = ([], [])
+        """Strategy steps applied in memory whose commit failed: retried with the next commit (in log order)."""
         self.session_prefix = ""
         """Prepended to new session ids (``r<rank>-`` on a replica, so a load balancer can route by it)."""
         self.open_extra: dict[str, object] = {}
@@ -171,9 +137,14 @@ class ServerState:
             from ._rounds import RoundHost, build_strategy
 
             self.rounds = RoundHost(self, build_strategy(self))
-        self.snapshot_every = settings.checkpoint_every or (1 if self.rounds is not None else 100)
-        self.logged = self.rounds is None
-        """Steps are logged (and replayed on restart); strategies snapshot every N iterations instead."""
+        self.scheduler: StepScheduler
+        """Global iterations: the barriers; otherwise B's lease, with "no strategy" or SSL as its steps."""
+        if self.rounds is not None and self.rounds.global_steps:
+            self.scheduler = self.rounds
+        else:
+            steps: SessionSteps = self.rounds if self.rounds is not None else SoloSteps(self)
+            self.scheduler = LeaseScheduler(self, steps)
+        self.snapshot_every = 1 if replicated else settings.checkpoint_every or 100
         self.store = Store(settings.state_dir)
         self.resumed_from = self._restore()
         self.prometheus = Metrics(self.metrics)
@@ -214,8 +185,9 @@ class ServerState:
                     self.counters["retries"] += 1
                     return session
             self._check_session_caps(token_hash)
+            self._opened += 1
             session = Session(id=self.session_prefix + secrets.token_urlsafe(12), token_hash=token_hash,
-                              idempotency_key=idempotency_key, opened=next(self._opened))
+                              idempotency_key=idempotency_key, opened=self._opened)
             try:
                 self.store.open_session(session.id, token_hash, idempotency_key)
             except (OSError, sqlite3.Error) as exc:
@@ -226,17 +198,12 @@ class ServerState:
                 self.opened_by_key[(token_hash, idempotency_key)] = session.id
             return session
 
-    def open_order(self) -> list[str]:
-        """The open sessions' ids in the order they were opened: a strategy concatenates an iteration's batches in
-        this order, so B's step does not depend on which device was heard from last."""
-        return sorted(self.sessions, key=lambda sid: self.sessions[sid].opened)
-
     def _forget(self, session: Session) -> None:
         """Drop a closed or expired session from memory (its store rows go separately)."""
         self.sessions.pop(session.id, None)
         if session.idempotency_key is not None:
             self.opened_by_key.pop((session.token_hash, session.idempotency_key), None)
-        self._drop_lease(session.id)
+        self.scheduler.drop(session.id)
 
     def _check_session_caps(self, token_hash: str) -> None:
         """429 ``too_many_sessions`` when the server or this token already holds its maximum of open sessions."""
@@ -286,205 +253,31 @@ class ServerState:
             except (OSError, sqlite3.Error):  # they are gone from memory; the rows go with the next expiry
                 log.warning("could not delete %d expired sessions from the store", len(gone))
 
-    def _drop_lease(self, session_id: str) -> None:
-        """A closed session gives B back (a forward it holds B with is undone) and leaves the line for B."""
-        if self.lease.held_by(session_id) and not self.lease.busy:
-            self._forward_input = None
-            self.lease.release(session_id)
-            self.executor.submit(self.segment.discard_pending)
-        self.lease.cancel(session_id, _closed(session_id))
-
-    async def _still_open(self, session: Session) -> None:
-        """After a wait for B or B's compute: 404 when ``session`` was closed meanwhile (B given back, its forward
-        undone), so B is never held for a backward that cannot come."""
-        if self.sessions.get(session.id) is not session:
-            if self.lease.held_by(session.id):
-                await self._abandon(session)
-            raise _closed(session.id)
-
-    async def _lease_expired(self, session_id: str) -> None:
-        holder = self.sessions.get(session_id)
-        if holder is not None:
-            holder.phase = "forward"
-            holder.cache.pop("forward", None)
-        self._forward_input = None
-        await self.executor.run(self.segment.discard_pending)
-
-    # -- exactly-once step bookkeeping --------------------------------------------------------
-
-    def _replay_or_check(self, session: Session, kind: str, step: int, phase: Phase, body_sha: str) -> bytes | None:
-        """The stored response of a repeated call, ``None`` for the expected call, else 409."""
-        cached = session.cache.get(kind)
-        if cached is not None and cached.step == step and (step, phase) != (session.next_step, session.phase):
-            if cached.body_sha != body_sha:
-                raise APIError(409, "conflicting_retry", f"step {step} {kind} was already applied with a different body",
-                               **session.public())
-            self.counters["retries"] += 1
-            return cached.response
-        if step != session.next_step or phase != session.phase:
-            raise APIError(409, "wrong_step", f"expected step {session.next_step} {session.phase}, got step {step} {kind}",
-                           **session.public())
-        return None
-
-    async def _exclusive(self, session: Session, call: Callable[[], Any]) -> Any:
-        """Run one tensor call of ``session`` at a time (a concurrent retry waits, then sees the result)."""
-        while session.inflight is not None:
-            await asyncio.shield(session.inflight)
-        session.inflight = asyncio.get_running_loop().create_future()
-        try:
-            return await call()
-        finally:
-            done, session.inflight = session.inflight, None
-            done.set_result(None)
-
-    async def _acquire(self, session: Session) -> None:
-        t0 = time.perf_counter()
-        if await self.lease.acquire(session.id, self.settings.lease_timeout_s):
-            from ._timing import _current
-
-            timer = _current.get()
-            if timer is not None:
-                timer.add("wait", time.perf_counter() - t0)
-            await self._still_open(session)  # B was handed over just as the session closed
-
     # -- the calls ----------------------------------------------------------------------------
 
     async def forward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("double", "forward")
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
-        if self.rounds is not None and self.rounds.global_steps:
-            return await run_in_threadpool(self.rounds.forward, session, step, x, transport, body_sha)
-
-        async def call() -> bytes:
-            replay = self._replay_or_check(session, "forward", step, "forward", body_sha)
-            if replay is not None:
-                return replay
-            await self._acquire(session)
-
-            def compute() -> bytes:
-                if self.rounds is None:
-                    out = self.segment.forward(x)
-                else:
-                    with self._lock:
-                        out = self.rounds.b_forward(session, x)
-                return encode({"output": out}, transport)
-
-            try:
-                self.lease.busy = True
-                response = await self.executor.run(compute)
-            except BaseException:
-                await self._abandon(session)
-                raise
-            finally:
-                self.lease.busy = False
-            await self._still_open(session)  # closed while B computed its forward
-            self._forward_input = x
-            session.cache["forward"] = _Cached("forward", step, body_sha, response)
-            session.phase = "backward"
-            return response
-
-        return await self._exclusive(session, call)  # type: ignore[no-any-return]
+        return await self.scheduler.forward(session, step, x, transport, body_sha)
 
     async def backward(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("double", "backward")
-        if self.rounds is not None and self.rounds.global_steps:
-            g, transport = float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch)
-            return await run_in_threadpool(self.rounds.backward, session, step, g, transport, body_sha)
-
-        async def call() -> bytes:
-            replay = self._replay_or_check(session, "backward", step, "backward", body_sha)
-            if replay is not None:
-                return replay
-            pending_out = self.segment.pending_output
-            if not self.lease.held_by(session.id) or pending_out is None:
-                session.phase = "forward"
-                raise APIError(409, "forward_lost", f"the forward of step {step} is gone (server restart or lease "
-                               "timeout); send it again", **session.public())
-            g, transport = float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch)
-            if g.shape[0] != pending_out.shape[0]:
-                raise APIError(422, "wrong_batch", f"grad has batch {g.shape[0]}, the forward had {pending_out.shape[0]}")
-            x = self._forward_input
-            assert x is not None
-
-            def compute() -> bytes:
-                if self.rounds is None:
-                    grad_in = self.segment.stage_gradient(g)
-                    assert grad_in is not None
-                    response = encode({"grad": grad_in}, transport)
-                    self._commit(session, "backward", step, body_sha, response, {"activation": x, "grad": g})
-                    return response
-                with self._lock:
-                    grad_in = self.rounds.b_backward(session, g)
-                    response = encode({"grad": grad_in}, transport)
-                    self._commit(session, "backward", step, body_sha, response, None)
-                    return response
-
-            return await self._step(session, compute)
-
-        return await self._exclusive(session, call)  # type: ignore[no-any-return]
+        return await self.scheduler.backward(
+            session, step, lambda: float_tensor(arrays, "grad", self.spec.output, self.settings.max_batch), body_sha)
 
     async def train(self, session: Session, step: int, arrays: dict[str, np.ndarray], body_sha: str) -> bytes:
         self._need_split("single", "train")
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
         y = label_tensor(arrays, x.shape[0], self.loss_kind, self.num_outputs)
-        if self.rounds is not None and self.rounds.global_steps:
-            return await run_in_threadpool(self.rounds.train, session, step, x, y, transport, body_sha)
-
-        async def call() -> bytes:
-            replay = self._replay_or_check(session, "train", step, "forward", body_sha)
-            if replay is not None:
-                return replay
-            await self._acquire(session)
-
-            def compute() -> bytes:
-                if self.rounds is None:
-                    loss, grad_in, out = self.segment.stage_labels(x, y)
-                    assert grad_in is not None
-                    response = encode_reply(ServerReply(grad_in, loss, out), transport)
-                    self._commit(session, "train", step, body_sha, response, {"activation": x, "labels": y})
-                    return response
-                with self._lock:
-                    response = encode_reply(self.rounds.b_train(session, x, y), transport)
-                    self._commit(session, "train", step, body_sha, response, None)
-                    return response
-
-            return await self._step(session, compute)
-
-        return await self._exclusive(session, call)  # type: ignore[no-any-return]
-
-    async def _step(self, session: Session, compute: Callable[[], bytes]) -> bytes:
-        """Run a step on B's thread under the lease; on any failure the step leaves no trace."""
-        self.lease.busy = True
-        try:
-            return await self.executor.run(compute)
-        except BaseException:
-            await self._abandon(session)
-            raise
-        finally:
-            self.lease.busy = False
-            self._forward_input = None
-            self.lease.release(session.id)
-
-    async def _abandon(self, session: Session) -> None:
-        session.phase = "forward"
-        session.cache.pop("forward", None)
-        self._forward_input = None
-        self.lease.release(session.id)
-        await asyncio.shield(self.executor.run(self.segment.discard_pending))
+        return await self.scheduler.train(session, step, x, y, transport, body_sha)
 
     async def evaluate(self, arrays: dict[str, np.ndarray], session: Session | None = None) -> bytes:
         x, transport = float_tensor(arrays, "activation", self.spec.input, self.settings.max_batch)
-        if self.rounds is not None and session is not None:
-            self._need_server("evaluate")
-            rounds = self.rounds
-
-            def strategy_eval() -> torch.Tensor:
-                with self._lock:
-                    return rounds.evaluate(session, x)
-
-            out = await run_in_threadpool(strategy_eval)
-        else:
+        if session is None:
             out = await self.executor.run(lambda: self.segment.evaluate(x))
+        else:
+            self._need_server("evaluate")
+            out = await self.scheduler.evaluate(session, x)
         return encode({"output": out}, transport)
 
     def _need_server(self, call: str) -> None:
@@ -500,14 +293,17 @@ class ServerState:
 
     # -- durability (on B's thread) -----------------------------------------------------------
 
-    def _commit(self, session: Session, kind: str, step: int, body_sha: str, response: bytes,
-                inputs: dict[str, torch.Tensor] | None) -> None:
-        """Check the staged step (finite, within ``max_grad_norm``), persist it, then keep it: a failure before
-        the commit changes nothing (the caller's ``_abandon`` undoes the provisional optimizer step)."""
+    def commit_step(self, session: Session, kind: str, step: int, body_sha: str, response: bytes,
+                    inputs: dict[str, torch.Tensor] | None, event: LogEvent | None = None) -> None:
+        """Persist one session's step and keep it.
+
+        Without a strategy (``inputs``): check the staged step (finite, within ``max_grad_norm``), commit it, then
+        apply it: a failure before the commit changes nothing (the caller's ``_abandon`` undoes the provisional
+        optimizer step). With one (``event``): the strategy has applied the step; :meth:`commit_applied` logs it.
+        """
         n = self.applied_steps + 1
         fault("before_commit", n)
-        if self.logged:
-            assert inputs is not None
+        if inputs is not None:
             try:
                 self.segment.try_staged(self.settings.max_grad_norm)
             except UnsafeUpdate as exc:
@@ -523,19 +319,33 @@ class ServerState:
             fault("after_commit", n)
             self.segment.apply_staged()
             self._log_seq = seq
-        session.cache[kind] = _Cached(kind, step, body_sha, response)
-        session.next_step, session.phase = step + 1, "forward"
+        else:
+            assert event is not None
+            self.commit_applied([StepRecord(session.id, kind, step, step + 1, body_sha, response, None)], [event])
+        self.exactly_once.record(session, kind, step, body_sha, response)
         self.applied_steps = n
         self._since_snapshot += 1
-        if not self.logged:
-            self._dirty.add(session.id)
         fault("after_apply", n)
         if self._since_snapshot >= self.snapshot_every:
             self.checkpoint()
 
-    def touched(self, session: Session) -> None:
-        """A strategy changed this session's step or responses (saved with the next snapshot)."""
-        self._dirty.add(session.id)
+    def commit_applied(self, records: list[StepRecord], events: list[LogEvent]) -> None:
+        """Log what a strategy has applied to B (on B's thread): the devices' rows and replies and the strategy's
+        calls in one transaction. A failure (disk full) is counted and the entries retried, in order, with the next
+        commit or made moot by the next snapshot: B has stepped and the devices get their replies."""
+        old_records, old_events = self._unsaved
+        records, events = old_records + records, old_events + events
+        try:
+            with timed("checkpoint"):
+                seq = self.store.commit_steps(records, events=events)
+        except (OSError, sqlite3.Error) as exc:
+            self.counters["storage_errors"] += 1
+            self._unsaved = (records, events)
+            log.warning("could not log %d strategy calls (%s: %s); retrying with the next commit", len(events),
+                        type(exc).__name__, exc)
+            return
+        self._unsaved = ([], [])
+        self._log_seq = seq or self._log_seq
 
     def count_step(self) -> None:
         self.applied_steps += 1
@@ -549,34 +359,32 @@ class ServerState:
     def checkpoint(self) -> None:
         """Snapshot B and its optimizer (and the strategy); then drop the log up to it.
 
-        A failed snapshot is logged and retried at the next one: the log still holds every step
-        (with a strategy, which has no log, the iterations since the last snapshot are at risk).
+        A failed snapshot is logged and retried at the next one: the log still holds every step. Runs on B's
+        thread without the sessions' lock: session calls on the event loop never wait for a snapshot.
         """
-        with self._lock:
-            payload: dict[str, Any] = {
-                "format": FORMAT,
-                "bundle_files": self._bundle_hash(),
-                "applied_steps": self.applied_steps,
-                "log_seq": self._log_seq,
-                "module": self.segment.module.state_dict(),
-                "optimizer": self.segment.optimizer.state_dict(),
-            }
-            if self.rounds is not None:
-                payload["strategy"] = self.rounds.state_dict()
-            try:
-                self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
-                fault("after_snapshot", self.applied_steps)
-                if self.logged:
-                    self.store.drop_log(self._log_seq)
-                else:
-                    dirty = [self.sessions[s].stored() for s in self._dirty if s in self.sessions]
-                    self.store.save_sessions(dirty)
-                    self._dirty.clear()
-            except Exception as exc:  # noqa: BLE001 - the step is committed; a snapshot failure must not undo it
-                self.counters["storage_errors"] += 1
-                log.warning("snapshot failed (%s: %s); retrying at the next one", type(exc).__name__, exc)
-                return
-            self._since_snapshot = 0
+        payload: dict[str, Any] = {
+            "format": FORMAT,
+            "bundle_files": self._bundle_hash(),
+            "applied_steps": self.applied_steps,
+            "log_seq": self._log_seq,
+            "module": self.segment.module.state_dict(),
+            "optimizer": self.segment.optimizer.state_dict(),
+        }
+        if self.rounds is not None:
+            payload["strategy"] = self.rounds.state_dict()
+        try:
+            self.store.write_snapshot(payload, lambda: fault("in_snapshot", self.applied_steps))
+            fault("after_snapshot", self.applied_steps)
+            self.store.drop_log(self._log_seq)
+        except Exception as exc:  # noqa: BLE001 - the step is committed; a snapshot failure must not undo it
+            self.counters["storage_errors"] += 1
+            log.warning("snapshot failed (%s: %s); retrying at the next one", type(exc).__name__, exc)
+            return
+        self._since_snapshot = 0
+        records, events = self._unsaved
+        if events:  # the snapshot holds their effect: only the devices' rows are left to write
+            self._unsaved = (records, [])
+            self.commit_applied([], [])
 
     def _bundle_hash(self) -> str:
         return _hash(repr(sorted(self.bundle.manifest.files.items())))
@@ -610,9 +418,10 @@ class ServerState:
             replayed = self._replay_log()
             now = time.monotonic()
             for s in self.store.sessions():
-                cache = {k: _Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
+                cache = {k: Cached(k, step, sha, resp) for k, (step, sha, resp) in s.responses.items()}
+                self._opened += 1
                 self.sessions[s.id] = Session(s.id, s.token_hash, s.next_step, "forward", now, cache,
-                                              idempotency_key=s.idempotency_key, opened=next(self._opened))
+                                              idempotency_key=s.idempotency_key, opened=self._opened)
                 if s.idempotency_key is not None:
                     self.opened_by_key[(s.token_hash, s.idempotency_key)] = s.id
         except (OSError, sqlite3.Error) as exc:
@@ -628,7 +437,17 @@ class ServerState:
     def _replay_log(self) -> int:
         """Re-apply the logged steps after the snapshot, in order (B's steps are deterministic)."""
         records = self.store.log(self._log_seq)
-        for seq, kind, _, blob in records:
+        before = self.applied_steps
+        for seq, kind, step, blob in records:
+            if self.rounds is not None:
+                if self.replicated and kind in ("iteration", "train", "end", "turn"):
+                    log.warning("not replaying logged %s %d: a replica's B step needs the other ranks' gradients "
+                                "(the ranks align on the most advanced rank's snapshot)", kind, step)
+                    self._log_seq = seq
+                    continue
+                self.rounds.replay(kind, step, *unpack(blob))
+                self._log_seq = seq
+                continue
             t = st_load(blob)
             if kind == "backward":
                 self.segment.forward(t["activation"])
@@ -642,7 +461,7 @@ class ServerState:
             for k, v in self.segment.module.state_dict().items():
                 if v.is_floating_point() and not torch.isfinite(v).all():
                     raise StateError(f"replaying the step log gives non-finite weights ({k}); use another --state-dir")
-        return len(records)
+        return self.applied_steps - before
 
     async def aclose(self) -> None:
         """Final snapshot (after the step in flight) and release the store."""
@@ -653,7 +472,37 @@ class ServerState:
             self.store.close()
 
     def metrics(self) -> dict[str, float]:
-        return {"sessions_active": len(self.sessions), "steps_applied_total": self.applied_steps,
-                "lease_waiting": self.lease.waiting,
-                **{f"{k}_total": v for k, v in self.counters.items()},
-                **(self.rounds.metrics() if self.rounds is not None else {})}
+        extra = {**self.scheduler.metrics(), **(self.rounds.metrics() if self.rounds is not None else {})}
+        return {"sessions_active": len(self.sessions), "steps_applied_total": self.applied_steps, "lease_waiting": 0,
+                "threads": _thread_count(), **{f"{k}_total": v for k, v in self.counters.items()}, **extra}
+
+
+class SoloSteps:
+    """"No strategy", as the lease scheduler's strategy: B's own step for one session, staged until
+    :meth:`ServerState.commit_step` has checked and persisted it."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.segment = state.segment
+
+    def b_forward(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+        return self.segment.forward(x)
+
+    def b_backward(self, session: Session, step: int, body_sha: str, x: torch.Tensor, g: torch.Tensor,
+                   transport: type) -> bytes:
+        grad_in = self.segment.stage_gradient(g)
+        assert grad_in is not None
+        response = encode({"grad": grad_in}, transport)
+        self.state.commit_step(session, "backward", step, body_sha, response, {"activation": x, "grad": g})
+        return response
+
+    def b_train(self, session: Session, step: int, body_sha: str, x: torch.Tensor, y: torch.Tensor,
+                transport: type) -> bytes:
+        loss, grad_in, out = self.segment.stage_labels(x, y)
+        assert grad_in is not None
+        response = encode_reply(ServerReply(grad_in, loss, out), transport)
+        self.state.commit_step(session, "train", step, body_sha, response, {"activation": x, "labels": y})
+        return response
+
+    def b_evaluate(self, session: Session, x: torch.Tensor) -> torch.Tensor:
+        return self.segment.evaluate(x)

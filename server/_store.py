@@ -7,6 +7,7 @@ One database ``state.db`` in the state directory holds
   once per step and replaced by the next: at most one row per session and call kind);
 * ``steps``: the write-ahead log of the steps applied since the last snapshot: the step's input tensors
   (what replaying B's update needs), committed in the same transaction as the session row and response;
+  with a strategy, its calls (:class:`LogEvent`: an iteration's opening and B step, round ends, turns);
 * ``idempotency``: the ``Idempotency-Key`` a session was opened with (per token), deleted with the session;
 * ``meta``: the bundle it belongs to, the strategy, and the format.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import sqlite3
 import threading
@@ -29,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 DB = "state.db"
 SNAPSHOT = "checkpoint.pt"
@@ -73,9 +77,35 @@ class StepRecord:
     step: int
     next_step: int
     body_sha: str
-    response: bytes
+    response: bytes | None
+    """None: only the session's ``next_step`` changes (a device a barrier proceeded without)."""
     inputs: bytes | None
-    """safetensors bytes of the step's tensors; None: not logged (a strategy's step, snapshotted instead)."""
+    """safetensors bytes of the step's tensors; None: the step is logged as a :class:`LogEvent` instead."""
+
+
+@dataclass
+class LogEvent:
+    """One entry of the step log that is not a single session's step: a strategy's call (an iteration's
+    opening, its B step over several devices, a round end, a relayed turn), replayed in order on restart."""
+
+    kind: str
+    step: int
+    inputs: bytes
+    """:func:`pack` of the call's tensors and its other arguments."""
+    session_id: str = ""
+
+
+def pack(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> bytes:
+    """safetensors bytes of ``tensors`` with ``meta`` (JSON) in the header's metadata."""
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta)})
+
+
+def unpack(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the metadata of :func:`pack`."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    meta: dict[str, Any] = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+    return st_load(blob), meta
 
 
 def digest(obj: Any) -> str:
@@ -114,6 +144,8 @@ class Store:
         self.dir = state_dir
         self.bytes_written = 0
         """Bytes of tensors, rows and snapshots handed to the disk (the benchmark reads it)."""
+        self.commits = 0
+        """Write transactions committed (each one fsync of the WAL)."""
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             for stale in state_dir.glob("*.tmp"):  # a snapshot that a crash interrupted
@@ -157,6 +189,7 @@ class Store:
                     self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self.commits += 1
 
     # -- meta ---------------------------------------------------------------------------------
 
@@ -197,34 +230,32 @@ class Store:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def commit_steps(self, records: list[StepRecord], before_commit: Callable[[], None] | None = None) -> int:
-        """The steps' session rows, responses and log records in one transaction; the last log seq."""
+    def commit_steps(self, records: list[StepRecord], before_commit: Callable[[], None] | None = None,
+                     events: list[LogEvent] | None = None) -> int:
+        """The steps' session rows, responses and log records, then ``events``, in one transaction (a group
+        commit: every device of a barrier at once); the last log seq (0: nothing logged)."""
         seq = 0
         with self._txn() as db:
             for r in records:
                 db.execute("UPDATE sessions SET next_step = ?, phase = 'forward' WHERE id = ?",
                            (r.next_step, r.session_id))
-                db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-                           (r.session_id, r.kind, r.step, r.body_sha, r.response))
-                self.bytes_written += len(r.response) + 64
+                if r.response is not None:
+                    db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                               (r.session_id, r.kind, r.step, r.body_sha, r.response))
+                    self.bytes_written += len(r.response) + 64
                 if r.inputs is not None:
                     cur = db.execute("INSERT INTO steps (session_id, kind, step, inputs) VALUES (?, ?, ?, ?)",
                                      (r.session_id, r.kind, r.step, r.inputs))
                     seq = int(cur.lastrowid or 0)
                     self.bytes_written += len(r.inputs)
+            for e in events or ():
+                cur = db.execute("INSERT INTO steps (session_id, kind, step, inputs) VALUES (?, ?, ?, ?)",
+                                 (e.session_id, e.kind, e.step, e.inputs))
+                seq = int(cur.lastrowid or 0)
+                self.bytes_written += len(e.inputs) + 32
             if before_commit is not None:
                 before_commit()
         return seq
-
-    def save_sessions(self, sessions: list[StoredSession]) -> None:
-        """Whole session rows with their responses (the strategies' iterations, with a snapshot)."""
-        with self._txn() as db:
-            for s in sessions:
-                db.execute("UPDATE sessions SET next_step = ?, phase = ? WHERE id = ?", (s.next_step, s.phase, s.id))
-                for kind, (step, sha, response) in s.responses.items():
-                    db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-                               (s.id, kind, step, sha, response))
-                    self.bytes_written += len(response) + 64
 
     def log(self, after_seq: int) -> list[tuple[int, str, int, bytes]]:
         """The logged steps after ``after_seq``: (seq, kind, step, inputs), in order."""

@@ -563,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="B's snapshots, the step log and the sessions")
     p.add_argument("--tokens", type=at.existing_file, default=None, help="file of bearer tokens, one per line")
     p.add_argument("--checkpoint-every", type=at.positive_int, default=None,
-                   help="snapshot B every N steps (default 100, with --strategy 1); without a strategy every step "
-                   "is also logged, so a crash loses none")
+                   help="snapshot B every N steps (default 100; with --strategy also at every round end); every "
+                   "step is also logged, so a crash loses none")
     p.add_argument("--threads", type=at.positive_int, default=None, help="torch threads for B (default: one per core)")
     p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="where B and its optimizer live "
                    "(default cpu)")

@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1", tags=["metrics"])
 
 
 @router.post("/sessions/{session_id}/metrics", status_code=204)
-def report(metrics: dict[str, float], session: CurrentSession, state: State, request: Request) -> Response:
+async def report(metrics: dict[str, float], session: CurrentSession, state: State, request: Request) -> Response:
     """``{"name": value}``, e.g. ``{"epoch": 1, "loss": 0.7, "accuracy": 0.9}``: shown on ``/dashboard``, and passed
     to ``Strategy.observe`` when the server runs a strategy."""
     try:
@@ -21,5 +21,5 @@ def report(metrics: dict[str, float], session: CurrentSession, state: State, req
         raise APIError(422, "invalid_request", str(exc)) from exc
     rounds: RoundHost | None = state.rounds
     if rounds is not None:
-        rounds.observe(session, metrics)
+        await rounds.observe(session, metrics)
     return Response(status_code=204)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from starlette.concurrency import run_in_threadpool
 
 from .._deps import Body, Caller, CurrentSession, State
 from .._errors import APIError
@@ -29,7 +28,7 @@ def _tensors(state: State, data: bytes) -> Response:
 
 
 @router.get("/strategy", response_model=StrategyInfo)
-def strategy(state: State, _: Caller) -> dict[str, object]:
+async def strategy(state: State, _: Caller) -> dict[str, object]:
     """The strategy, its learning rates, and where training stands (round, next iteration)."""
     return _host(state).info()
 
@@ -38,7 +37,7 @@ def strategy(state: State, _: Caller) -> dict[str, object]:
             response_model_exclude_unset=True)
 async def step_status(step: int, session: CurrentSession, state: State) -> dict[str, object]:
     """Whether this session takes part in iteration ``step`` (waits until that iteration opens)."""
-    return await run_in_threadpool(_host(state).status, session, step)
+    return await _host(state).status(session, step)
 
 
 @router.post("/sessions/{session_id}/rounds/{round_index}/end")
@@ -46,25 +45,25 @@ async def end_round(round_index: int, session: CurrentSession, state: State, bod
                     num_samples: Annotated[int, Query(ge=0)] = 0) -> Response:
     """Close the round: device state in (may be empty), the device state to load out (empty: keep yours)."""
     host = _host(state)
-    data = await run_in_threadpool(host.end_round, session, round_index, body.arrays, num_samples, body.sha256)
+    data = await host.end_round(session, round_index, body.arrays, num_samples, body.sha256)
     return _tensors(state, data)
 
 
 @router.post("/sessions/{session_id}/rounds/{round_index}/done", status_code=204)
-def leave_round(round_index: int, session: CurrentSession, state: State) -> Response:
+async def leave_round(round_index: int, session: CurrentSession, state: State) -> Response:
     """No more batches this round: the round's iterations stop waiting for this session."""
-    _host(state).leave_round(session, round_index)
+    await _host(state).leave_round(session, round_index)
     return Response(status_code=204)
 
 
 @router.get("/sessions/{session_id}/device-state")
-def relayed_state(session: CurrentSession, state: State) -> Response:
+async def relayed_state(session: CurrentSession, state: State) -> Response:
     """SSL: the device weights to load before this session's turn (empty: keep your own)."""
-    return _tensors(state, _host(state).relayed_state(session))
+    return _tensors(state, await _host(state).relayed_state(session))
 
 
 @router.post("/sessions/{session_id}/turn", status_code=204)
-def end_turn(session: CurrentSession, state: State, body: Body) -> Response:
+async def end_turn(session: CurrentSession, state: State, body: Body) -> Response:
     """SSL: this session's device weights after its turn, for the next client."""
-    _host(state).end_turn(session, body.arrays)
+    await _host(state).end_turn(session, body.arrays)
     return Response(status_code=204)

@@ -28,6 +28,7 @@ from safetensors.numpy import load, save
 from safetensors.torch import save as torch_save
 
 from server import ServerSettings, create_app
+from server._scheduler import LeaseScheduler
 from splitexport import LossSpec, OptimizerSpec, SourceSpec, partition, write_bundle
 from splitexport.models import mlp
 from splitexport.protocol import MAX_HEADER_BYTES, MAX_TENSORS, ErrorCode
@@ -391,7 +392,9 @@ def test_closing_a_session_that_waits_for_b_releases_its_place(mlp_bundle: Path,
         thread = threading.Thread(target=forward_y)
         thread.start()
         deadline = time.monotonic() + 10
-        while state.lease.waiting == 0:  # Y waits in line for B
+        assert isinstance(state.scheduler, LeaseScheduler)
+        lease = state.scheduler.lease
+        while lease.waiting == 0:  # Y waits in line for B
             assert time.monotonic() < deadline and thread.is_alive(), "Y's forward never waited for B"
             time.sleep(0.01)
         t0 = time.monotonic()
@@ -399,13 +402,13 @@ def test_closing_a_session_that_waits_for_b_releases_its_place(mlp_bundle: Path,
         thread.join(timeout=10)
         error = refused(waiting["r"], ErrorCode.UNKNOWN_SESSION)
         assert "closed" in error["message"] and waiting["t"] - t0 < 2.0
-        assert state.lease.waiting == 0 and state.lease.holder == x
+        assert lease.waiting == 0 and lease.holder == x
         assert same(b_state(url, state, {x: AUTH, z: AUTH}), before)  # Y left no trace in B
         assert post(url, f"/v1/sessions/{x}/steps/0/backward", grad).status_code == 200
         t1 = time.monotonic()
         r = post(url, f"/v1/sessions/{z}/steps/0/forward", a)
         assert r.status_code == 200 and time.monotonic() - t1 < 2.0, (r.text, time.monotonic() - t1)
-        assert state.lease.holder == z
+        assert lease.holder == z
         assert post(url, f"/v1/sessions/{z}/steps/0/backward", grad).status_code == 200
         assert httpx.get(f"{url}/healthz").json()["steps_applied"] == 2
         refused(httpx.get(f"{url}/v1/sessions/{y}", headers=AUTH), ErrorCode.UNKNOWN_SESSION)

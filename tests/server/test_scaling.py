@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from safetensors.numpy import save
+import pytest
+from safetensors.numpy import load, save
 
 from splitexport import load_bundle
 
-from .conftest import TOKEN, free_port, threaded_server
+from .conftest import TOKEN, ServerProcess, free_port, threaded_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ST = {**AUTH, "Content-Type": "application/vnd.safetensors"}
@@ -126,3 +128,68 @@ def test_serve_shuts_down_within_seconds_while_devices_wait(mlp_bundle: Path, tm
     print(f"shutdown with 20 devices waiting for B: {seconds:.1f} s")
     assert seconds < 8
     assert (tmp_path / "s" / "checkpoint.pt").is_file()  # the final snapshot was written
+
+
+def _gauge(text: str, name: str) -> float:
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(f"splitexport_{name} "))
+
+
+def test_256_devices_wait_at_a_psl_barrier_on_few_threads(mlp_bundle: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 devices in one PSL iteration: 255 wait at the forward barrier while the server process (a real
+    ``splitexport serve``, its threads counted in /proc) runs on at most 16 threads; then every step completes."""
+    devices, max_threads = 256, 16
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    settings = {"STRATEGY": "psl", "NUM_CLIENTS": devices, "MAX_SESSIONS_PER_TOKEN": devices,
+                "ROUND_TIMEOUT_S": 300, "THREADS": 2}  # THREADS: torch's own pool, 2 whatever the machine's cores
+    for name, value in settings.items():
+        monkeypatch.setenv(f"SPLITEXPORT_{name}", str(value))
+    server = ServerProcess(mlp_bundle, tmp_path / "s", tokens)
+    server.start()
+    assert server.proc is not None
+    task_dir = Path(f"/proc/{server.proc.pid}/task")
+    fwd, bwd = _bodies(mlp_bundle)
+
+    async def run() -> tuple[int, int, list[bytes], list[bytes], str]:
+        limits = httpx.Limits(max_connections=devices + 8, max_keepalive_connections=devices + 8)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120) as http:
+            sids = [(await _post(http, "/v1/sessions")).json()["session_id"] for _ in range(devices)]
+            peak, stop = 0, asyncio.Event()
+
+            async def sample() -> None:
+                nonlocal peak
+                while not stop.is_set():
+                    peak = max(peak, len(os.listdir(task_dir)))
+                    await asyncio.sleep(0.01)
+
+            sampler = asyncio.create_task(sample())
+            waiting = [asyncio.create_task(_post(http, f"/v1/sessions/{s}/steps/0/forward", fwd)) for s in sids[:-1]]
+            deadline = time.monotonic() + 120
+            while _gauge((await http.get("/metrics")).text, "barrier_waiting") < devices - 1:
+                assert time.monotonic() < deadline, "the devices did not reach the barrier"
+                await asyncio.sleep(0.05)
+            at_barrier = len(os.listdir(task_dir))
+            assert not any(t.done() for t in waiting)  # they wait for the last device
+            last = await _post(http, f"/v1/sessions/{sids[-1]}/steps/0/forward", fwd)
+            outs = [(await t).content for t in waiting] + [last.content]
+            grads = await asyncio.gather(*(_post(http, f"/v1/sessions/{s}/steps/0/backward", bwd) for s in sids))
+            metrics = (await http.get("/metrics")).text
+            stop.set()
+            await sampler
+            return at_barrier, peak, outs, [g.content for g in grads], metrics
+
+    try:
+        at_barrier, peak, outs, grads, metrics = asyncio.run(run())
+        health = httpx.get(server.url + "/healthz").json()
+    finally:
+        server.stop()
+    print(f"{devices} devices at a PSL barrier: {at_barrier} server threads while {devices - 1} waited, peak {peak}")
+    assert at_barrier <= max_threads and peak <= max_threads
+    assert health["steps_applied"] == 1  # one B step over the 256 devices' concatenated batch
+    assert _gauge(metrics, "iterations_total") == 1 and _gauge(metrics, "barrier_waiting") == 0
+    spec = next(s for s in load_bundle(mlp_bundle).manifest.segments if s.role == "server")
+    for out, grad in zip(outs, grads, strict=True):
+        y, g = load(out)["output"], load(grad)["grad"]
+        assert y.shape == (4, *spec.output.sample_shape) and np.isfinite(y).all()
+        assert g.shape == (4, *spec.input.sample_shape) and np.isfinite(g).all() and np.abs(g).sum() > 0

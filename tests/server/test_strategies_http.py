@@ -352,3 +352,102 @@ def test_simulate_cli_runs_the_devices_against_a_served_strategy(mlp_bundle: Pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["runs"][0]["strategy"] == "psl" and metrics["runs"][0]["clients"] == 2
     assert "final test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "bundle_name"), [("psl", "mlp_bundle"), ("adasplit", "mlp_single_bundle")])
+def test_sigkill_replays_the_strategy_log(name: str, bundle_name: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strategy's calls are durable by the step log, not by a snapshot per step: SIGKILL after a round end's
+    snapshot and two more iterations, restart, and B (with AdaSplit's masks and UCB state) is as it was."""
+    from device_runtime import HttpLink
+
+    from .conftest import ServerProcess
+
+    path = request.getfixturevalue(bundle_name)
+    names = ["a", "b", "c", "d"]
+    for key, value in {"STRATEGY": name, "NUM_CLIENTS": 4, "KAPPA": 0, "ETA": 0.5, "THREADS": 1}.items():
+        monkeypatch.setenv(f"SPLITEXPORT_{key}", str(value))
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    server = ServerProcess(path, tmp_path / "s", tokens)
+    server.start()
+    _, spec = server_spec(path)
+    single = spec.is_last
+    ref = reference(path, name, num_clients=4, kappa=0.0, eta=0.5)
+    gen = torch.Generator().manual_seed(3)
+    probe = torch.randn(5, *spec.input.sample_shape, generator=gen)
+
+    def iteration(link: HttpLink, step: int) -> None:
+        members = link.participants(ref.round, names)
+        assert members == ref.participants(ref.round, names)
+        x = activations(path, members, seed=step)
+        if single:
+            y = {c: torch.randint(0, 10, (8,), generator=gen) for c in members}
+            link.train_round({c: (x[c], y[c]) for c in members})
+            for c in members:  # in client order, one at a time, as the server serves AdaSplit
+                ref.train_round({c: (x[c], y[c])})
+        else:
+            link.forward_round(x)
+            ref.forward_round(x)
+            g = {c: torch.randn(8, *spec.output.sample_shape, generator=gen) for c in members}
+            link.backward_round(g)
+            ref.backward_round(g)
+
+    def evaluate(sessions: dict[str, str]) -> dict[str, bytes]:
+        body = save({"activation": probe.numpy()})
+        return {c: httpx.post(f"{server.url}/v1/sessions/{sid}/evaluate", content=body, headers=ST).content
+                for c, sid in sessions.items()}
+
+    try:
+        with HttpLink(server.url, names, TOKEN) as link:
+            iteration(link, 0)
+            link.end_round({}, {})  # a snapshot; the iterations after it are only in the log
+            ref.end_round({}, {})
+            iteration(link, 1)
+            iteration(link, 2)
+            sessions = {c: r.session_id for c, r in link.remotes.items()}
+        before = evaluate(sessions)
+        server.kill()  # SIGKILL: no final snapshot
+        server.start()
+        assert evaluate(sessions) == before  # B (and each session's AdaSplit mask) exactly as before the kill
+        info = httpx.get(f"{server.url}/v1/strategy", headers=AUTH).json()
+        assert info["round"] == 1 and info["next_iteration"] == 3
+    finally:
+        server.stop()
+    saved = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)  # written at the clean stop
+    assert saved["applied_steps"] == 3 if not single else saved["applied_steps"] == 6
+    diff, where = max_abs_difference(saved["module"], ref.server.module.state_dict())  # type: ignore[union-attr]
+    assert diff <= 1e-6, where
+    if name == "adasplit":
+        ucb = saved["strategy"]["strategy"]["ucb"]
+        assert ucb["iterations"] == ref.orchestrator.iterations  # type: ignore[attr-defined]
+        assert ucb["s"] == pytest.approx(dict(zip(sessions.values(),
+                                                  (ref.orchestrator.s[c] for c in names), strict=True)))  # type: ignore[attr-defined]
+
+
+def test_a_barrier_commits_every_device_in_one_transaction(mlp_bundle: Path, tmp_path: Path) -> None:
+    """Group commit: when the backward barrier fires for three devices, their replies and step counters and the
+    iteration's log entry reach state.db in one SQLite transaction (no snapshot of B per iteration)."""
+    import sqlite3
+
+    names = ["a", "b", "c"]
+    x = activations(mlp_bundle, names)
+    with threaded_server(mlp_bundle, tmp_path / "s", strategy="psl", num_clients=3) as (url, state), \
+            HttpLink(url, names, TOKEN) as link:
+        link.participants(0, names)
+        out = link.forward_round(x)
+        commits = state.store.commits
+        back = link.backward_round({c: torch.ones_like(o) for c, o in out.items()})
+        assert state.store.commits == commits + 1
+        assert not (tmp_path / "s" / "checkpoint.pt").exists()  # B is not snapshotted per iteration
+        sessions = {link.remotes[c].session_id: c for c in names}
+        db = sqlite3.connect(tmp_path / "s" / "state.db")
+        rows = db.execute("SELECT session_id, step, response FROM responses WHERE kind = 'backward'").fetchall()
+        steps = dict(db.execute("SELECT id, next_step FROM sessions").fetchall())
+        log = db.execute("SELECT kind, step FROM steps ORDER BY seq").fetchall()
+        db.close()
+    assert sorted(sessions[sid] for sid, _, _ in rows) == names
+    for sid, step, response in rows:
+        assert step == 0 and torch.equal(torch.from_numpy(load(response)["grad"].copy()), back[sessions[sid]])
+    assert all(steps[sid] == 1 for sid in sessions)
+    assert log == [("open", 0), ("iteration", 0)]
