@@ -14,4 +14,4 @@ export { RemoteSegment, ServerClient, ServerError } from './client.js';
 export { ERROR_STATUS, ErrorCode, MEDIA_TYPE, Tensor } from './protocol.js';
 export { decodeSafetensors, encodeSafetensors, SafetensorsError } from './safetensors.js';
 export { batchIndices, predict, trainSplit, trainStep } from './train.js';
-export { GroupNorm, SeededDropout, TorchActivation, TorchReduce } from './layers.js';
+export { GroupNorm, SeededDropout, TorchActivation, TorchConv2D, TorchReduce } from './layers.js';
