@@ -24,6 +24,7 @@ SCRIPTS = {
     "bench_safetensors_header.py": "5000 tensors: 413 header_too_large",
     "bench_server_state.py": "server CPU",
     "privacy_leakage.py": "| mlp, untrained | fc1 |",
+    "zoo_table.py": "| zoo model (`tests/zoo.py`) |",
 }
 
 
