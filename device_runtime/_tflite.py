@@ -36,7 +36,10 @@ def _interpreter(model: bytes, variant: str, backend: str) -> Any:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.lite.Interpreter(model_content=model)
+        # Without the default XNNPack delegate: it fails to prepare some training graphs of the flex variant
+        # ("failed to create XNNPACK Value", "XNNPack delegate failed to reshape"); the Flex delegate stays.
+        resolver = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        return tf.lite.Interpreter(model_content=model, experimental_op_resolver_type=resolver)
     raise TfliteRuntimeError(f"unknown interpreter backend {backend!r}; expected auto, litert or tensorflow")
 
 

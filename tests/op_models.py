@@ -134,10 +134,32 @@ class ImageShapes(nn.Module):
         return self.fc(torch.cat([flat, tokens], dim=1))
 
 
+class GroupedConvs(nn.Module):
+    """N x 4 x 12 x 12: grouped conv (groups 2), dilated conv, strided + dilated grouped conv with 'same'-style
+    padding, dilated depthwise conv (multiplier 2), and a grouped dilated Conv1d over the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.both = nn.Conv2d(8, 12, (3, 2), stride=2, padding=(2, 1), dilation=(2, 3), groups=4)
+        self.dw = nn.Conv2d(12, 24, 3, padding="same", dilation=2, groups=12)
+        self.conv1d = nn.Conv1d(24, 8, 3, dilation=2, groups=4)
+        self.fc = nn.Linear(8 * 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.grouped(x))
+        h = torch.relu(self.dilated(h)) + h
+        h = self.dw(torch.sigmoid(self.both(h)))  # N x 24 x 6 x 6
+        h = self.conv1d(torch.tanh(h.reshape(h.size(0), 24, -1)))  # N x 8 x 32
+        return self.fc(h.reshape(h.size(0), -1))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "activations": (Activations, (BATCH, 12)),
     "sequence": (Sequence, (BATCH, 5, 6)),
     "convs": (Convs, (BATCH, 3, 12, 12)),
     "shapes": (Shapes, (BATCH, 4, 10)),
     "image_shapes": (ImageShapes, (BATCH, 3, 6, 6)),
+    "grouped_convs": (GroupedConvs, (BATCH, 4, 12, 12)),
 }

@@ -278,6 +278,11 @@ def tabular_mlp() -> nn.Module:
     return TabularMLP()
 
 
+def tabular_mlp_p0() -> nn.Module:
+    """The tabular MLP with Dropout p=0 (for exact comparisons with torch)."""
+    return without_dropout(TabularMLP())
+
+
 # --------------------------------------------------------------------------- data
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-__all__ = ["CUSTOM_LAYERS", "GroupNorm", "SeededDropout", "TorchActivation", "TorchReduce"]
+__all__ = ["CUSTOM_LAYERS", "GroupNorm", "SeededDropout", "TorchActivation", "TorchConv2D", "TorchReduce"]
 
 _C = math.sqrt(2.0 / math.pi)
 
@@ -120,3 +120,59 @@ class SeededDropout(tf_keras.layers.Layer):  # type: ignore[misc]
 
 
 CUSTOM_LAYERS["SeededDropout"] = SeededDropout
+
+
+class TorchConv2D(tf_keras.layers.Layer):  # type: ignore[misc]
+    """A grouped and / or dilated convolution (valid padding; a ZeroPadding2D comes first) with torch's semantics.
+
+    Runs a plain (or depthwise) convolution on the effective kernel of ``splitexport/export/ops/conv.py``
+    (tiled + block-diagonal for groups, zeros between the taps for dilation), so that TF.js, which has no
+    grouped Conv2D and no gradient of a dilated one, trains it. The kernel keeps Keras' layout:
+    ``(kh, kw, in_channels / groups, filters)``, or ``(kh, kw, in_channels, multiplier)`` when ``depthwise``.
+    """
+
+    def __init__(self, filters: int, kernel_size: list[int], strides: list[int], dilation: list[int], groups: int,
+                 in_channels: int, depthwise: bool = False, use_bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = [int(k) for k in kernel_size]
+        self.strides = [int(s) for s in strides]
+        self.dilation = [int(d) for d in dilation]
+        self.groups = int(groups)
+        self.in_channels = int(in_channels)
+        self.depthwise = bool(depthwise)
+        self.use_bias = bool(use_bias)
+
+    def _attrs(self) -> dict[str, Any]:
+        return {"kernel": tuple(self.kernel_size), "dilation": tuple(self.dilation), "groups": self.groups,
+                "in_channels": self.in_channels, "out_channels": self.filters}
+
+    def build(self, input_shape: Any) -> None:
+        kh, kw = self.kernel_size
+        if self.depthwise:
+            shape = (kh, kw, self.in_channels, self.filters // self.in_channels)
+            self.kernel = self.add_weight(name="depthwise_kernel", shape=shape)
+        else:
+            self.kernel = self.add_weight(name="kernel", shape=(kh, kw, self.in_channels // self.groups, self.filters))
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, inputs: Any) -> Any:
+        from .ops.conv import effective_kernel
+
+        k = effective_kernel(self.kernel, self._attrs(), self.depthwise)
+        strides = [1, *self.strides, 1]
+        if self.depthwise:
+            y = tf.nn.depthwise_conv2d(inputs, k, strides, "VALID")
+        else:
+            y = tf.nn.conv2d(inputs, k, strides, "VALID")
+        return y + self.bias if self.use_bias else y
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "dilation": self.dilation, "groups": self.groups,
+                "in_channels": self.in_channels, "depthwise": self.depthwise, "use_bias": self.use_bias}
+
+
+CUSTOM_LAYERS["TorchConv2D"] = TorchConv2D

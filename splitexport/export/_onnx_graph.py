@@ -239,15 +239,18 @@ def _remove_named(container: object, name: str) -> None:
 
 
 def complete_layer_norm_outputs(model: onnx.ModelProto) -> None:
-    """Give every LayerNormalization node its optional Mean and InvStdDev outputs.
+    """Give every LayerNormalization node its optional Mean and InvStdDev outputs, and every Dropout its mask.
 
-    ONNX Runtime 1.19's LayerNormalization gradient builder reads them; without
-    them artifact generation fails an output-count assertion (opset >= 17).
+    ONNX Runtime 1.19's LayerNormalization and Dropout gradient builders read them; without
+    them artifact generation fails an output-count assertion (opset >= 17; a Dropout inside
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` exports without its mask).
     """
     for node in model.graph.node:
         if node.op_type == "LayerNormalization" and len(node.output) == 1:
             base = node.name or node.output[0]
             node.output.extend([f"{base}/saved_mean", f"{base}/saved_inv_std_dev"])
+        elif node.op_type == "Dropout" and len(node.output) == 1:
+            node.output.append(f"{node.name or node.output[0]}/mask")
 
 
 def keep_outputs(model: onnx.ModelProto, names: list[str]) -> None:

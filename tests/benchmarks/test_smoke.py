@@ -25,6 +25,7 @@ SCRIPTS = {
     "bench_server_state.py": "server CPU",
     "privacy_leakage.py": "| mlp, untrained | fc1 |",
     "bench_replicas.py": "| 2 | [4, 4] |",
+    "zoo_table.py": "| zoo model (`tests/zoo.py`) |",
 }
 
 

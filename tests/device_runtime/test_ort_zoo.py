@@ -11,6 +11,7 @@ torch's), so they are checked to converge instead, and once more with p=0 for ex
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +25,26 @@ from splitexport import OptimizerSpec, load_bundle, named_state, partition
 from splitexport._cli import main
 from splitexport._torch_segment import TorchSegment
 from splitexport.export import DeviceOptimizer, export_segment_onnx
-from tests.zoo import ZOO
+from tests.zoo import ZOO, ZooModel, tabular_mlp_p0
+from tests.zoo_results import record
 
 STEPS = 20
 BATCH = 8
 TOL = 1e-5
 SGD = OptimizerSpec(name="sgd", lr=0.05)
-EXACT = sorted(n for n, m in ZOO.items() if not m.dropout)
+P0 = "tabular_mlp_p0"
+"""The tabular MLP with Dropout p=0: exact like the others."""
+EXACT = [*sorted(n for n, m in ZOO.items() if not m.dropout), P0]
+
+
+def _zoo(name: str) -> ZooModel:
+    if name == P0:
+        return dataclasses.replace(ZOO["tabular_mlp"], name=P0, factory=tabular_mlp_p0, dropout=False)
+    return ZOO[name]
 
 
 def _bundle(tmp_path: Path, name: str) -> Path:
-    zm = ZOO[name]
+    zm = _zoo(name)
     torch.manual_seed(0)
     model_file = tmp_path / "model.pt"
     torch.save(zm.factory().state_dict(), model_file)
@@ -64,7 +74,7 @@ def _lockstep(bundle: Path, name: str, steps: int) -> tuple[float, float, list[f
     difference in A's output cannot flip a ReLU gate inside B (float32 kinks, see docs/onnx.md)
     and be blamed on ORT. Returns (max |dw|, max |d input grad|, ORT losses).
     """
-    zm = ZOO[name]
+    zm = _zoo(name)
     b = load_bundle(bundle)
     torch_a, torch_c = b.torch_segment("A"), b.torch_segment("C")
     ref_a = TorchSegment(torch_a, SGD, loss=zm.loss, input_grad=False)
@@ -105,6 +115,7 @@ def test_zoo_trains_in_ort_like_torch(tmp_path: Path, name: str) -> None:
     dw, dg, _ = _lockstep(bundle, name, STEPS)
     print(f"{name}: {STEPS} steps, max |dw| {dw:.2e}, max |d input grad| {dg:.2e}")
     assert dw <= TOL and dg <= TOL
+    record(name.removesuffix("_p0"), "onnx", max(dw, dg), note="Dropout p=0" if name == P0 else "")
 
 
 def test_dropout_model_trains_and_converges(tmp_path: Path) -> None:
@@ -117,6 +128,7 @@ def test_dropout_model_trains_and_converges(tmp_path: Path) -> None:
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
     print(f"{name}: MSE {first:.4f} (first 10 steps) -> {last:.4f} (last 10 of 150)")
     assert last < 0.5 * first
+    record(name, "dropout_onnx", f"MSE {first:.3f} -> {last:.3f} in 150 steps")
 
 
 def test_dropout_masks_are_reused_by_the_step(tmp_path: Path) -> None:

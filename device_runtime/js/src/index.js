@@ -15,4 +15,4 @@ export { ERROR_STATUS, ErrorCode, MEDIA_TYPE, Tensor } from './protocol.js';
 export { decodeSafetensors, encodeSafetensors, SafetensorsError } from './safetensors.js';
 export { batchIndices, predict, trainSplit, trainStep } from './train.js';
 export { loadData, parseCsv, parseNpy, parseNpz, preprocess, splitIndices } from './data.js';
-export { GroupNorm, SeededDropout, TorchActivation, TorchReduce } from './layers.js';
+export { GroupNorm, SeededDropout, TorchActivation, TorchConv2D, TorchReduce } from './layers.js';

@@ -155,7 +155,92 @@ export class SeededDropout extends tf.layers.Layer {
 }
 SeededDropout.className = 'SeededDropout';
 
-for (const cls of [TorchActivation, GroupNorm, TorchReduce, SeededDropout]) tf.serialization.registerClass(cls);
+/**
+ * The kernel a plain (or depthwise) convolution runs with (splitexport/export/ops/conv.py effective_kernel):
+ * a grouped kernel [kh, kw, cin / groups, cout] tiled to cin and masked block-diagonal; for dilation, d - 1
+ * zeros between the taps. Built from pad / reshape / slice / tile / mul, whose gradients TF.js has (its conv2d
+ * gradient refuses dilation > 1).
+ */
+export function effectiveKernel(kernel, { kernelSize, dilation, groups, inChannels, filters }, depthwise) {
+  let k = kernel;
+  if (!depthwise && groups > 1) {
+    const gi = inChannels / groups;
+    const go = filters / groups;
+    const mask = tf.tidy(() => tf.cast(tf.equal(
+      tf.floorDiv(tf.reshape(tf.range(0, inChannels, 1, 'int32'), [inChannels, 1]), gi),
+      tf.floorDiv(tf.reshape(tf.range(0, filters, 1, 'int32'), [1, filters]), go)), 'float32'));
+    k = tf.mul(tf.tile(k, [1, 1, groups, 1]), mask);
+  }
+  const [kh, kw] = kernelSize;
+  const [dh, dw] = dilation;
+  if (dh > 1) {
+    const [, w, a, b] = k.shape;
+    k = tf.pad(tf.expandDims(k, 1), [[0, 0], [0, dh - 1], [0, 0], [0, 0], [0, 0]]);
+    k = tf.slice(tf.reshape(k, [kh * dh, w, a, b]), [0, 0, 0, 0], [dh * (kh - 1) + 1, w, a, b]);
+  }
+  if (dw > 1) {
+    const [h, , a, b] = k.shape;
+    k = tf.pad(tf.expandDims(k, 2), [[0, 0], [0, 0], [0, dw - 1], [0, 0], [0, 0]]);
+    k = tf.slice(tf.reshape(k, [h, kw * dw, a, b]), [0, 0, 0, 0], [h, dw * (kw - 1) + 1, a, b]);
+  }
+  return k;
+}
+
+/** A grouped and / or dilated convolution (valid padding, NHWC) with torch's semantics; twin of _keras_layers.py. */
+export class TorchConv2D extends tf.layers.Layer {
+  constructor(config) {
+    super(config);
+    this.filters = config.filters;
+    this.kernelSize = config.kernelSize;
+    this.strides = config.strides;
+    this.dilation = config.dilation;
+    this.groups = config.groups;
+    this.inChannels = config.inChannels;
+    this.depthwise = config.depthwise ?? false;
+    this.useBias = config.useBias ?? true;
+  }
+
+  build() {
+    const [kh, kw] = this.kernelSize;
+    if (this.depthwise) {
+      this.kernel = this.addWeight('depthwise_kernel', [kh, kw, this.inChannels, this.filters / this.inChannels],
+        'float32', tf.initializers.zeros());
+    } else {
+      this.kernel = this.addWeight('kernel', [kh, kw, this.inChannels / this.groups, this.filters], 'float32',
+        tf.initializers.zeros());
+    }
+    if (this.useBias) this.bias = this.addWeight('bias', [this.filters], 'float32', tf.initializers.zeros());
+    this.built = true;
+  }
+
+  computeOutputShape(inputShape) {
+    const [n, h, w] = inputShape;
+    const size = (len, k, d, s) => (len == null ? null : Math.floor((len - d * (k - 1) - 1) / s) + 1);
+    return [n, size(h, this.kernelSize[0], this.dilation[0], this.strides[0]),
+      size(w, this.kernelSize[1], this.dilation[1], this.strides[1]), this.filters];
+  }
+
+  call(inputs) {
+    return tf.tidy(() => {
+      const x = Array.isArray(inputs) ? inputs[0] : inputs;
+      const k = effectiveKernel(this.kernel.read(), this, this.depthwise);
+      const strides = /** @type {[number, number]} */ (this.strides);
+      const y = this.depthwise ? tf.depthwiseConv2d(x, k, strides, 'valid') : tf.conv2d(x, k, strides, 'valid');
+      return this.useBias ? tf.add(y, this.bias.read()) : y;
+    });
+  }
+
+  getConfig() {
+    return {
+      ...super.getConfig(), filters: this.filters, kernelSize: this.kernelSize, strides: this.strides,
+      dilation: this.dilation, groups: this.groups, inChannels: this.inChannels, depthwise: this.depthwise,
+      useBias: this.useBias,
+    };
+  }
+}
+TorchConv2D.className = 'TorchConv2D';
+
+for (const cls of [TorchActivation, GroupNorm, TorchReduce, SeededDropout, TorchConv2D]) tf.serialization.registerClass(cls);
 
 
 // ---------------------------------------------------------------- sequence ops (SplitexportLayer)

@@ -151,6 +151,7 @@ export function encodeSafetensors(tensors: Record<string, { shape: number[]; dat
 export class TorchActivation extends tf.layers.Layer {}
 export class GroupNorm extends tf.layers.Layer {}
 export class TorchReduce extends tf.layers.Layer {}
+export class TorchConv2D extends tf.layers.Layer {}
 export class SeededDropout extends tf.layers.Layer {
   /** Advances the mask seed after a training step (DeviceSegment calls it). */
   afterTrainStep(): void;

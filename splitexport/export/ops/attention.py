@@ -82,16 +82,23 @@ _BUILTIN = refused(f"no builtin-ops backward pass for attention; use the flex va
 register(
     OpSpec(
         "MultiheadAttention", "attention", modules=("MultiheadAttention",),
-        onnx=native("MatMul / Softmax (a scripted layer is rebuilt in Python before export)"), tfjs=native("SplitexportLayer 'attention' (layers.js)"),
+        onnx=native("MatMul / Softmax (a scripted layer is rebuilt in Python before export); dropout > 0 trains in "
+                    "the last segment (ORT draws the masks), refused in one trained on a received gradient"),
+        tfjs=native("SplitexportLayer 'attention' (layers.js)"),
         tflite_flex=native("matmul + softmax, GradientTape"), tflite_builtin=_BUILTIN,
-        restrictions="batch_first self-attention attn(x, x, x)[0]; no masks, bias_k/v, add_zero_attn; dropout 0",
+        restrictions="batch_first self-attention attn(x, x, x)[0]; no masks, bias_k/v, add_zero_attn; dropout 0 "
+                     "(TF.js / TFLite; ONNX: see its cell)",
         build_module=_build_mha, kinds=("attention",),
     ),
     OpSpec(
         "TransformerEncoderLayer", "attention", modules=("TransformerEncoderLayer",),
-        onnx=native("MatMul / Softmax / LayerNormalization (a scripted layer is rebuilt in Python before export)"), tfjs=native("SplitexportLayer 'encoder' (layers.js)"),
+        onnx=native("MatMul / Softmax / LayerNormalization (a scripted layer is rebuilt in Python before export); "
+                    "dropout > 0 trains in the last segment (ORT draws the masks), refused in one trained on a "
+                    "received gradient"),
+        tfjs=native("SplitexportLayer 'encoder' (layers.js)"),
         tflite_flex=native("attention + LayerNorm + feed-forward, GradientTape"), tflite_builtin=_BUILTIN,
-        restrictions="batch_first; activation relu or gelu; norm_first either; no masks; dropout 0",
+        restrictions="batch_first; activation relu or gelu; norm_first either; no masks; dropout 0 (TF.js / TFLite; "
+                     "ONNX: see its cell)",
         build_module=_build_encoder, kinds=("encoder",),
     ),
     LayerKind("attention", keras_seq, forward_seq, _no_builtin_backward, builtin_refusal=_refusal("attention")),

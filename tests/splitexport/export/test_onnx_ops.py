@@ -174,3 +174,41 @@ def test_dropout_in_a_takes_masks_as_inputs(tmp_path: Path) -> None:
 
 def test_errors_are_export_errors() -> None:
     assert issubclass(UnsupportedOpError, ExportError)
+
+
+class AttentionHead(nn.Module):
+    """A last segment: TransformerEncoderLayer with dropout 0.1 (attention weights, feed-forward, residuals)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.enc(x).mean(dim=1))
+
+
+def test_attention_dropout_in_the_last_segment_trains_and_converges(tmp_path: Path) -> None:
+    """Dropout inside nn.TransformerEncoderLayer (its MultiheadAttention included) in C: ORT draws the masks in the
+    training step (C sends no activation, so no mask has to be reused); the exported Dropouts get their mask
+    output, which ORT's Dropout gradient reads. Not bit-comparable with torch: checked to converge."""
+    from device_runtime import OrtSegment
+
+    torch.manual_seed(0)
+    part = partition(nn.Sequential(nn.Identity(), AttentionHead()), ["0"], torch.zeros(2, 6, 8))
+    path = tmp_path / "c.pt"
+    torch.jit.save(torch.jit.script(part.segments[1].module), str(path))
+    export_segment_onnx(load_torch_segment(path, "torchscript"), (6, 8), tmp_path / "out", is_last=True,
+                        optimizer=DeviceOptimizer("sgd", 0.1), name="C")
+    seg = OrtSegment.from_directory(tmp_path / "out", learning_rate=0.1)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(80):
+        x = torch.randn(16, 6, 8, generator=gen)
+        y = (x[:, :, 0].mean(dim=1) > 0).long()
+        loss, gx = seg.train_with_labels(x.numpy(), y.numpy())
+        assert np.isfinite(gx).all()
+        losses.append(loss)
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+    print(f"\nattention dropout 0.1 in C (ORT): cross-entropy {first:.3f} (first 10 steps) -> {last:.3f} (last 10 of 80)")
+    assert last < 0.7 * first, (first, last)

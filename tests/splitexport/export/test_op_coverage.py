@@ -30,10 +30,10 @@ from splitexport import ExportError
 from splitexport.export._tflite import Variant, export_tflite_segment
 from tests.device_runtime.test_tflite_runtime import _free_running, _per_step
 
-_LR_A = {"activations": 2.0}
+_LR_A = {"activations": 2.0, "grouped_convs": 1.0}
 """Learning rates large enough that every weight moves by far more than the 1e-5 tolerance per step (the
-activations model's aux-loss gradients are small); larger ones make the others' weights grow until float
-rounding alone exceeds the tolerance."""
+activations and grouped_convs models' aux-loss gradients are small); larger ones make the others' weights grow
+until float rounding alone exceeds the tolerance."""
 
 CASES = [
     Case(f"{name}_{role}", name, model=factory, input_shape=shape, is_last=role == "C",
@@ -125,7 +125,8 @@ def test_dropout_trains_on_the_mask_it_sent(variant: str, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("layer", "shape", "message"),
     [
-        (nn.Conv2d(4, 4, 3, groups=2), (2, 4, 8, 8), r"'body\.0' \(Conv2d\): groups=2"),
+        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), (2, 4, 8, 8),
+         r"'body\.0' \(Conv2d\): padding_mode='circular'"),
         (nn.LayerNorm([4, 8, 8]), (2, 4, 8, 8), r"'body\.0' \(LayerNorm\): only LayerNorm over the last"),
         (nn.Softmax(dim=1), (2, 4, 8, 8), r"'body\.0' \(Softmax\): Softmax is supported over the last"),
         (nn.AvgPool2d(2, padding=1), (2, 4, 8, 8), r"'body\.0' \(AvgPool2d\): only AvgPool2d without padding"),

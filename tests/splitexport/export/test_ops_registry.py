@@ -56,3 +56,17 @@ def test_a_torch_form_cannot_be_claimed_twice() -> None:
 def test_module_entry_point_checks_the_committed_doc() -> None:
     proc = subprocess.run([sys.executable, "-m", "splitexport.export.ops", "--check"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_zoo_table_equals_its_results_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """docs/ops.md's zoo table is benchmarks/zoo_table.py's rendering of docs/zoo-results.jsonl; a change is caught."""
+    script = DOC.parents[1] / "benchmarks" / "zoo_table.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    results = DOC.parent / "zoo-results.jsonl"
+    rows = results.read_text().splitlines()
+    changed = tmp_path / "results.jsonl"
+    changed.write_text("\n".join(rows[1:]) + "\n")  # one measurement fewer
+    proc = subprocess.run([sys.executable, str(script), "--check", "--results", str(changed)], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 1 and "differs" in proc.stderr

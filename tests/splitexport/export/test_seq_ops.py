@@ -41,8 +41,10 @@ def test_seq_tfjs_matches_torch(tmp_path: Path) -> None:
     check_tfjs(SEQ_CASES, tmp_path)
 
 
-def check_tflite(case: Case, variant: str, tmp_path: Path) -> None:
-    """Export ``case`` as TFLite ``variant`` and compare 20 steps with torch (or check the builtin refusal)."""
+def check_tflite(case: Case, variant: str, tmp_path: Path) -> float | str:
+    """Export ``case`` as TFLite ``variant`` and compare 20 steps with torch (or check the builtin refusal).
+
+    Returns the largest per-step difference, or the refusal message."""
     from device_runtime._tflite import TfliteSegment
     from tests.device_runtime.test_tflite_runtime import _free_running, _per_step, _report
 
@@ -51,10 +53,10 @@ def check_tflite(case: Case, variant: str, tmp_path: Path) -> None:
               "input_dtype": case.input_dtype, "variants": (variant,), "batch_size": BATCH}
     if variant == "builtin" and not case.builtin:
         with pytest.raises(ExportError, match=r"^layer '[\w.]+' \((GRU|LSTM|MultiheadAttention|TransformerEncoderLayer)\)"
-                                              r": not supported by the builtin-ops TFLite variant .*use the flex"):
+                                              r": not supported by the builtin-ops TFLite variant .*use the flex") as info:
             export_tflite_segment(ref.module, ref.input_shape, tmp_path, **kwargs)  # type: ignore[arg-type]
         assert not list(tmp_path.iterdir())  # nothing written
-        return
+        return str(info.value)
     export_tflite_segment(ref.module, ref.input_shape, tmp_path, **kwargs)  # type: ignore[arg-type]
     seg = TfliteSegment.from_directory(tmp_path, variant=variant)  # type: ignore[arg-type]
     free = _free_running(seg, ref)
@@ -64,10 +66,12 @@ def check_tflite(case: Case, variant: str, tmp_path: Path) -> None:
     assert free["forward"] <= TOL and free["loss_rel"] <= TOL, free
     assert free["weights"] <= TOL and free["grad_input"] <= TOL and free["running_stats"] <= STATS_TOL, free
     assert free["evaluate"] <= 10 * TOL, free
+    return max(step.values())
 
 
-def check_tfjs(cases: list[Case], tmp_path: Path) -> None:
-    """Every case in the JS runtime (node's equivalence test on fixtures from the real exporter)."""
+def check_tfjs(cases: list[Case], tmp_path: Path) -> dict[str, float]:
+    """Every case in the JS runtime (node's equivalence test on fixtures from the real exporter); the largest
+    per-step difference by case name."""
     os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
     pytest.importorskip("tensorflowjs")
     from tests.device_runtime.tfjs_fixtures import run_js_equivalence
@@ -78,3 +82,4 @@ def check_tfjs(cases: list[Case], tmp_path: Path) -> None:
         print(f"\n{case.name} tfjs: free-running {r['free']} | per step {r['per_step']}")
         assert max(r["per_step"].values()) <= TOL
         assert r["free"]["weights"] <= TOL and r["free"]["grad_input"] <= TOL
+    return {case.name: float(max(rows[case.name]["per_step"].values())) for case in cases}

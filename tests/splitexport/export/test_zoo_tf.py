@@ -13,6 +13,8 @@ p=0 for the comparison (``tabular_mlp_p0``); with p=0.1 it must train and conver
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -23,12 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from splitexport import load_bundle
 from splitexport._cli import main
 from tests.tf_reference import TOL, Reference, max_diff, max_rel_diff, tf_optimizer_state, tf_state, train_reference
-from tests.zoo import ZOO, tabular_mlp, without_dropout
+from tests.zoo import ZOO
+from tests.zoo_results import record
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
@@ -79,14 +81,9 @@ def _check(steps: list[float]) -> str:
     return cell + (f" (1 step {over[0]:.1e}: gate flip)" if over else "")
 
 
-def tabular_mlp_p0() -> nn.Module:
-    """The zoo's tabular MLP with Dropout p=0 (exact comparisons)."""
-    return without_dropout(tabular_mlp())
-
-
 def _partition(name: str, out: Path) -> Path:
     zm = ZOO[name]
-    arch = "tests.splitexport.export.test_zoo_tf:tabular_mlp_p0" if name == "tabular_mlp" else zm.arch
+    arch = "tests.zoo:tabular_mlp_p0" if name == "tabular_mlp" else zm.arch
     torch.manual_seed(0)
     model = out / "model.pt"
     out.mkdir(parents=True, exist_ok=True)
@@ -94,13 +91,15 @@ def _partition(name: str, out: Path) -> Path:
     cuts = [a for c in zm.cuts["double"] for a in ("--cut", c)]
     bundle = out / "bundle"
     assert main(["partition", str(model), "--arch", arch, "--input-shape", zm.cli_input_shape(BATCH), *cuts,
-                 "-o", str(bundle), "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--force"]) == 0
+                 "-o", str(bundle), "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--loss", zm.loss,
+                 "--force"]) == 0
     return bundle
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One bundle per model, exported to tfjs + tflite flex, and a copy for builtin (or its refusal)."""
+    """One bundle per model, exported to tfjs + tflite flex, and a copy for builtin (or its refusal: the CLI's
+    exit code and stderr, checked by test_builtin_exports_or_is_refused_in_one_line)."""
     name = request.param
     root = tmp_path_factory.mktemp(name)
     bundle = _partition(name, root)
@@ -108,13 +107,16 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     assert main(["export", str(bundle), "--format", "tflite", "--tflite-variant", "flex"]) == 0
     builtin = root / "builtin"
     shutil.copytree(bundle, builtin)
-    code = main(["export", str(builtin), "--format", "tflite", "--tflite-variant", "builtin",
-                 "--batch-size", str(BATCH)])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["export", str(builtin), "--format", "tflite", "--tflite-variant", "builtin",
+                     "--batch-size", str(BATCH)])
     b = load_bundle(bundle)
     refs = {s.name: train_reference(b.torch_segment(s.name), (BATCH, *s.input.sample_shape), s.is_last, OPTIMIZER,
                                     loss=b.manifest.loss.kind)
             for s in b.manifest.device_segments}
-    return {"name": name, "bundle": bundle, "builtin": builtin if code == 0 else None, "refs": refs}
+    return {"name": name, "bundle": bundle, "builtin": builtin if code == 0 else None, "refs": refs,
+            "builtin_code": code, "builtin_err": err.getvalue(), "builtin_dir": builtin}
 
 
 def _record(name: str, fmt: str, value: str) -> None:
@@ -132,19 +134,24 @@ def test_tflite_flex_and_builtin_train_like_torch(exported: dict[str, Any], caps
             steps = _per_step(seg, ref)
             print(f"\nzoo {name} {seg_name} tflite-{variant}: per step {[f'{d:.1e}' for d in steps]}")
             _record(name, f"{variant}_{seg_name}", _check(steps))
+            record(name, f"tflite_{variant}", max(steps), segment=seg_name, note=_note(name))
 
 
-def test_builtin_exports_or_is_refused_in_one_line(exported: dict[str, Any], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def _note(name: str) -> str:
+    return "Dropout p=0" if name == "tabular_mlp" else ""
+
+
+def test_builtin_exports_or_is_refused_in_one_line(exported: dict[str, Any]) -> None:
+    """The fixture's builtin export: exit 0, or exit 2 with one line naming the layer and nothing written."""
     if exported["builtin"] is not None:
         return
-    scratch = tmp_path / "b"
-    shutil.copytree(exported["bundle"], scratch)
-    capsys.readouterr()
-    assert main(["export", str(scratch), "--format", "tflite", "--tflite-variant", "builtin"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = exported["builtin_err"].strip()
+    assert exported["builtin_code"] == 2
     assert err.count("\n") == 0 and "builtin-ops TFLite variant" in err and "layer '" in err, err
+    assert not (exported["builtin_dir"] / "tflite").exists() or not any(
+        p.name.startswith("builtin") for p in (exported["builtin_dir"] / "tflite").rglob("*"))
     _record(exported["name"], "builtin", err.split("error: ", 1)[-1])
+    record(exported["name"], "tflite_builtin", err.split("error: ", 1)[-1])
 
 
 def test_tfjs_trains_like_torch(exported: dict[str, Any], tmp_path: Path) -> None:
@@ -169,7 +176,9 @@ def test_tfjs_trains_like_torch(exported: dict[str, Any], tmp_path: Path) -> Non
     for row in map(json.loads, results.read_text().splitlines()):
         steps = row["per_step_list"]
         print(f"\nzoo {row['name']} tfjs: per step {[f'{d:.1e}' for d in steps]}")
-        _record(exported["name"], f"tfjs_{row['name'].rsplit('_', 1)[-1]}", _check(steps))
+        seg_name = row["name"].rsplit("_", 1)[-1]
+        _record(exported["name"], f"tfjs_{seg_name}", _check(steps))
+        record(exported["name"], "tfjs", max(steps), segment=seg_name, note=_note(exported["name"]))
 
 
 def test_zoo_results_table() -> None:
@@ -177,14 +186,9 @@ def test_zoo_results_table() -> None:
     print("\nZOO-RESULTS " + json.dumps(RESULTS, sort_keys=True))
 
 
-@pytest.mark.parametrize("variant", [
-    pytest.param("flex", marks=pytest.mark.xfail(strict=True, reason=(
-        "open: C's train signature fails in this loop with 'XNNPack delegate failed to reshape' (tf.lite.Interpreter);"
-        " the same C segment trains standalone (3 steps) and the dropout mask tests pass"))),
-    "builtin",
-])
-def test_tabular_mlp_with_dropout_trains_and_converges(variant: str, tmp_path: Path) -> None:
-    """Dropout p=0.1 in A and C (seeded masks): A and C train in TFLite, B in torch, MSE falls."""
+def test_tabular_mlp_with_dropout_trains_and_converges(tmp_path: Path) -> None:
+    """Dropout p=0.1 in A and C (seeded masks): A and C train in TFLite flex, B in torch, MSE falls. (The builtin
+    variant refuses this model's exact GELU in C: test_builtin_exports_or_is_refused_in_one_line.)"""
     zm = ZOO["tabular_mlp"]
     torch.manual_seed(0)
     model = tmp_path / "model.pt"
@@ -192,13 +196,8 @@ def test_tabular_mlp_with_dropout_trains_and_converges(variant: str, tmp_path: P
     bundle = tmp_path / "bundle"
     cuts = [a for c in zm.cuts["double"] for a in ("--cut", c)]
     assert main(["partition", str(model), "--arch", zm.arch, "--input-shape", zm.cli_input_shape(DROPOUT_BATCH), *cuts,
-                 "-o", str(bundle), "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9"]) == 0
-    extra = ["--batch-size", str(DROPOUT_BATCH)] if variant == "builtin" else []
-    code = main(["export", str(bundle), "--format", "tflite", "--tflite-variant", variant, *extra])
-    if variant == "builtin":  # block3's exact GELU has no builtin kernel: refused, naming the layer
-        assert code == 2
-        return
-    assert code == 0
+                 "-o", str(bundle), "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--loss", zm.loss]) == 0
+    assert main(["export", str(bundle), "--format", "tflite", "--tflite-variant", "flex"]) == 0
     b = load_bundle(bundle)
     a, c = (TfliteSegment.from_bundle(b, n, variant="flex") for n in ("A", "C"))
     server = b.torch_segment("B").train()
@@ -217,6 +216,7 @@ def test_tabular_mlp_with_dropout_trains_and_converges(variant: str, tmp_path: P
         a.train_with_gradient(x.numpy(), act.grad.numpy())
         losses.append(loss)
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
-    print(f"\ntabular_mlp dropout 0.1 tflite-{variant}: MSE first 10 steps {first:.3f}, last 10 {last:.3f}")
+    print(f"\ntabular_mlp dropout 0.1 tflite-flex: MSE first 10 steps {first:.3f}, last 10 {last:.3f}")
     assert np.isfinite(losses).all() and last < 0.5 * first, (first, last)
-    _record("tabular_mlp", f"dropout_{variant}", f"MSE {first:.3f} -> {last:.3f} in 100 steps")
+    _record("tabular_mlp", "dropout_flex", f"MSE {first:.3f} -> {last:.3f} in 100 steps")
+    record("tabular_mlp", "dropout_tflite_flex", f"MSE {first:.3f} -> {last:.3f} in 100 steps")
