@@ -229,7 +229,8 @@ class Replicas:
         if everyone[self.rank] != everyone[src]:
             state.segment.module.load_state_dict(got["module"])
             state.segment.optimizer.load_state_dict(got["optimizer"])
-            rounds.load_state_dict(got["strategy"])
+            # an iteration the source rank has open holds that rank's sessions: this rank opens its own
+            rounds.load_state_dict({**got["strategy"], "current": None})
             state.applied_steps = int(got["applied_steps"])
             state.checkpoint()
             log.warning("replica %d restored (round, iteration, steps) %s; took rank %d's %s", self.rank,

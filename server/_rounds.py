@@ -388,6 +388,7 @@ class RoundHost:
         self.next_iteration = int(state["next_iteration"])
         self._first_open = time.monotonic()
         cur = state.get("current")
+        self.current = None
         if cur is not None:
             self._restore_iteration(int(cur["index"]), int(cur["round"]), list(cur["participants"]))
             assert self.current is not None

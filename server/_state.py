@@ -440,7 +440,7 @@ class ServerState:
         before = self.applied_steps
         for seq, kind, step, blob in records:
             if self.rounds is not None:
-                if self.replicated and kind in ("iteration", "train", "end", "turn"):
+                if self.replicated:  # the crash window after a commit, before its snapshot (docs/scaling.md)
                     log.warning("not replaying logged %s %d: a replica's B step needs the other ranks' gradients "
                                 "(the ranks align on the most advanced rank's snapshot)", kind, step)
                     self._log_seq = seq

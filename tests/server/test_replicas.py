@@ -64,7 +64,9 @@ def ranks(bundle: Path, state_dir: Path, tmp: Path, strategy: str, clients: int,
         cmd = [sys.executable, "-m", "splitexport", "serve", str(bundle), "--distributed", "--strategy", strategy,
                "--clients", str(clients), "--port", str(port), "--state-dir", str(state_dir), "--tokens", str(tokens),
                "--threads", "1", "--collective-timeout", str(timeout_s), *args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        log = tmp / f"rank{rank}-{len(list(tmp.glob(f'rank{rank}-*.log')))}.log"  # a pipe nobody reads could fill
+        with log.open("wb") as err:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
     urls = [f"http://127.0.0.1:{port + r}" for r in range(2)]
     try:
         for url, proc in zip(urls, procs, strict=True):
@@ -243,9 +245,15 @@ def test_a_dead_rank_makes_the_other_answer_503(mlp_single_bundle: Path, digits,
         remotes = {c: RemoteSegment(ServerClient(urls[rank_of[c]], TOKEN), sessions[c][1]) for c in names}
         out: dict[str, torch.Tensor] = {}
 
+        failed: dict[str, BaseException] = {}
+
         def step1(c: str) -> None:
-            remotes[c].participates(1)
-            _, grad, _ = remotes[c].train_with_labels(xs[1][c], ys[1][c])
+            try:
+                remotes[c].participates(1)
+                _, grad, _ = remotes[c].train_with_labels(xs[1][c], ys[1][c])
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                failed[c] = exc
+                return
             assert grad is not None
             out[c] = grad
 
@@ -255,7 +263,7 @@ def test_a_dead_rank_makes_the_other_answer_503(mlp_single_bundle: Path, digits,
         for t in threads:
             t.join()
         ref_replies = ref.train_round({c: (xs[1][c], ys[1][c]) for c in names})
-        assert set(out) == set(names)
+        assert set(out) == set(names), failed
         for c in names:
             want = ref_replies[c].grad
             assert want is not None and torch.allclose(out[c], want, atol=1e-6)
