@@ -77,3 +77,24 @@ class IterationStatus(BaseModel):
     participants: int
     round: int
     expected: Literal["forward", "backward", "train"] | None = None
+
+
+class DashboardSession(SessionState):
+    """One open session on the dashboard."""
+
+    idle_s: float = Field(description="seconds since the session was last heard from")
+
+
+class Dashboard(BaseModel):
+    """``GET /v1/dashboard`` (with ``--app``): what the operator's page polls."""
+
+    time: float = Field(description="the server's clock, seconds since the epoch")
+    split: Split
+    segment: str
+    steps_applied: int | float
+    counters: dict[str, int | float] = Field(description="the counters of /metrics, by name")
+    sessions: list[DashboardSession]
+    strategy: StrategyInfo | None
+    phases_ms: dict[str, float] = Field(description="mean Server-Timing phases of the step calls")
+    step_calls: int
+    device_metrics: dict[str, list[dict[str, Any]]] = Field(description="what each session's device reported")

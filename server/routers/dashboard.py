@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 
 from .._browser import snapshot
 from .._deps import Caller, State
+from .._models import Dashboard
 
 router = APIRouter(tags=["dashboard"])
 
@@ -19,7 +20,7 @@ def page(request: Request) -> FileResponse:
     return FileResponse(root / "app" / "dashboard.html", media_type="text/html")
 
 
-@router.get("/v1/dashboard")
+@router.get("/v1/dashboard", response_model=Dashboard)
 def data(state: State, _: Caller, request: Request) -> dict[str, object]:
     """Sessions, steps applied, mean Server-Timing phases, device-reported metrics, strategy state."""
     return snapshot(state, request.app.state.device_metrics, request.app.state.phases)
