@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from splitexport import Bundle, Dataset, OptimizerSpec, SourceSpec, load_dataset, partition, write_bundle
-from splitexport._multiclient import MultiClientResult, c3_score, simulate_clients
 from splitexport.models import resnet_cnn
 from splitexport.plots import plot_multiclient, pyplot
+from splitexport.simulation import MultiClientResult, c3_score, simulate_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAM = OptimizerSpec(name="adam", lr=1e-3)

@@ -1,6 +1,6 @@
 """N simulated devices against ``splitexport serve --strategy ...``: the HTTP mode of the multi-client harness.
 
-:class:`HttpLink` has the methods of :class:`splitexport._multiclient.ServerLink`, so
+:class:`HttpLink` has the methods of :class:`splitexport.strategies.ServerLink`, so
 ``simulate_clients(bundle, strategy=..., clients=N, link=HttpLink(url, N))`` runs the same
 simulation against a real server. Each simulated device has its own session and connection,
 and the calls of one iteration are sent concurrently (one thread per device), so the server's

@@ -36,7 +36,7 @@ import torch
 
 from splitexport import UnsafeUpdate
 from splitexport.protocol import ErrorCode, ServerReply
-from splitexport.strategies import STRATEGIES, Strategy, StrategyConfig, make_strategy
+from splitexport.strategies import STRATEGIES, Strategy, make_strategy
 
 from ._errors import APIError
 from ._scheduler import GradDecoder, Host
@@ -125,9 +125,7 @@ def build_strategy(state: ServerState) -> Strategy:
     if s.num_clients is None:
         raise ValueError(f"strategy {s.strategy!r} needs the number of clients: pass --clients N "
                          "(or set SPLITEXPORT_NUM_CLIENTS)")
-    config = StrategyConfig(num_clients=s.num_clients, client_lr=state.bundle.manifest.optimizer.lr, alpha=s.alpha,
-                            phi=s.phi, phase_rounds=s.phase_rounds, kappa=s.kappa, eta=s.eta, lam=s.lam,
-                            gamma=s.gamma, total_rounds=s.total_rounds, seed=s.strategy_seed)
+    config = s.strategy_config(state.bundle.manifest.optimizer.lr)
     return make_strategy(s.strategy, state.segment if cls.needs_server else None, config)
 
 
@@ -169,7 +167,8 @@ class RoundHost:
             "needs_server": st.needs_server, "steps": "global" if self.global_steps else "per_session",
             "num_clients": self.num_clients, "client_lr": st.config.client_lr,
             "server_lr": st.server_lr() if st.needs_server else None,
-            "alpha": st.config.alpha, "phi": st.config.phi, "round": st.round,
+            "alpha": st.config.hyperparameters["alpha"], "phi": st.config.hyperparameters["phi"],
+            "round": st.round,
             "next_iteration": self.current.index if self.current else self.next_iteration,
             "round_timeout_s": self.timeout,
         }
@@ -678,7 +677,7 @@ class RoundHost:
         present = [c for c in bar.expected if c in bar.arrived] + [c for c in bar.arrived if c not in bar.expected]
         states = {c: bar.arrived[c].payload[0] for c in present}
         num_samples = {c: int(bar.arrived[c].payload[1]) for c in present}
-        if self.strategy.device_sync != "average":
+        if not self.strategy.averages_device_states():  # the round-end rule: no weights to average, none logged
             states = {c: {} for c in present}
 
         def compute() -> dict[str, bytes]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from splitexport.strategies import StrategyConfig, hyperparameter_fields
 
 MIN_TOKEN_LENGTH = 16
 """Bearer tokens shorter than this are refused at startup (``secrets.token_urlsafe(16)`` gives 22)."""
@@ -27,7 +30,21 @@ def _check_token(token: str, where: str) -> str:
     return token
 
 
-class ServerSettings(BaseSettings):
+def _strategy_settings() -> Any:
+    """A settings base with one field per strategy hyperparameter, ``total_rounds`` and ``strategy_seed``,
+    each with the default, bounds and description of its declaration (the strategy's ``Params`` or
+    ``StrategyConfig``): one source for the settings, the CLI flags and the harness."""
+    run = StrategyConfig.model_fields
+    fields: dict[str, Any] = {h.name: (h.field.annotation, h.field) for h in hyperparameter_fields().values()}
+    fields["total_rounds"] = (run["total_rounds"].annotation, run["total_rounds"])
+    fields["strategy_seed"] = (run["seed"].annotation, run["seed"])
+    return create_model("_StrategySettings", __base__=BaseSettings, **fields)
+
+
+_StrategySettings = _strategy_settings()
+
+
+class ServerSettings(_StrategySettings):  # type: ignore[misc,valid-type]
     """How ``splitexport serve`` runs."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITEXPORT_")
@@ -68,7 +85,7 @@ class ServerSettings(BaseSettings):
     processes, fewer threads avoid oversubscription (docs/benchmarks.md measured 16x slower B steps)."""
 
     # -- browsers (docs/browser.md)
-    cors_origins: list[str] = []
+    cors_origins: list[str] = Field(default_factory=list)
     """Origins (``scheme://host[:port]``) whose pages may call the API cross-origin; none by default."""
     cors_max_age_s: int = Field(600, ge=0)
     """How long a browser may cache a CORS preflight (``Access-Control-Max-Age``)."""
@@ -82,15 +99,13 @@ class ServerSettings(BaseSettings):
     """C: how many clients train (required with a strategy); the first iteration waits for this many sessions."""
     round_timeout_s: float = Field(30.0, gt=0)
     """How long a barrier waits for the expected clients before it proceeds with the ones present."""
-    alpha: float = 0.0
-    phi: float = Field(0.0, ge=0, le=1)
-    phase_rounds: int | None = None
-    kappa: float = Field(0.5, ge=0, le=1)
-    eta: float = Field(0.5, gt=0, le=1)
-    lam: float = Field(1e-4, ge=0)
-    gamma: float = Field(0.87, ge=0, le=1)
-    total_rounds: int = Field(10, ge=1)
-    strategy_seed: int = 0
+    # the strategies' hyperparameters, total_rounds and strategy_seed: generated (_StrategySettings)
+
+    def strategy_config(self, client_lr: float) -> StrategyConfig:
+        """The run config of the configured strategy (requires ``num_clients``)."""
+        assert self.num_clients is not None
+        return StrategyConfig(num_clients=self.num_clients, client_lr=client_lr, total_rounds=self.total_rounds,
+                              seed=self.strategy_seed, **{k: getattr(self, k) for k in hyperparameter_fields()})
 
     @field_validator("device")
     @classmethod

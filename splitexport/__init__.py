@@ -4,7 +4,7 @@ The core API: cut points and partitions, bundles and manifests, the segment trai
 the example dataset, and the errors. Elsewhere: :mod:`splitexport.export` (phone formats),
 :mod:`splitexport.protocol` (the wire contract), :mod:`splitexport.strategies` (multi-client algorithms),
 :mod:`splitexport.models` (example models), :mod:`splitexport.data` and :mod:`splitexport.plots` (the
-harness's data and figures); the multi-client harness is ``splitexport._multiclient``.
+harness's data and figures); the harnesses are :mod:`splitexport.simulation`.
 """
 
 from ._bundle import Bundle, deploy_bundle, load_bundle, write_bundle

@@ -5,21 +5,57 @@ from __future__ import annotations
 import argparse
 import pickle
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from . import _argtypes as at
 from ._errors import SplitExportError
 from ._manifest import LossSpec, Manifest, OptimizerSpec, PreprocessSpec
 from ._partition import INPUT_DTYPES, example_input
+from .strategies import STRATEGIES, StrategyConfig, hyperparameter_fields
 
 if TYPE_CHECKING:
     from ._bundle import Bundle
 
 EXIT_ERROR = 2
+_ROUNDS = StrategyConfig.model_fields["total_rounds"]
+
+
+def _flag_type(field: FieldInfo) -> Callable[[str], Any]:
+    """The argument type of a hyperparameter flag, from its pydantic field (type and bounds)."""
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata
+              if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}  # the flag types refuse inf and nan anyway
+    kind = field.annotation if field.annotation in (int, float) else next(
+        (t for t in typing.get_args(field.annotation) if t in (int, float)), None)
+    if kind is int and not bounds:
+        return int
+    if kind is float:
+        by_bounds: dict[tuple[tuple[str, Any], ...], Callable[[str], float]] = {
+            (): at.finite_float, (("Ge", 0), ("Le", 1)): at.fraction, (("Gt", 0), ("Le", 1)): at.positive_fraction,
+            (("Ge", 0),): at.non_negative_float, (("Gt", 0),): at.positive_float}
+        found = by_bounds.get(tuple(sorted(bounds.items())))
+        if found is not None:
+            return found
+    raise TypeError(f"no command-line type for a hyperparameter of type {field.annotation} with bounds {bounds}")
+
+
+def _strategy_args(group: argparse._ArgumentGroup) -> None:
+    """One flag per strategy hyperparameter (``--phase-rounds`` for ``phase_rounds``), generated from the
+    strategies' ``Params``; unset flags are None, so the models' defaults apply."""
+    for h in hyperparameter_fields().values():
+        group.add_argument("--" + h.name.replace("_", "-"), type=_flag_type(h.field), default=None,
+                           help=f"({', '.join(h.strategies)}) {h.field.description}"
+                           + (f" (default {h.field.default})" if h.field.default is not None else ""))
+
+
+def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyperparameter flags that were given."""
+    return {k: v for k in hyperparameter_fields() if (v := getattr(args, k)) is not None}
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -201,7 +237,7 @@ def _plan_data(args: argparse.Namespace, module: Any, example: Any, tmp: str) ->
 
 def cmd_simulate(args: argparse.Namespace) -> None:
     from ._bundle import load_bundle
-    from ._simulate import simulate
+    from .simulation import simulate
 
     bundle = load_bundle(args.bundle)
     if args.clients is not None or args.strategy is not None:
@@ -225,7 +261,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
     """``simulate --clients N --strategy S``: multi-client split learning in process."""
     from ._datafiles import resolve_data
-    from ._multiclient import simulate_clients, write_results
+    from .simulation import simulate_clients, write_results
 
     data = resolve_data(args.dataset, bundle.manifest, data=args.data, target=args.target)
 
@@ -253,9 +289,8 @@ def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
         result = simulate_clients(
             bundle, strategy=strategy, clients=clients, partition=args.client_data,
             rounds=args.rounds, batch_size=args.batch_size, seed=args.seed, dataset=data,
-            optimizer=_optimizer_from(args, bundle.manifest.optimizer), alpha=args.alpha, phi=args.phi,
-            phase_rounds=args.phase_rounds, kappa=args.kappa, eta=args.eta, lam=args.lam,
-            link=link, progress=not args.no_progress, log=print,
+            optimizer=_optimizer_from(args, bundle.manifest.optimizer), link=link, progress=not args.no_progress,
+            log=print, **_hyperparameters(args),
         )
     finally:
         if link is not None:
@@ -352,8 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                    "device": args.device,
                                    "strategy": args.strategy,
                                    "num_clients": args.clients, "round_timeout_s": args.round_timeout,
-                                   "alpha": args.alpha, "phi": args.phi, "phase_rounds": args.phase_rounds,
-                                   "kappa": args.kappa, "eta": args.eta, "lam": args.lam,
+                                   **_hyperparameters(args),
                                    "total_rounds": args.rounds, "cors_origins": args.cors_origin,
                                    "app": args.app or None}.items() if v is not None}
     try:
@@ -491,19 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     _optimizer_args(p, defaults=False)
     g = p.add_argument_group("multi-client split learning (docs/strategies.md); on with --clients or --strategy")
     g.add_argument("--clients", type=at.positive_int, default=None, help="number of simulated devices (default 2)")
-    g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None,
-                   help="multi-client strategy (default psl)")
+    g.add_argument("--strategy", choices=list(STRATEGIES), default=None, help="multi-client strategy (default psl)")
     g.add_argument("--client-data", "--partition", dest="client_data", choices=["iid", "noniid"], default="iid",
                    help="client data: IID shuffle, or non-IID label shards (2 per client); --partition is a "
                    "deprecated alias")
-    g.add_argument("--rounds", type=at.positive_int, default=10, help="rounds (each client passes once over its data)")
-    g.add_argument("--alpha", type=at.finite_float, default=0.0, help="sglr SplitLr: server lr = lr * clients**alpha")
-    g.add_argument("--phi", type=at.fraction, default=0.0, help="sglr SplitAvg: fraction of clients averaged")
-    g.add_argument("--phase-rounds", type=int, default=None,
-                   help="sglr phased SplitAvg: only the first k rounds (negative: the last |k|)")
-    g.add_argument("--kappa", type=at.fraction, default=0.5, help="adasplit local-phase fraction of the rounds")
-    g.add_argument("--eta", type=at.positive_fraction, default=0.5, help="adasplit fraction of clients per iteration")
-    g.add_argument("--lam", type=at.non_negative_float, default=1e-4, help="adasplit L1 weight on the server masks")
+    g.add_argument("--rounds", type=at.positive_int, default=_ROUNDS.default,
+                   help="rounds (each client passes once over its data)")
+    _strategy_args(g)
     g.add_argument("--server", type=at.http_url, default=None, metavar="URL",
                    help="run B on `splitexport serve --strategy` at URL (one HTTP session per device) instead of in "
                    "process; the strategy hyperparameters are the server's")
@@ -554,18 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "dashboard at /dashboard (needs device_runtime/js with its npm packages installed)")
     g = p.add_argument_group("multi-client strategy (docs/protocol.md); without --strategy devices train B "
                              "one after another")
-    g.add_argument("--strategy", choices=["ssl", "psl", "sfl", "sglr", "adasplit", "fedavg"], default=None)
+    g.add_argument("--strategy", choices=list(STRATEGIES), default=None)
     g.add_argument("--clients", type=at.positive_int, default=None, help="C, the number of devices (required with --strategy)")
     g.add_argument("--round-timeout", type=at.positive_float, default=None,
                    help="seconds a barrier waits for missing devices before it goes on without them (default 30)")
-    g.add_argument("--alpha", type=at.finite_float, default=None, help="(sglr) server lr = client lr * C**alpha")
-    g.add_argument("--phi", type=at.fraction, default=None, help="(sglr) fraction of devices sharing one averaged gradient")
-    g.add_argument("--phase-rounds", type=int, default=None, help="(sglr) SplitAvg only in the first k (or last -k) "
-                   "rounds")
-    g.add_argument("--kappa", type=at.fraction, default=None, help="(adasplit) fraction of rounds in the local phase")
-    g.add_argument("--eta", type=at.positive_fraction, default=None, help="(adasplit) fraction of devices per iteration")
-    g.add_argument("--lam", type=at.non_negative_float, default=None, help="(adasplit) L1 weight of the server masks")
-    g.add_argument("--rounds", type=at.positive_int, default=None, help="total rounds (phased SplitAvg, AdaSplit phases)")
+    g.add_argument("--rounds", type=at.positive_int, default=None, help=f"{_ROUNDS.description} (default {_ROUNDS.default})")
+    _strategy_args(g)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", help="copy what a phone app ships (device segments only)")

@@ -126,7 +126,7 @@ def run_demo(out: Path, cli: Callable[[Sequence[str]], None], *, model: str = "m
     if any(not k.endswith("num_batches_tracked") for k in untracked):
         raise SplitExportError(f"the HTTP run has no weights for {sorted(untracked)[:3]}")
     diff, where = max_abs_difference(http_weights, {k: v for k, v in mono_weights.items() if k not in untracked})
-    from ._plots import plot_histories
+    from .simulation.plots import plot_histories
 
     plot = plot_histories([http, mono], out / "demo.png",
                           title=f"{model} cut at {', '.join(cuts)}: ORT devices over HTTP vs monolithic")

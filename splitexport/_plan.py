@@ -422,7 +422,7 @@ def _leak(leak: dict[str, float | None] | None) -> str:
 
 def plot_plan(p: Plan, path: str | Path) -> Path:
     """Device memory vs predicted step time (float32 and float16), the Pareto-best highlighted."""
-    from ._plots import pyplot
+    from .simulation.plots import pyplot
 
     plt = pyplot()
     path = Path(path)

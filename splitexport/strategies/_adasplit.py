@@ -6,12 +6,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 
 from .._torch_segment import TorchSegment
 from ..protocol import ServerReply
-from ._base import DeviceSync, Strategy, StrategyConfig
+from ._base import DeviceSync, Hyperparameters, Strategy, StrategyConfig
+from ._devices import Device, LocalLossClient
 from ._masks import ClientMasks
 from ._ucb import UCBOrchestrator
+
+
+class AdaSplitParams(Hyperparameters):
+    kappa: float = Field(0.5, ge=0, le=1, description="fraction of the rounds in the local phase (no server)")
+    eta: float = Field(0.5, gt=0, le=1, description="fraction of the clients the orchestrator picks per iteration")
+    lam: float = Field(1e-4, ge=0, allow_inf_nan=False, description="L1 weight of the per-client server masks")
+    gamma: float = Field(0.87, ge=0, le=1, description="discount of the UCB orchestrator's statistics")
 
 
 class AdaSplit(Strategy):
@@ -32,15 +41,18 @@ class AdaSplit(Strategy):
     device_sync: ClassVar[DeviceSync] = "independent"
     batches_server = False
     sends_gradient = False
+    device: ClassVar[type[Device]] = LocalLossClient
+    Params: ClassVar[type[Hyperparameters]] = AdaSplitParams
+    params: AdaSplitParams
 
     def __init__(self, server: TorchSegment | None, config: StrategyConfig) -> None:
         super().__init__(server, config)
-        self.masks = ClientMasks(self._require_server(), config.lam)
-        self.orchestrator = UCBOrchestrator(config.eta, config.gamma, seed=config.seed)
+        self.masks = ClientMasks(self._require_server(), self.params.lam)
+        self.orchestrator = UCBOrchestrator(self.params.eta, self.params.gamma, seed=config.seed)
 
     @property
     def local_rounds(self) -> int:
-        return int(round(self.config.kappa * self.config.total_rounds, 9) // 1)
+        return int(round(self.params.kappa * self.config.total_rounds, 9) // 1)
 
     def in_local_phase(self, round_index: int) -> bool:
         return round_index < self.local_rounds
@@ -67,6 +79,9 @@ class AdaSplit(Strategy):
     @torch.no_grad()
     def evaluate(self, client: str, x: torch.Tensor) -> torch.Tensor:
         return self.masks.evaluate(client, x)
+
+    def summary(self, clients: Sequence[str]) -> dict[str, float]:
+        return {"mask_sparsity": sum(self.masks.sparsity(c) for c in clients) / len(clients)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "masks": self.masks.state_dict(), "ucb": self.orchestrator.state_dict()}

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from .._torch_segment import TorchSegment
 from .._update_rule import label_loss
 from ..protocol import DeviceState, ServerReply
+from ._devices import Device, SplitClient
 
 if TYPE_CHECKING:
     from ._reduce import Collectives
@@ -38,46 +39,35 @@ Split = Literal["single", "double"]
 DeviceSync = Literal["independent", "relay", "average"]
 
 
-@dataclass(frozen=True)
-class StrategyConfig:
-    """Hyperparameters of every strategy (each reads the ones it uses).
+class Hyperparameters(BaseModel):
+    """A strategy's own hyperparameters (its ``Params``); none by default.
 
-    ``alpha``: SplitLr exponent, server lr = client lr * num_clients**alpha.
-    ``phi``: SplitAvg fraction of an iteration's clients whose cut-layer gradients are averaged.
-    ``phase_rounds``: phased SplitAvg; ``None`` always on, ``k > 0`` only in the first k rounds,
-    ``k < 0`` only in the last |k| rounds (of ``total_rounds``).
-    ``kappa``: AdaSplit local-phase fraction (the first ``floor(kappa * total_rounds)`` rounds have no server).
-    ``eta``: AdaSplit orchestrator fraction, ``ceil(eta * N)`` clients per iteration.
-    ``lam``: AdaSplit L1 weight on the per-client server masks. ``gamma``: UCB discount.
+    Declare each as a pydantic field with a default, its bounds and a ``description``: the ``simulate`` and
+    ``serve`` flags and the ``ServerSettings`` fields are generated from these (``strategies.hyperparameter_fields``).
+    Fields of other strategies in a :class:`StrategyConfig` are ignored.
     """
 
-    num_clients: int
-    client_lr: float
-    alpha: float = 0.0
-    phi: float = 0.0
-    phase_rounds: int | None = None
-    kappa: float = 0.5
-    eta: float = 0.5
-    lam: float = 1e-4
-    gamma: float = 0.87
-    total_rounds: int = 10
-    seed: int = 0
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
-    def __post_init__(self) -> None:
-        if self.num_clients < 1:
-            raise ValueError("num_clients must be at least 1")
-        if self.client_lr <= 0:
-            raise ValueError("client_lr must be positive")
-        if not 0.0 <= self.phi <= 1.0:
-            raise ValueError("phi must lie in [0, 1]")
-        if not 0.0 <= self.kappa <= 1.0:
-            raise ValueError("kappa must lie in [0, 1]")
-        if not 0.0 < self.eta <= 1.0:
-            raise ValueError("eta must lie in (0, 1]")
-        if self.lam < 0 or not 0.0 <= self.gamma <= 1.0:
-            raise ValueError("lam must be >= 0 and gamma in [0, 1]")
-        if self.total_rounds < 1:
-            raise ValueError("total_rounds must be at least 1")
+
+class StrategyConfig(BaseModel):
+    """One multi-client run: the clients, their learning rate, the rounds and the seed, plus hyperparameters.
+
+    Hyperparameters are passed flat by name (``StrategyConfig(num_clients=4, client_lr=0.05, phi=0.5)``); each
+    strategy validates and reads its own through its ``Params`` model (``Strategy.params``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    num_clients: int = Field(ge=1, description="C, the number of clients")
+    client_lr: float = Field(gt=0, allow_inf_nan=False, description="the devices' learning rate")
+    total_rounds: int = Field(10, ge=1, description="total rounds (phased SplitAvg, AdaSplit phases)")
+    seed: int = Field(0, description="seed of the strategy's sampling")
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The strategy hyperparameters given by name (not the run fields above)."""
+        return dict(self.model_extra or {})
 
 
 class Strategy(ABC):
@@ -94,12 +84,18 @@ class Strategy(ABC):
     """False: devices train on a local loss and never receive a server gradient (AdaSplit)."""
     needs_server: ClassVar[bool] = True
     """False: no server segment; every client trains the whole model (FedAvg)."""
+    device: ClassVar[type[Device]] = SplitClient
+    """The device procedure: what each device runs and sends (:mod:`splitexport.strategies._devices`)."""
+    Params: ClassVar[type[Hyperparameters]] = Hyperparameters
+    """The strategy's hyperparameters (validated from the config when the strategy is built)."""
 
     def __init__(self, server: TorchSegment | None, config: StrategyConfig) -> None:
         if self.needs_server and server is None:
             raise ValueError(f"strategy {self.name!r} needs a server segment")
         self.server = server
         self.config = config
+        self.params = self.Params.model_validate(config.hyperparameters)
+        """The strategy's own hyperparameters (``ValidationError``, a ``ValueError``, when one is out of range)."""
         self.round = 0
         """Rounds completed (advanced by :meth:`end_round`)."""
         self.last_broadcast: frozenset[str] = frozenset()
@@ -196,13 +192,22 @@ class Strategy(ABC):
         ``device_sync == "average"`` (SplitFed, FedAvg): every client gets the sample-weighted mean; otherwise none.
         """
         self.round += 1
-        if self.device_sync != "average" or not device_states:
+        if not self.averages_device_states() or not device_states:
             return {}
         if self.reducer is not None:
             avg = self.reducer.average_states(device_states, num_samples)
         else:
             avg = average_states(device_states, num_samples)
         return {c: {k: v.clone() for k, v in avg.items()} for c in device_states}
+
+    @classmethod
+    def averages_device_states(cls) -> bool:
+        """The round-end rule: whether clients upload their device weights at a round's end and load the mean."""
+        return cls.device_sync == "average"
+
+    def summary(self, clients: Sequence[str]) -> dict[str, float]:
+        """Numbers about the server side that a run reports beside its metrics (none by default)."""
+        return {}
 
     def end_turn(self, client: str, device_state: Mapping[str, torch.Tensor]) -> None:
         """``client`` finished its turn and uploaded its device weights (only ``device_sync == "relay"``)."""

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from .._torch_segment import TorchSegment
 from ._base import DeviceSync, Strategy, StrategyConfig
+from ._devices import Device, FullModelClient
 
 
 class FedAvg(Strategy):
@@ -19,6 +20,7 @@ class FedAvg(Strategy):
     splits = frozenset({"single", "double"})
     device_sync: ClassVar[DeviceSync] = "average"
     needs_server = False
+    device: ClassVar[type[Device]] = FullModelClient
 
     def __init__(self, server: TorchSegment | None, config: StrategyConfig) -> None:
         super().__init__(None, config)

@@ -30,6 +30,7 @@ from ._base import DeviceState
 
 if TYPE_CHECKING:
     from ._base import Strategy
+    from ._sglr import SGLR
 
 
 class CollectiveError(RuntimeError):
@@ -114,7 +115,7 @@ class Collectives:
                 p.grad = (flat[offset:offset + n] / total).reshape(p.shape).to(p.dtype)
                 offset += n
 
-    def split_avg(self, strategy: Strategy, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def split_avg(self, strategy: SGLR, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """SGLR's SplitAvg over the iteration's clients on every rank (see ``SGLR.combine_gradients``)."""
         described = self.all_gather_object([(c, tuple(g.shape)) for c, g in local.items()])
         everyone = [(r, c, shape) for r, part in enumerate(described) for c, shape in part]
@@ -124,7 +125,7 @@ class Collectives:
         shapes = [s for _, _, s in everyone]
         common = max(set(shapes), key=lambda s: (shapes.count(s), s))
         candidates = [(r, c) for r, c, s in everyone if s == common]
-        k = min(len(candidates), math.floor(round(strategy.config.phi * len(everyone), 9)))
+        k = min(len(candidates), math.floor(round(strategy.params.phi * len(everyone), 9)))
         if k < 2:
             return local
         pick = torch.randperm(len(candidates), generator=strategy._generator)[:k].tolist()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 
+from ._base import Hyperparameters
 from ._psl import PSL
+
+
+class SGLRParams(Hyperparameters):
+    alpha: float = Field(0.0, allow_inf_nan=False, description="SplitLr: server lr = client lr * clients**alpha")
+    phi: float = Field(0.0, ge=0, le=1, description="SplitAvg: fraction of an iteration's clients sharing one "
+                       "averaged cut-layer gradient")
+    phase_rounds: int | None = Field(None, description="phased SplitAvg: only in the first k rounds (negative: "
+                                     "the last |k|); unset: in every round")
 
 
 class SGLR(PSL):
@@ -22,13 +33,15 @@ class SGLR(PSL):
     """
 
     name = "sglr"
+    Params: ClassVar[type[Hyperparameters]] = SGLRParams
+    params: SGLRParams
 
     def server_lr(self) -> float:
-        return self.config.client_lr * self.config.num_clients**self.config.alpha
+        return self.config.client_lr * self.config.num_clients**self.params.alpha
 
     def split_avg_active(self) -> bool:
         """Whether SplitAvg runs in the current round (phased training)."""
-        k = self.config.phase_rounds
+        k = self.params.phase_rounds
         if k is None:
             return True
         if k >= 0:
@@ -43,7 +56,7 @@ class SGLR(PSL):
         shapes = [tuple(g.shape) for g in local.values()]
         common = max(set(shapes), key=lambda s: (shapes.count(s), s))
         candidates = [c for c, g in local.items() if tuple(g.shape) == common]
-        k = min(len(candidates), math.floor(round(self.config.phi * len(local), 9)))
+        k = min(len(candidates), math.floor(round(self.params.phi * len(local), 9)))
         if k < 2:
             return local
         pick = torch.randperm(len(candidates), generator=self._generator)[:k].tolist()

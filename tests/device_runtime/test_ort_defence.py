@@ -11,9 +11,9 @@ import torch
 
 from splitexport import Dataset, OptimizerSpec, SourceSpec, load_bundle, partition, write_bundle
 from splitexport._manifest import DefenceSpec
-from splitexport._simulate import simulate
 from splitexport.export import export_onnx
 from splitexport.models import mlp
+from splitexport.simulation import simulate
 
 pytest.importorskip("onnxruntime.training")
 

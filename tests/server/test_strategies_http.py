@@ -227,7 +227,7 @@ def test_misuse_is_refused_precisely(mlp_bundle: Path, mlp_single_bundle: Path, 
 
 
 def test_simulation_over_http_equals_in_process(mlp_bundle: Path, digits, tmp_path: Path) -> None:
-    from splitexport._multiclient import simulate_clients
+    from splitexport.simulation import simulate_clients
 
     bundle = load_bundle(mlp_bundle)
     small = dataclasses.replace(digits, x_train=digits.x_train[:192], y_train=digits.y_train[:192],
@@ -258,7 +258,7 @@ def test_backward_without_forward_is_a_409(mlp_bundle: Path, tmp_path: Path) -> 
                                                    ("adasplit", "mlp_single_bundle"), ("fedavg", "mlp_single_bundle")])
 def test_every_strategy_over_http_matches_in_process(name: str, bundle_name: str, digits, tmp_path: Path,
                                                       request: pytest.FixtureRequest) -> None:
-    from splitexport._multiclient import simulate_clients
+    from splitexport.simulation import simulate_clients
 
     path = request.getfixturevalue(bundle_name)
     bundle = load_bundle(path)

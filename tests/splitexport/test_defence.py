@@ -26,9 +26,9 @@ from splitexport import (
 )
 from splitexport._cli import main
 from splitexport._manifest import DefenceSpec
-from splitexport._simulate import simulate
 from splitexport.defence import Defence, distance_correlation
 from splitexport.models import mlp
+from splitexport.simulation import simulate
 
 SPECS = {"nopeek": DefenceSpec(nopeek=0.5), "noise": DefenceSpec(activation_noise=0.3),
          "both": DefenceSpec(nopeek=1.0, activation_noise=0.1)}
@@ -159,7 +159,7 @@ def test_nopeek_on_token_ids_is_refused(tmp_path: Path, capsys) -> None:
 
 def test_multi_client_simulation_refuses_a_defended_bundle(tmp_path: Path) -> None:
     from splitexport import SplitExportError
-    from splitexport._multiclient import simulate_clients
+    from splitexport.simulation import simulate_clients
 
     with pytest.raises(SplitExportError, match="does not apply the bundle's defence"):
         simulate_clients(load_bundle(_bundle(tmp_path, SPECS["nopeek"])), strategy="sfl", clients=2, rounds=1,

@@ -9,7 +9,7 @@ import pytest
 
 from splitexport import load_bundle
 from splitexport._cli import main
-from splitexport._multiclient import c3_score, simulate_clients
+from splitexport.simulation import c3_score, simulate_clients
 
 from .strategies.conftest import make_bundle
 
@@ -82,3 +82,16 @@ def test_cli_rejects_adasplit_on_a_double_split(bundles, tmp_path: Path, capsys)
     assert main(argv) == 2
     assert "supports the single split" in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_ssl_relay_accounting(bundles) -> None:
+    """SSL: each later client downloads the previous one's A once, the server sends every byte a client receives."""
+    bundle = load_bundle(bundles["single"])
+    res = simulate_clients(bundle, strategy="ssl", clients=3, rounds=1, batch_size=32, progress=False)
+    a_bytes = sum(t.numel() * 4 for t in bundle.torch_segment("A").state_dict().values())
+    sizes = {"client00": 449, "client01": 449, "client02": 449}
+    for c, n in sizes.items():
+        u = res.per_client[c]
+        assert u.bytes_up == n * (64 * 4 + 8) + a_bytes  # activations, labels, and A handed on after the turn
+        assert u.bytes_down == n * 64 * 4 + (a_bytes if c != "client00" else 0)
+    assert res.server_bytes_down == sum(u.bytes_down for u in res.per_client.values())

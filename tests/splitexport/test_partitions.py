@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitexport import SplitExportError
-from splitexport._partitions import partition_indices
+from splitexport.simulation import partition_indices
 
 
 @pytest.mark.parametrize("kind", ["iid", "noniid"])

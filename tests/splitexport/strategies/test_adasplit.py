@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from splitexport._multiclient import simulate_clients
+from splitexport.simulation import simulate_clients
 from splitexport.strategies import AdaSplit, StrategyConfig, UCBOrchestrator, make_strategy
 
 from .conftest import client_batches, server_segment

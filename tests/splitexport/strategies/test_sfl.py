@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitexport import Bundle, label_loss, load_dataset
-from splitexport._multiclient import simulate_clients
+from splitexport.simulation import simulate_clients
 from splitexport.strategies import DeviceState, FedAvg, SplitFed, StrategyConfig, average_states
 
 from .conftest import server_segment

@@ -6,8 +6,7 @@ import torch
 
 from splitexport import OptimizerSpec, SplitModel, TorchSegment, load_dataset
 from splitexport._data import batch_indices
-from splitexport._multiclient import simulate_clients
-from splitexport._partitions import partition_indices
+from splitexport.simulation import partition_indices, simulate_clients
 from splitexport.strategies import SSL, StrategyConfig
 
 from .conftest import server_segment

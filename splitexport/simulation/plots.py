@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._errors import SplitExportError
-from ._trainer import History
+from .._errors import SplitExportError
+from .._trainer import History
 
 
 def pyplot() -> Any:

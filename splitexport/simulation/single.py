@@ -10,15 +10,16 @@ from pathlib import Path
 
 import torch
 
-from ._bundle import Bundle
-from ._data import Dataset
-from ._datafiles import resolve_data
-from ._errors import SplitExportError
-from ._manifest import OptimizerSpec, SegmentSpec
-from ._plots import plot_histories
-from ._torch_segment import TorchSegment
-from ._trainer import History, MonolithicModel, SegmentRunner, SplitModel, compose, fit, max_abs_difference, named_state
-from .defence import defence_for
+from .. import _trainer
+from .._bundle import Bundle
+from .._data import Dataset
+from .._datafiles import resolve_data
+from .._errors import SplitExportError
+from .._manifest import OptimizerSpec, SegmentSpec
+from .._torch_segment import TorchSegment
+from .._trainer import History, MonolithicModel, SegmentRunner, SplitModel, compose, fit
+from ..defence import defence_for
+from .plots import plot_histories
 
 RunnerFactory = Callable[[Bundle, SegmentSpec, OptimizerSpec, int], SegmentRunner]
 """(bundle, segment, optimizer, seed) -> runner; the seed draws the activation noise of a defended A."""
@@ -97,14 +98,14 @@ def simulate(
         def state() -> dict[str, torch.Tensor]:
             out: dict[str, torch.Tensor] = {}
             for r in runners:  # torch segments' modules; device runtimes' own parameters and statistics
-                out.update(named_state([r.module]) if isinstance(r, TorchSegment) else r.state_dict())  # type: ignore[attr-defined]
+                out.update(_trainer.named_state([r.module]) if isinstance(r, TorchSegment) else r.state_dict())  # type: ignore[attr-defined]
             return out
 
         return SplitModel(runners), state
 
     def mono_run() -> tuple[object, StateFn]:
         seq = compose([bundle.torch_segment(s.name) for s in manifest.segments])
-        return MonolithicModel(seq, opt, loss, defence_for(manifest.defence, 0, seed)), lambda: named_state(list(seq))
+        return MonolithicModel(seq, opt, loss, defence_for(manifest.defence, 0, seed)), lambda: _trainer.named_state(list(seq))
 
     runs.append(("split (torch)", lambda: split_run("torch")))
     if device_runtime != "torch":
@@ -134,7 +135,7 @@ def simulate(
     differences: dict[str, tuple[float, str]] = {}
     for name, state in states.items():
         if name != "monolithic":
-            differences[name] = max_abs_difference(state, {k: mono[k] for k in state})
+            differences[name] = _trainer.max_abs_difference(state, {k: mono[k] for k in state})
             if log is not None:
                 d, w = differences[name]
                 detail = f"{w} is NaN/Inf in a run" if math.isinf(d) else w

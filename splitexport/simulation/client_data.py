@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from ._errors import SplitExportError
+from .._errors import SplitExportError
 
 PartitionKind = Literal["iid", "noniid"]
 PARTITIONS: tuple[PartitionKind, ...] = ("iid", "noniid")
