@@ -389,8 +389,8 @@ function labelTensor(y, outShape, classify) {
   return tf.tensor(y, [y.length / per, ...outShape], 'float32');
 }
 
-/** Deterministic PRNG (mulberry32). @param {number} seed */
-function rng(seed) {
+/** Deterministic PRNG (mulberry32): the batch order in training, the split here. @param {number} seed */
+export function rng(seed) {
   let s = seed >>> 0;
   return () => {
     s = (s + 0x6d2b79f5) >>> 0;

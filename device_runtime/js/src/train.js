@@ -4,6 +4,7 @@
  */
 import * as tf from '@tensorflow/tfjs';
 
+import { rng } from './data.js';
 import { DeviceRuntimeError, labelLoss } from './segment.js';
 
 /**
@@ -28,18 +29,6 @@ import { DeviceRuntimeError, labelLoss } from './segment.js';
  * @property {(info: StepInfo) => void} [onStep]
  * @property {(info: EpochInfo) => void} [onEpoch]
  */
-
-/** Deterministic PRNG (mulberry32) for the batch order. @param {number} seed */
-function rng(seed) {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Shuffled mini-batch indices of one epoch (the same for the same seed and epoch). */
 export function batchIndices(n, batchSize, seed, epoch) {
