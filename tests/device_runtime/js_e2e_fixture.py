@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from splitexport import OptimizerSpec, SplitModel, TorchSegment, load_bundle, load_dataset
 from splitexport._cli import run as cli
 from splitexport.export._tfjs import META_FILE
-from tests.server.conftest import TOKEN, make_bundle
+from tests._support import TOKEN, make_bundle
 from tests.tf_reference import max_diff_where, tf_state
 
 SPLITS = {"double": ["relu1", "relu2"], "single": ["relu1"]}

@@ -27,7 +27,7 @@ from splitexport import (
 )
 from splitexport._data import batch_indices
 from splitexport.protocol import ErrorCode
-from tests.server.conftest import TOKEN, ServerProcess, make_bundle, threaded_server
+from tests._support import TOKEN, ServerProcess, make_bundle, threaded_server
 
 
 class RestartBeforeC:

@@ -16,7 +16,7 @@ import torch
 from device_runtime._train import main
 from splitexport import OptimizerSpec, load_bundle
 from splitexport._cli import main as cli
-from tests.server.conftest import TOKEN, ServerProcess, make_bundle
+from tests._support import TOKEN, ServerProcess, make_bundle
 
 pytest.importorskip("onnxruntime.training")
 

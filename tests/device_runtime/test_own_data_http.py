@@ -20,7 +20,7 @@ from splitexport import MonolithicModel, compose, load_bundle
 from splitexport._cli import main as cli
 from splitexport._datafiles import load_data
 from splitexport._trainer import fit
-from tests.server.conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 from tests.splitexport.test_data import bundle, write_csv, write_digit_folder
 
 pytest.importorskip("onnxruntime.training")
@@ -163,7 +163,7 @@ def test_token_npz_with_a_transformer_over_http(tmp_path: Path, capsys) -> None:
     from device_runtime import OrtRunner
     from device_runtime._train import device_runner
     from splitexport import SplitModel, max_abs_difference
-    from tests.server.conftest import ServerProcess
+    from tests._support import ServerProcess
     from tests.zoo import transformer
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 
 from splitexport import OptimizerSpec, protocol
 from splitexport.protocol import ErrorCode
-from tests.server.conftest import make_bundle
+from tests._support import make_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 JS = ROOT / "device_runtime" / "js" / "src"
@@ -124,7 +124,7 @@ def test_json_routes_answer_the_same_bytes_as_before_the_models(mlp_bundle_path:
     from pydantic import TypeAdapter
 
     from server.routers.artifacts import _device_files
-    from tests.server.conftest import TOKEN, threaded_server
+    from tests._support import TOKEN, threaded_server
 
     def wire(d: dict[str, object]) -> bytes:
         return TypeAdapter(dict[str, object]).dump_json(d)

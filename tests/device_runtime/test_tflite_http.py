@@ -29,7 +29,7 @@ from splitexport import (
 )
 from splitexport._cli import run as cli
 from splitexport._trainer import fit
-from tests.server.conftest import TOKEN, ServerProcess, make_bundle, threaded_server
+from tests._support import TOKEN, ServerProcess, make_bundle, threaded_server
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 pytest.importorskip("tensorflow")

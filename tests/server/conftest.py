@@ -1,8 +1,5 @@
-"""Session-scoped example bundles for the server tests (built by :mod:`tests._support`).
-
-``TOKEN``, ``free_port``, ``make_bundle``, ``threaded_server``, ``wait_until_healthy`` and ``ServerProcess``
-are re-exported for the tests that still import them from here; new code imports :mod:`tests._support`.
-"""
+"""Session-scoped example bundles for the server tests (built by :mod:`tests._support`, which the tests import
+their servers and helpers from)."""
 
 from __future__ import annotations
 
@@ -11,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from splitexport import OptimizerSpec
-from tests._support import TOKEN, ServerProcess, free_port, make_bundle, threaded_server, wait_until_healthy
-
-__all__ = ["TOKEN", "ServerProcess", "free_port", "make_bundle", "threaded_server", "wait_until_healthy"]
+from tests._support import make_bundle
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import save
 
-from .conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ST = {**AUTH, "Content-Type": "application/vnd.safetensors"}

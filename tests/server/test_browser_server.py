@@ -11,8 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from server import ServerSettings
-
-from .conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 
 ORIGIN = "http://127.0.0.1:9"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -14,8 +14,7 @@ import torch
 from safetensors.numpy import save
 
 from device_runtime import RemoteSegment, ServerClient
-
-from .conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 
 ST = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/vnd.safetensors"}
 

@@ -18,8 +18,7 @@ from safetensors.numpy import load, save
 
 from splitexport import OptimizerSpec, load_bundle, max_abs_difference, torch_split_model
 from splitexport._data import batch_indices
-
-from .conftest import TOKEN, make_bundle, threaded_server
+from tests._support import TOKEN, make_bundle, threaded_server
 
 STEPS = 12
 

@@ -32,8 +32,7 @@ from server._scheduler import LeaseScheduler
 from splitexport import LossSpec, OptimizerSpec, SourceSpec, partition, write_bundle
 from splitexport.models import mlp
 from splitexport.protocol import MAX_HEADER_BYTES, MAX_TENSORS, ErrorCode
-
-from .conftest import TOKEN, free_port, threaded_server
+from tests._support import TOKEN, free_port, threaded_server
 
 TOKEN2 = "second-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,8 +9,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from device_runtime import RemoteSegment, ServerClient
-
-from .conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 
 
 def test_metrics_have_help_counters_and_phase_histograms(mlp_bundle: Path, tmp_path: Path) -> None:

@@ -24,8 +24,7 @@ from splitexport import (
     max_abs_difference,
 )
 from splitexport._cli import main as splitexport_cli
-
-from .conftest import TOKEN, make_bundle, threaded_server
+from tests._support import TOKEN, make_bundle, threaded_server
 
 CUTS = {"mlp": ["relu1", "relu2"], "resnet": ["layer1", "layer3"]}
 LR = {"mlp": 0.3, "resnet": 0.02}

@@ -26,8 +26,8 @@ import torch
 
 from device_runtime import HttpLink, RemoteSegment, ServerClient
 from splitexport import max_abs_difference
+from tests._support import TOKEN, free_port, wait_until_healthy
 
-from .conftest import TOKEN, free_port, wait_until_healthy
 from .test_strategies_http import AUTH, activations, reference
 
 ITERATIONS = 8

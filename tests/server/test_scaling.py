@@ -16,8 +16,7 @@ import pytest
 from safetensors.numpy import load, save
 
 from splitexport import load_bundle
-
-from .conftest import TOKEN, ServerProcess, free_port, threaded_server
+from tests._support import TOKEN, ServerProcess, free_port, threaded_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ST = {**AUTH, "Content-Type": "application/vnd.safetensors"}

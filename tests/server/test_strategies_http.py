@@ -18,8 +18,7 @@ from device_runtime import HttpLink, ServerError
 from server import ServerSettings, create_app
 from splitexport import TorchSegment, load_bundle, max_abs_difference
 from splitexport.strategies import StrategyConfig, average_states, make_strategy
-
-from .conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ST = {**AUTH, "Content-Type": "application/vnd.safetensors"}
@@ -360,8 +359,7 @@ def test_sigkill_replays_the_strategy_log(name: str, bundle_name: str, tmp_path:
     """A strategy's calls are durable by the step log, not by a snapshot per step: SIGKILL after a round end's
     snapshot and two more iterations, restart, and B (with AdaSplit's masks and UCB state) is as it was."""
     from device_runtime import HttpLink
-
-    from .conftest import ServerProcess
+    from tests._support import ServerProcess
 
     path = request.getfixturevalue(bundle_name)
     names = ["a", "b", "c", "d"]

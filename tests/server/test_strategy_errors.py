@@ -15,8 +15,8 @@ from safetensors.numpy import load, save
 from splitexport import TorchSegment, load_bundle, max_abs_difference
 from splitexport.protocol import ErrorCode
 from splitexport.strategies import Strategy, StrategyConfig, make_strategy
+from tests._support import TOKEN, threaded_server
 
-from .conftest import TOKEN, threaded_server
 from .test_error_codes import _clone, refused, same
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -10,8 +10,7 @@ import torch
 from safetensors.numpy import save
 
 from device_runtime import RemoteSegment, ServerClient
-
-from .conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 
 
 def test_tensor_calls_report_server_timing(mlp_bundle: Path, tmp_path: Path) -> None:

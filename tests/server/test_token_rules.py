@@ -10,8 +10,7 @@ import pytest
 from server import ServerSettings
 from server._settings import MIN_TOKEN_LENGTH
 from splitexport._cli import main
-
-from .conftest import TOKEN, threaded_server
+from tests._support import TOKEN, threaded_server
 
 GOOD = "a-good-token-0123456789"
 

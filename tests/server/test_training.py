@@ -11,8 +11,7 @@ import torch
 from device_runtime import RemoteSegment, ServerClient
 from splitexport import SplitModel, TorchSegment, fit, load_bundle, max_abs_difference, torch_split_model
 from splitexport._data import batch_indices
-
-from .conftest import TOKEN, ServerProcess, threaded_server
+from tests._support import TOKEN, ServerProcess, threaded_server
 
 
 def local_runners(bundle, remote):

@@ -10,15 +10,14 @@ import pytest
 from splitexport import load_bundle
 from splitexport._cli import main
 from splitexport.simulation import c3_score, simulate_clients
-
-from .strategies.conftest import make_bundle
+from tests._support import build_bundle
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mc")
-    make_bundle(root / "single", ["relu1"])
-    make_bundle(root / "double", ["relu1", "relu2"])
+    build_bundle(root / "single", "mlp", ["relu1"])
+    build_bundle(root / "double", "mlp", ["relu1", "relu2"])
     return {"single": root / "single", "double": root / "double"}
 
 

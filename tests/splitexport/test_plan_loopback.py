@@ -28,7 +28,7 @@ from splitexport import OptimizerSpec, SourceSpec, SplitModel, load_dataset, par
 from splitexport._cli import main as cli
 from splitexport._plan import DEVICE_PROFILES, Link, plan
 from splitexport.models import resnet_cnn
-from tests.server.conftest import TOKEN, ServerProcess
+from tests._support import TOKEN, ServerProcess
 
 pytest.importorskip("onnxruntime.training")
 

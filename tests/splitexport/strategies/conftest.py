@@ -12,7 +12,7 @@ from tests._support.bundles import SGD, build_bundle
 
 
 def make_bundle(path: Path, cuts: list[str], optimizer: OptimizerSpec = SGD) -> Bundle:
-    """The MLP cut at ``cuts`` (imported by test_multiclient)."""
+    """The MLP cut at ``cuts``."""
     return build_bundle(path, "mlp", cuts, optimizer)
 
 
