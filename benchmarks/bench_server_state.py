@@ -217,12 +217,15 @@ def bench_strategy_bytes(root: Path, model: str, iterations: int, clients: int =
     return rows
 
 
-def bench_cpu(root: Path, model: str, steps: int, blocks: int, compare: Path | None = None) -> dict[str, Any]:
+def bench_cpu(root: Path, model: str, steps: int, blocks: int, compare: Path | None = None,
+              serve_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Server CPU per step and B's in-process CPU per step, in alternating blocks; with ``compare``, a second
-    server run from that checkout (e.g. ``git worktree add /tmp/before <commit>``) takes its blocks in turn."""
+    server run from that checkout (e.g. ``git worktree add /tmp/before <commit>``) takes its blocks in turn.
+    ``serve_args`` go to this checkout's server only (the compared one may not know them)."""
     bundle = make_bundle(root, model)
     trees: dict[str, Path | None] = {"this": None, **({"compared": compare} if compare is not None else {})}
-    servers = {k: serve(bundle, root / f"s-cpu-{model}-{k}", "--checkpoint-every", "1000000", tree=t)
+    servers = {k: serve(bundle, root / f"s-cpu-{model}-{k}", "--checkpoint-every", "1000000",
+                        *(serve_args if t is None else ()), tree=t)
                for k, t in trees.items()}
     try:
         devices = {k: Device(s.url, bundle) for k, s in servers.items()}
@@ -243,7 +246,7 @@ def bench_cpu(root: Path, model: str, steps: int, blocks: int, compare: Path | N
         for server in servers.values():
             server.stop()
     server_cpu, b_cpu = statistics.median(cpu["this"]), statistics.median(b)
-    out = {"model": model, "server_cpu_ms_per_step": server_cpu * 1e3, "b_ms_per_step": b_cpu * 1e3,
+    out = {"model": model, "serve_args": list(serve_args), "server_cpu_ms_per_step": server_cpu * 1e3, "b_ms_per_step": b_cpu * 1e3,
            "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3, "loop_thread_ms_per_step": statistics.median(loop) * 1e3}
     if compare is not None:
         other = statistics.median(cpu["compared"])
@@ -293,8 +296,7 @@ def bench_store(root: Path, steps: int) -> list[dict[str, Any]]:
     response = save({"grad": rng.standard_normal((BATCH, 64)).astype(np.float32)})
     rows = []
     for sync in ("FULL", "NORMAL"):
-        store = Store(root / f"store-{sync}")
-        store._db.execute(f"PRAGMA synchronous={sync}")
+        store = Store(root / f"store-{sync}", "full" if sync == "FULL" else "normal")
         store.open_session("s", "t")
         cpu, wall = [], []
         for n in range(steps + 5):
@@ -387,6 +389,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20, help="how long they contend")
     p.add_argument("--compare", type=Path, default=None,
                    help="cpu: also run the server of the checkout at this path, blocks alternating (before/after)")
+    p.add_argument("--serve-arg", action="append", default=None, metavar="ARG",
+                   help="cpu: an extra `splitexport serve` argument for this checkout's server (repeatable; "
+                   "e.g. --serve-arg=--sync --serve-arg=normal)")
     p.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -403,7 +408,8 @@ def main() -> None:
         if "bytes" in parts:
             result["bytes"] = bench_bytes(root, max(steps // 4, 5))
         if "cpu" in parts:
-            result["cpu"] = [bench_cpu(root, m, max(steps // blocks, 5), blocks, args.compare)
+            result["cpu"] = [bench_cpu(root, m, max(steps // blocks, 5), blocks, args.compare,
+                                     tuple(args.serve_arg or ()))
                              for m in ("mlp", "resnet_cnn")]
         if "check" in parts:
             result["check"] = bench_check(root, steps)

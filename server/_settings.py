@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +57,9 @@ class ServerSettings(_StrategySettings):  # type: ignore[misc,valid-type]
     """Comma-separated bearer tokens (or use ``tokens_file``); with none, only loopback is allowed."""
     tokens_file: Path | None = None
     """One token per line; blank lines and lines starting with ``#`` are skipped (see :meth:`token_set`)."""
+    sqlite_synchronous: Literal["full", "normal"] = "full"
+    """``state.db``'s ``PRAGMA synchronous``: ``full`` fsyncs every step's commit; ``normal`` survives a killed
+    process but may lose the last steps to a power loss or OS crash (docs/protocol.md, Durability)."""
     checkpoint_every: int | None = Field(None, ge=1)
     """Snapshot B and its optimizer every N applied steps (default 100; a strategy also at every round end).
     Every step is also logged, so a crash loses no step whatever N is (docs/protocol.md)."""

@@ -145,7 +145,7 @@ class ServerState:
             steps: SessionSteps = self.rounds if self.rounds is not None else SoloSteps(self)
             self.scheduler = LeaseScheduler(self, steps)
         self.snapshot_every = 1 if replicated else settings.checkpoint_every or 100
-        self.store = Store(settings.state_dir)
+        self.store = Store(settings.state_dir, settings.sqlite_synchronous)
         self.resumed_from = self._restore()
         self.prometheus = Metrics(self.metrics)
 

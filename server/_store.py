@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 DB = "state.db"
+_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+"""``--sync`` to ``PRAGMA synchronous``."""
 SNAPSHOT = "checkpoint.pt"
 FORMAT = 2
 
@@ -138,9 +140,11 @@ def digest(obj: Any) -> str:
 
 
 class Store:
-    """SQLite in WAL mode; every write is one transaction, fsynced (``synchronous=FULL``)."""
+    """SQLite in WAL mode; every write is one transaction, fsynced (``synchronous=FULL``, the default) or, with
+    ``synchronous="normal"``, handed to the OS and fsynced at WAL checkpoints (durable across a killed process, not
+    across a power loss or OS crash; docs/protocol.md, Durability)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, synchronous: Literal["full", "normal"] = "full") -> None:
         self.dir = state_dir
         self.bytes_written = 0
         """Bytes of tensors, rows and snapshots handed to the disk (the benchmark reads it)."""
@@ -152,7 +156,7 @@ class Store:
                 stale.unlink()
             self._db = sqlite3.connect(state_dir / DB, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
             self._db.executescript(_SCHEMA)
             self._file = self._identity()
         except (OSError, sqlite3.Error) as exc:

@@ -384,6 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {"bundle": args.bundle, "host": args.host, "port": args.port,
                                    "state_dir": args.state_dir, "tokens_file": args.tokens,
                                    "checkpoint_every": args.checkpoint_every, "threads": args.threads,
+                                   "sqlite_synchronous": args.sync,
                                    "device": args.device,
                                    "strategy": args.strategy,
                                    "num_clients": args.clients, "round_timeout_s": args.round_timeout,
@@ -565,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=at.positive_int, default=None,
                    help="snapshot B every N steps (default 100; with --strategy also at every round end); every "
                    "step is also logged, so a crash loses none")
+    p.add_argument("--sync", choices=["full", "normal"], default=None,
+                   help="state.db commits: full (default) fsyncs each step; normal survives a killed server, not a "
+                   "power loss or OS crash (docs/protocol.md, Durability)")
     p.add_argument("--threads", type=at.positive_int, default=None, help="torch threads for B (default: one per core)")
     p.add_argument("--device", default=None, metavar="cpu|cuda[:N]", help="where B and its optimizer live "
                    "(default cpu)")

@@ -341,3 +341,39 @@ def test_sigkill_at_a_round_end_applies_it_exactly_once(mlp_bundle: Path, tmp_pa
         assert diff == 0.0, (diff, where)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("sync", "pragma"), [("full", 2), ("normal", 1)])
+def test_sqlite_synchronous_reaches_the_store(mlp_bundle: Path, tmp_path: Path, sync: str, pragma: int) -> None:
+    from server import ServerSettings, ServerState
+
+    state = ServerState(ServerSettings(bundle=mlp_bundle, state_dir=tmp_path / "s", sqlite_synchronous=sync))
+    try:
+        assert state.store._db.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    finally:
+        state.store.close()
+
+
+def test_sync_normal_loses_no_step_to_a_sigkill(mlp_bundle: Path, digits, tmp_path: Path, tokens: Path) -> None:
+    """``--sync normal``: steps acknowledged before a SIGKILL (no snapshot since start) are all replayed from the log;
+    B equals an uninterrupted run's."""
+    bundle = load_bundle(mlp_bundle)
+    state_dir = tmp_path / "state"
+    server = killable_server(mlp_bundle, state_dir, tokens, "--sync", "normal", "--checkpoint-every", "1000")
+    batches = batches_for(digits, 4, 1)
+    server.start()
+    try:
+        remote = RemoteSegment(ServerClient(server.url, TOKEN, max_wait_s=60, backoff_s=0.05))
+        model = SplitModel(runners(bundle, remote))
+        for _, idx in batches:
+            model.step(digits.x_train[idx], digits.y_train[idx])
+        server.kill()
+        assert not (state_dir / "checkpoint.pt").exists()  # everything comes from the step log
+        server.start()
+        assert remote.client.session(remote.session_id)["next_step"] == len(batches)
+    finally:
+        server.stop()
+    saved = final_snapshot(state_dir)
+    assert saved["applied_steps"] == len(batches)
+    diff, where = max_abs_difference(saved["module"], reference_b(bundle, batches, digits, 1))
+    assert diff == 0.0, where
