@@ -268,8 +268,19 @@ class MaskableAttention(nn.Module):
         self.out_proj = layer.out_proj
         self.attn_dropout = nn.Dropout(float(layer.dropout))
 
-    def forward(self, query: torch.Tensor, key: object = None, value: object = None, **kwargs: object) -> tuple[torch.Tensor, None]:
-        if any(kwargs.get(k) is not None for k in ("key_padding_mask", "attn_mask")):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: object = None,
+        value: object = None,
+        key_padding_mask: object = None,
+        need_weights: bool = True,
+        attn_mask: object = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """Self-attention ``attn(x, x, x)``: a different key/value shows in the export's output check."""
+        if key_padding_mask is not None or attn_mask is not None:
             raise ExportError("attention masks are not supported for export")
         e, d = self.heads * self.head_dim, self.head_dim
         w, b = self.in_proj_weight, self.in_proj_bias

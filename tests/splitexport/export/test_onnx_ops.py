@@ -254,3 +254,31 @@ def test_attention_dropout_in_the_first_segment_trains_and_converges(tmp_path: P
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
     print(f"\nattention dropout 0.1 in A (ORT): cross-entropy {first:.3f} (first 10 steps) -> {last:.3f} (last 10 of 80)")
     assert last < 0.7 * first, (first, last)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, dropout=0.2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1, 2)
+        return self.attn(x, x, x)[0]  # type: ignore[no-any-return]
+
+
+def test_multihead_attention_dropout_in_the_first_segment_takes_a_mask_per_head(tmp_path: Path) -> None:
+    """A scripted nn.MultiheadAttention(dropout=0.2) alone in A: one mask input per head on its attention weights
+    (the export runs a training step on the artifacts)."""
+    from device_runtime import OrtSegment
+
+    masks: list = []
+    paths = export_a(segment_a(nn.Sequential(SelfAttention(), nn.Flatten(), nn.Linear(64, 2)), tmp_path), tmp_path,
+                     masks_out=masks)
+    assert [(m.layer, m.p, m.shape) for m in masks] == [("0.attn.attn_dropout", 0.2, (8, 8))] * 2
+    seg = OrtSegment.from_directory(paths["training_model"].parent, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    out = seg.forward(x)
+    before = seg.parameters()["0.attn.in_proj_weight"].copy()
+    seg.train_with_gradient(x, np.ones_like(out))
+    after = seg.parameters()["0.attn.in_proj_weight"]
+    assert np.isfinite(after).all() and not np.allclose(after, before)
