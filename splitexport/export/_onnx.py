@@ -361,7 +361,10 @@ def _build_training_artifacts(
     from onnxruntime.training import onnxblock
 
     out_spec = next(o for o in model.graph.output if o.name == graph.OUTPUT)
-    out_dims: list[int | str] = [batch] + [d.dim_value for d in out_spec.type.tensor_type.shape.dim[1:]]
+    # a dim the exporter could not infer stays symbolic (0 would be a fixed, wrong size)
+    out_dims: list[int | str] = [batch] + [
+        d.dim_value or d.dim_param or f"{graph.OUTPUT}_dim{i}" for i, d in enumerate(out_spec.type.tensor_type.shape.dim[1:], 1)
+    ]
 
     class _Step(onnxblock.TrainingBlock):  # type: ignore[misc]
         def build(self, output: str) -> Any:

@@ -22,6 +22,9 @@ scripted ``TransformerEncoderLayer``   the same layer in Python (the scripted fo
 ``Dropout`` (p > 0) in a segment       ``x * mask`` with the mask a new model input
 trained on a received gradient         (``dropout_mask_<k>``), so the forward pass and the
                                        training step that recomputes it use the same mask
+``TransformerEncoderLayer`` /          the layer written out (attention per head) with its
+``MultiheadAttention`` with dropout    dropouts as ``nn.Dropout`` calls, then masks as above
+> 0 in such a segment                  (``MaskableEncoderLayer`` / ``MaskableAttention``)
 =====================================  ==========================================================
 
 Every rewrite is checked: the rewritten segment must give the original's output (inference
@@ -247,6 +250,96 @@ def _python_encoder_layer(layer: Any, qname: str) -> nn.Module:
     return py
 
 
+class MaskableAttention(nn.Module):
+    """Batch-first self-attention written out, its attention-weight dropout an ``nn.Dropout`` (same parameters).
+
+    fx traces through it, so the dropout becomes a mask input in a segment trained on a received gradient.
+    """
+
+    def __init__(self, layer: Any, qname: str) -> None:
+        super().__init__()
+        if not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn or not layer.batch_first:
+            raise _unsupported(qname, "MultiheadAttention", "attention dropout before the server needs batch_first "
+                               f"self-attention without kdim/vdim, bias_k/v or add_zero_attn; set its dropout to 0, or {_MOVE}")
+        self.heads = int(layer.num_heads)
+        self.head_dim = int(layer.embed_dim) // self.heads
+        self.in_proj_weight = _param(layer.in_proj_weight)
+        self.in_proj_bias = _param(layer.in_proj_bias)
+        self.out_proj = layer.out_proj
+        self.attn_dropout = nn.Dropout(float(layer.dropout))
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: object = None,
+        value: object = None,
+        key_padding_mask: object = None,
+        need_weights: bool = True,
+        attn_mask: object = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """Self-attention ``attn(x, x, x)``: a different key/value shows in the export's output check."""
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ExportError("attention masks are not supported for export")
+        e, d = self.heads * self.head_dim, self.head_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        heads = []
+        for h in range(self.heads):  # per head: plain MatMuls, no head reshapes
+            q, k, v = (
+                F.linear(query, w[i * e + h * d : i * e + (h + 1) * d], None if b is None else b[i * e + h * d : i * e + (h + 1) * d])
+                for i in range(3)
+            )
+            weights = torch.softmax(q @ k.transpose(-2, -1) / d**0.5, dim=-1)
+            heads.append(self.attn_dropout(weights) @ v)
+        out = torch.cat(heads, dim=-1)
+        return self.out_proj(out), None
+
+
+class MaskableEncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` (batch_first) written out with ``MaskableAttention`` (same parameter names)."""
+
+    def __init__(self, layer: Any, qname: str) -> None:
+        super().__init__()
+        self.self_attn = MaskableAttention(layer.self_attn, qname + ".self_attn")
+        self.linear1, self.linear2, self.norm1, self.norm2 = layer.linear1, layer.linear2, layer.norm1, layer.norm2
+        self.dropout, self.dropout1, self.dropout2 = layer.dropout, layer.dropout1, layer.dropout2
+        self.norm_first = bool(layer.norm_first)
+        act = layer.activation
+        self.activation = act if isinstance(act, nn.Module) else None
+        self.act_fn: Callable[[torch.Tensor], torch.Tensor] = act if not isinstance(act, nn.Module) else F.relu
+
+    def _sa(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout1(self.self_attn(x)[0])
+
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear1(x)
+        h = self.activation(h) if self.activation is not None else self.act_fn(h)
+        return self.dropout2(self.linear2(self.dropout(h)))
+
+    def forward(self, src: torch.Tensor, src_mask: object = None, src_key_padding_mask: object = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if src_mask is not None or src_key_padding_mask is not None:
+            raise ExportError("attention masks are not supported for export")
+        if self.norm_first:
+            src = src + self._sa(self.norm1(src))
+            return src + self._ff(self.norm2(src))
+        src = self.norm1(src + self._sa(src))
+        return self.norm2(src + self._ff(src))
+
+
+def _maskable(layer: Any, qname: str) -> nn.Module:
+    """The layer with its inner dropouts as traceable ``nn.Dropout`` calls (a scripted one rebuilt first)."""
+    kind = class_name(layer)
+    if kind == "TransformerEncoderLayer":
+        py: Any = _python_encoder_layer(layer, qname) if isinstance(layer, torch.jit.ScriptModule) else layer
+        if not bool(py.self_attn.batch_first):
+            raise _unsupported(qname, kind, f"dropout before the server needs batch_first=True; set its dropout to 0, or {_MOVE}")
+        return MaskableEncoderLayer(py, qname)
+    py = _python_attention(layer, qname) if isinstance(layer, torch.jit.ScriptModule) else layer
+    return MaskableAttention(py, qname)
+
+
 def _avg_pool(layer: Any, qname: str) -> nn.Module | None:
     def pair(v: object) -> tuple[int, int]:
         return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))  # type: ignore[index]
@@ -284,6 +377,7 @@ _SCRIPTED_ONLY: dict[str, Callable[[nn.Module, str], nn.Module | None]] = {
     "TransformerEncoderLayer": _python_encoder_layer,
     "MultiheadAttention": _python_attention,
 }
+_MASKABLE = ("TransformerEncoderLayer", "MultiheadAttention")
 _DESCRIBE = {
     "Hardswish": "x * clip(x + 3, 0, 6) / 6",
     "Hardsigmoid": "clip(x + 3, 0, 6) / 6",
@@ -416,7 +510,12 @@ def prepare(module: nn.Module, example: torch.Tensor, *, trains_on_gradient: boo
         if new is not None:
             _replace(gm, qname, new)
             rewritten[qname] = _DESCRIBE[kind]
-    needs_masks = trains_on_gradient and any(_dropout_p(n, gm) is not None for n in gm.graph.nodes)
+    inner = [
+        str(n.target) for n in gm.graph.nodes
+        if trains_on_gradient and n.op == "call_module" and class_name(gm.get_submodule(str(n.target))) in _MASKABLE
+        and _inner_dropout(gm.get_submodule(str(n.target)))
+    ]
+    needs_masks = bool(inner) or trains_on_gradient and any(_dropout_p(n, gm) is not None for n in gm.graph.nodes)
     if not rewritten and not needs_masks:
         return Prepared(module, module)  # nothing to rewrite: exported as it is
     for qname in sorted(leaves):
@@ -431,6 +530,11 @@ def prepare(module: nn.Module, example: torch.Tensor, *, trains_on_gradient: boo
             _replace(gm, qname, py)
             rewritten.setdefault(qname, "Python " + class_name(mod))
     gm.recompile()
+    for qname in inner:  # dropout inside attention: traced through, each nn.Dropout becomes a mask input
+        _replace(gm, qname, _maskable(gm.get_submodule(qname), qname))
+        rewritten[qname] = "attention with mask inputs for its dropouts"
+    if inner:
+        gm = fx.symbolic_trace(gm)
     eval_gm = gm
     masks: list[DropoutMask] = []
     if trains_on_gradient:

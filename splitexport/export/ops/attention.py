@@ -82,8 +82,9 @@ _BUILTIN = refused(f"no builtin-ops backward pass for attention; use the flex va
 register(
     OpSpec(
         "MultiheadAttention", "attention", modules=("MultiheadAttention",),
-        onnx=native("MatMul / Softmax (a scripted layer is rebuilt in Python before export); dropout > 0 trains in "
-                    "the last segment (ORT draws the masks), refused in one trained on a received gradient"),
+        onnx=native("MatMul / Softmax (a scripted layer is rebuilt in Python before export); dropout > 0 trains: "
+                    "ORT draws the masks in the last segment; before the server the layer is written out per head "
+                    "with mask inputs (not bit-comparable with torch; checked to converge, test_onnx_ops.py)"),
         tfjs=native("SplitexportLayer 'attention' (layers.js)"),
         tflite_flex=native("matmul + softmax, GradientTape"), tflite_builtin=_BUILTIN,
         restrictions="batch_first self-attention attn(x, x, x)[0]; no masks, bias_k/v, add_zero_attn; dropout 0 "
@@ -93,8 +94,9 @@ register(
     OpSpec(
         "TransformerEncoderLayer", "attention", modules=("TransformerEncoderLayer",),
         onnx=native("MatMul / Softmax / LayerNormalization (a scripted layer is rebuilt in Python before export); "
-                    "dropout > 0 trains in the last segment (ORT draws the masks), refused in one trained on a "
-                    "received gradient"),
+                    "dropout > 0 trains: ORT draws the masks in the last segment; before the server the layer is "
+                    "written out with mask inputs (batch_first only; not bit-comparable with torch; checked to "
+                    "converge, test_onnx_ops.py)"),
         tfjs=native("SplitexportLayer 'encoder' (layers.js)"),
         tflite_flex=native("attention + LayerNorm + feed-forward, GradientTape"), tflite_builtin=_BUILTIN,
         restrictions="batch_first; activation relu or gelu; norm_first either; no masks; dropout 0 (TF.js / TFLite; "
