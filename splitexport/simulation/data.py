@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._errors import SplitExportError
-from ._manifest import PreprocessSpec
+from .._errors import SplitExportError
+from .._manifest import PreprocessSpec
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ._datafiles import Task
+    from .datafiles import Task
 
 DATASETS = ("digits",)
 
@@ -41,26 +41,26 @@ class Dataset:
     def from_arrays(cls, x: np.ndarray, y: np.ndarray, *, x_test: np.ndarray | None = None,
                     y_test: np.ndarray | None = None, task: Task = "classification", name: str = "arrays") -> Dataset:
         """Arrays as given (a fixed stratified 75/25 split unless a test set is given)."""
-        from ._datafiles import from_arrays
+        from .datafiles import from_arrays
 
         return from_arrays(name, x, y, x_test=x_test, y_test=y_test, task=task, preprocess=PreprocessSpec(
             kind="tokens" if np.issubdtype(np.asarray(x).dtype, np.integer) else "array"))
 
     @classmethod
     def from_npz(cls, path: str | Path, *, task: Task = "classification") -> Dataset:
-        from ._datafiles import from_npz
+        from .datafiles import from_npz
 
         return from_npz(path, task=task)
 
     @classmethod
     def from_csv(cls, path: str | Path, target: str, *, task: Task = "classification") -> Dataset:
-        from ._datafiles import from_csv
+        from .datafiles import from_csv
 
         return from_csv(path, target, task=task)
 
     @classmethod
     def from_image_folder(cls, path: str | Path, *, size: Sequence[int], channels: int = 3) -> Dataset:
-        from ._datafiles import from_image_folder
+        from .datafiles import from_image_folder
 
         return from_image_folder(path, size=size, channels=channels)
 

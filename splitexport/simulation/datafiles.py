@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from ._errors import SplitExportError
-from ._manifest import Manifest, PreprocessSpec
+from .._errors import SplitExportError
+from .._manifest import Manifest, PreprocessSpec
 
 if TYPE_CHECKING:
-    from ._data import Dataset
+    from .data import Dataset
 
 Task = Literal["classification", "regression"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -45,7 +45,7 @@ def from_arrays(name: str, x: np.ndarray, y: np.ndarray, *, x_test: np.ndarray |
                 y_test: np.ndarray | None = None, task: Task = "classification",
                 preprocess: PreprocessSpec | None = None) -> Dataset:
     """A dataset from arrays (split 75/25 unless a test set is given); raw values, no transform applied."""
-    from ._data import Dataset
+    from .data import Dataset
 
     x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
@@ -273,7 +273,7 @@ def check_fits(data: Dataset, manifest: Manifest) -> None:
 
 def prepare(data: Dataset, manifest: Manifest) -> Dataset:
     """Check ``data`` against the bundle and apply the manifest's transform (or the one fitted on ``data``)."""
-    from ._data import Dataset
+    from .data import Dataset
 
     if data.prepared:
         return data
@@ -303,7 +303,7 @@ def load_data(path: str | Path, manifest: Manifest, *, target: str | None = None
 def resolve_data(dataset: str | Dataset, manifest: Manifest, *, data: str | Path | None = None,
                  target: str | None = None) -> Dataset:
     """What a command trains on: ``--data PATH`` if given, else a Dataset object or a built-in name; prepared."""
-    from ._data import Dataset, load_dataset
+    from .data import Dataset, load_dataset
 
     if data is not None:
         return load_data(data, manifest, target=target)
