@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("splitexport", "server", "device_runtime")
 
 KNOWN_LAZY_CYCLES = {
-    frozenset({"server._browser", "server.routers.dashboard", "server.routers.webapp"}),
     frozenset({"splitexport.export._keras_layers", "splitexport.export.ops.conv", "splitexport.export.ops.dropout"}),
 }
 """Cycles closed only by imports inside functions (harmless at import time), in modules other work was
