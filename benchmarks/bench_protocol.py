@@ -56,9 +56,9 @@ from device_runtime._client import encode as client_encode
 from server._wire import decode as server_decode
 from server._wire import encode as server_encode
 from splitexport import Bundle, OptimizerSpec, load_dataset
-from splitexport._data import batch_indices
 from splitexport.export import export_onnx
 from splitexport.models import DEFAULT_CUTS, FACTORIES
+from splitexport.simulation.data import batch_indices
 from tests._support import ServerProcess, build_bundle
 
 try:

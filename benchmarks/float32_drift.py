@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine
 
 from splitexport import MonolithicModel, OptimizerSpec, load_dataset, max_abs_difference
-from splitexport._data import Dataset, batch_indices
 from splitexport.models import resnet_cnn
+from splitexport.simulation.data import Dataset, batch_indices
 
 REPORT_STEPS = (1, 2, 3, 4, 5, 10, 15)
 

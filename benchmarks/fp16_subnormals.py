@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine
 
 from splitexport import OptimizerSpec, TorchSegment, load_dataset, partition
-from splitexport._data import batch_indices
 from splitexport.models import DEFAULT_CUTS, FACTORIES
+from splitexport.simulation.data import batch_indices
 
 SMALLEST_NORMAL = 2.0**-14
 

@@ -16,7 +16,7 @@ from ._openapi import install_openapi
 from ._replicas import Replicas
 from ._settings import ServerSettings
 from ._state import ServerState
-from .routers import artifacts, health, rounds, sessions
+from .routers import artifacts, dashboard, device_metrics, health, rounds, sessions, webapp
 
 
 class CountRequests:
@@ -77,7 +77,11 @@ def create_app(settings: ServerSettings, replicas: Replicas | None = None) -> Fa
     app.include_router(health.router)
     app.include_router(artifacts.router)
     app.include_router(sessions.router)
-    install_browser(app, settings)  # before rounds: its POST /v1/sessions/{id}/metrics also feeds the dashboard
+    install_browser(app, settings)
+    app.include_router(device_metrics.router)  # before rounds: POST /v1/sessions/{id}/metrics feeds the dashboard
+    if settings.app:
+        app.include_router(webapp.router)
+        app.include_router(dashboard.router)
     app.include_router(rounds.router)
     if replicas is not None:
         replicas.install(app)

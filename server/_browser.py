@@ -122,12 +122,11 @@ def snapshot(state: ServerState, metrics: DeviceMetrics, phases: PhaseStats) -> 
 
 
 def install_browser(app: FastAPI, settings: ServerSettings) -> None:
-    """CORS always (when configured); with ``settings.app`` the page, the dashboard and the phase totals."""
-    from .routers import dashboard, device_metrics, webapp
-
+    """The state the browser routers read (device metrics; with ``settings.app`` the JS package and the phase
+    totals) and CORS when configured; the app includes the routers (``device_metrics``, ``webapp``,
+    ``dashboard``)."""
     app.state.device_metrics = DeviceMetrics()
     app.state.phases = PhaseStats()
-    app.include_router(device_metrics.router)
     if settings.app:
         app.state.js_package = check_js_package()
         phases: PhaseStats = app.state.phases
@@ -140,6 +139,4 @@ def install_browser(app: FastAPI, settings: ServerSettings) -> None:
                 phases.add(header)
             return response
 
-        app.include_router(webapp.router)
-        app.include_router(dashboard.router)
     install_cors(app, settings)

@@ -39,9 +39,9 @@ from splitexport.protocol import ErrorCode, ServerReply
 from splitexport.strategies import STRATEGIES, Strategy, make_strategy
 
 from ._errors import APIError
+from ._faults import fault
 from ._scheduler import GradDecoder, Host
 from ._session import Session
-from ._state import fault
 from ._store import LogEvent, StateError, StepRecord, pack
 
 if TYPE_CHECKING:

@@ -17,12 +17,11 @@ import logging
 import math
 import os
 import secrets
-import signal
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +31,10 @@ from splitexport import Bundle, TorchSegment, UnsafeUpdate, load_bundle
 from splitexport.protocol import ErrorCode, ServerReply
 
 from ._errors import APIError
+from ._faults import fault
 from ._metrics import Metrics
 from ._ratelimit import FailureLimiter
+from ._rounds import RoundHost, build_strategy
 from ._scheduler import BExecutor, LeaseScheduler, SessionSteps, StepScheduler
 from ._session import Cached, ExactlyOnce, Session
 from ._settings import ServerSettings
@@ -41,25 +42,8 @@ from ._store import FORMAT, LogEvent, StateError, StepRecord, Store, unpack
 from ._timing import timed
 from ._wire import encode, encode_exact, encode_reply, float_tensor, label_tensor
 
-if TYPE_CHECKING:
-    from ._rounds import RoundHost
-
 __all__ = ["ServerState", "Session", "StateError", "storage_error"]
 log = logging.getLogger("splitexport.server")
-
-FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot", "after_snapshot",
-                "after_round_end")
-
-
-def fault(point: str, applied_steps: int) -> None:
-    """Test-only crash injection: ``SPLITEXPORT_FAULT=<point>:<n>`` SIGKILLs the server the first time it
-    reaches ``point`` (one of :data:`FAULT_POINTS`) at or after its ``n``-th applied step."""
-    spec = os.environ.get("SPLITEXPORT_FAULT")
-    if spec:
-        name, _, n = spec.partition(":")
-        if name == point and applied_steps >= int(n or 0):
-            os.kill(os.getpid(), signal.SIGKILL)
-
 
 def _thread_count() -> int:
     """The process's threads, native ones included (torch's, SQLite's): ``/proc/self/task`` where there is one."""
@@ -134,8 +118,6 @@ class ServerState:
         self.rounds: RoundHost | None = None
         """The multi-client strategy layer (``--strategy``); None: per-device sequential steps."""
         if settings.strategy is not None:
-            from ._rounds import RoundHost, build_strategy
-
             self.rounds = RoundHost(self, build_strategy(self))
         self.scheduler: StepScheduler
         """Global iterations: the barriers; otherwise B's lease, with "no strategy" or SSL as its steps."""

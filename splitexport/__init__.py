@@ -8,7 +8,6 @@ harness's data and figures); the harnesses are :mod:`splitexport.simulation`.
 """
 
 from ._bundle import Bundle, deploy_bundle, load_bundle, write_bundle
-from ._data import Dataset, load_dataset
 from ._errors import (
     BundleError,
     BundleIntegrityError,
@@ -38,6 +37,7 @@ from ._trainer import (
 )
 from ._update_rule import EXACT_RULE, AuxLossRule, aux_loss, aux_target, label_loss
 from ._version import __version__ as __version__
+from .simulation.data import Dataset, load_dataset
 
 __all__ = [
     "EXACT_RULE",

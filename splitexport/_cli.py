@@ -134,10 +134,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_partition(args: argparse.Namespace) -> None:
     from ._bundle import write_bundle
-    from ._datafiles import given_preprocess, parse_preprocess, preprocess_for
     from ._loading import load_model
     from ._manifest import SourceSpec
     from ._partition import partition
+    from .simulation.datafiles import given_preprocess, parse_preprocess, preprocess_for
 
     if args.target is not None and args.data is None:
         raise SplitExportError("--target needs --data PATH (a CSV)")
@@ -218,15 +218,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def _plan_data(args: argparse.Namespace, module: Any, example: Any, tmp: str) -> Any:
     """--data (prepared and checked against the model, via a throw-away bundle) or the built-in dataset."""
     if args.data is None:
-        from ._data import load_dataset
+        from .simulation.data import load_dataset
 
         return load_dataset(args.dataset)
     import tempfile
 
     from ._bundle import write_bundle
-    from ._datafiles import resolve_data
     from ._manifest import SourceSpec
     from ._partition import list_cut_points, partition
+    from .simulation.datafiles import resolve_data
 
     part = partition(module, [list_cut_points(module, example)[0].name], example)
     with tempfile.TemporaryDirectory(dir=tmp) as d:
@@ -260,8 +260,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 def _simulate_clients(args: argparse.Namespace, bundle: Bundle) -> None:
     """``simulate --clients N --strategy S``: multi-client split learning in process."""
-    from ._datafiles import resolve_data
     from .simulation import simulate_clients, write_results
+    from .simulation.datafiles import resolve_data
 
     data = resolve_data(args.dataset, bundle.manifest, data=args.data, target=args.target)
 

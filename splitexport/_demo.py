@@ -254,8 +254,8 @@ def _train_over_http(url: str, token: str, assets: Path, epochs: int, seed: int,
     from device_runtime import OrtRunner, ServerClient, build_split_model
 
     from ._bundle import load_bundle
-    from ._data import load_dataset
     from ._trainer import fit
+    from .simulation.data import load_dataset
 
     deployed = load_bundle(assets)
     client = ServerClient(url, token)
@@ -292,8 +292,8 @@ def _server_weights(bundle: Path, state_dir: Path) -> dict[str, torch.Tensor]:
 def _train_monolithic(bundle_path: Path, epochs: int, seed: int, progress: bool,
                       log: Callable[[str], None]) -> tuple[Any, dict[str, torch.Tensor]]:
     from ._bundle import load_bundle
-    from ._data import load_dataset
     from ._trainer import MonolithicModel, compose, fit, named_state
+    from .simulation.data import load_dataset
 
     bundle = load_bundle(bundle_path)
     seq = compose([bundle.torch_segment(s.name) for s in bundle.manifest.segments])

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ._data import Dataset, batch_indices
 from ._manifest import OptimizerSpec
 from ._torch_segment import TorchSegment, eager_execution
 from ._update_rule import EXACT_RULE, AuxLossRule, LossKind, label_loss
 
 if TYPE_CHECKING:
     from .defence import Defence
+    from .simulation.data import Dataset
 
 
 class SegmentRunner(Protocol):
@@ -175,6 +175,9 @@ def fit(
 
     ``data`` may be a map-style torch Dataset of ``(x, y)``: split 75/25 (seeded, stratified) and used as is.
     """
+    # imported here: the simulation package (which holds the data) imports this module at import time
+    from .simulation.data import Dataset, batch_indices
+
     if not isinstance(data, Dataset):
         data = Dataset.from_torch(data, task="regression" if loss == "mse" else "classification")
     history = History(name)

@@ -15,17 +15,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("splitexport", "server", "device_runtime")
 
-KNOWN_LAZY_CYCLES = {
-    frozenset({"splitexport._data", "splitexport._datafiles"}),
-    frozenset({"server._rounds", "server._state"}),
-    frozenset({"server._browser", "server.routers.dashboard", "server.routers.webapp"}),
-    frozenset({"splitexport.export._keras_layers", "splitexport.export.ops.conv", "splitexport.export.ops.dropout"}),
-}
-"""Cycles closed only by imports inside functions (harmless at import time), in modules other work was
-reshaping when this test was written; the test fails on any other cycle and once one of these is gone, so the
-list only shrinks."""
-
-
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -119,9 +108,7 @@ def test_no_import_cycle_at_import_time() -> None:
 
 def test_no_import_cycle_through_imports_in_functions_either() -> None:
     graph = {m: imported(m, in_functions=True) for m in MODULES}
-    found = set(cycles(graph))
-    assert found - KNOWN_LAZY_CYCLES == set(), "a new import cycle"
-    assert KNOWN_LAZY_CYCLES - found == set(), "a known cycle is gone: drop it from KNOWN_LAZY_CYCLES"
+    assert cycles(graph) == []
 
 
 def test_the_cycle_finder_finds_a_lazy_cycle() -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
+from .ops._tfshared import effective_kernel, uniform
+
 __all__ = ["CUSTOM_LAYERS", "GroupNorm", "SeededDropout", "TorchActivation", "TorchConv2D", "TorchReduce"]
 
 _C = math.sqrt(2.0 / math.pi)
@@ -108,8 +110,6 @@ class SeededDropout(tf_keras.layers.Layer):  # type: ignore[misc]
         super().build(input_shape)
 
     def call(self, inputs: Any, training: Any = None) -> Any:
-        from .ops.dropout import uniform
-
         if not training or self.rate == 0:
             return inputs
         keep = tf.cast(uniform(inputs, self.seed) >= self.rate, inputs.dtype) * (1.0 / (1.0 - self.rate))
@@ -159,8 +159,6 @@ class TorchConv2D(tf_keras.layers.Layer):  # type: ignore[misc]
         super().build(input_shape)
 
     def call(self, inputs: Any) -> Any:
-        from .ops.conv import effective_kernel
-
         k = effective_kernel(self.kernel, self._attrs(), self.depthwise)
         strides = [1, *self.strides, 1]
         if self.depthwise:

@@ -23,8 +23,6 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from .._bundle import Bundle
-from .._data import Dataset, batch_indices
-from .._datafiles import resolve_data
 from .._errors import SplitExportError
 from .._manifest import OptimizerSpec
 from .._torch_segment import TorchSegment, eager_execution
@@ -41,6 +39,8 @@ from ..strategies import (
     hyperparameter_fields,
 )
 from .client_data import PartitionKind, partition_indices
+from .data import Dataset, batch_indices
+from .datafiles import resolve_data
 from .metrics import C3_TEMPERATURE, TRAIN_FLOPS_FACTOR, Ledger, Usage, c3_score, forward_flops
 
 __all__ = ["C3_TEMPERATURE", "MultiClientResult", "RoundMetrics", "ServerLink", "Usage", "c3_score",

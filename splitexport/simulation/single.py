@@ -12,13 +12,13 @@ import torch
 
 from .. import _trainer
 from .._bundle import Bundle
-from .._data import Dataset
-from .._datafiles import resolve_data
 from .._errors import SplitExportError
 from .._manifest import OptimizerSpec, SegmentSpec
 from .._torch_segment import TorchSegment
 from .._trainer import History, MonolithicModel, SegmentRunner, SplitModel, compose, fit
 from ..defence import defence_for
+from .data import Dataset
+from .datafiles import resolve_data
 from .plots import plot_histories
 
 RunnerFactory = Callable[[Bundle, SegmentSpec, OptimizerSpec, int], SegmentRunner]

@@ -2,7 +2,7 @@
 
 ``python -m tests.device_runtime.js_data_fixture OUT`` writes each case's data file and bundle under OUT and
 ``OUT/fixture.json``: per case the file, the bundle's manifest.json, the CSV target, and what
-``splitexport._datafiles.load_data`` (the path simulate and the Python device take) makes of the file: the
+``splitexport.simulation.datafiles.load_data`` (the path simulate and the Python device take) makes of the file: the
 train and test rows together (base64 float32 or int32, row-major), their labels and the shape.
 """
 
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from splitexport import LossSpec, SourceSpec, load_bundle, partition, write_bundle
-from splitexport._datafiles import given_preprocess, load_data, parse_preprocess, preprocess_for
 from splitexport.models import MLP
+from splitexport.simulation.datafiles import given_preprocess, load_data, parse_preprocess, preprocess_for
 
 SRC = SourceSpec(file_name="m.pt", sha256="0" * 64, kind="state_dict")
 

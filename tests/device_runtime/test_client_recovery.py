@@ -25,8 +25,8 @@ from splitexport import (
     max_abs_difference,
     torch_split_model,
 )
-from splitexport._data import batch_indices
 from splitexport.protocol import ErrorCode
+from splitexport.simulation.data import batch_indices
 from tests._support import TOKEN, ServerProcess, make_bundle, threaded_server
 
 

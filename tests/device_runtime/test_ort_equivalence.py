@@ -32,9 +32,9 @@ from splitexport import (
     partition,
     write_bundle,
 )
-from splitexport._data import batch_indices
 from splitexport.export import DeviceOptimizer, export_onnx, export_segment_onnx
 from splitexport.models import mlp, resnet_cnn
+from splitexport.simulation.data import batch_indices
 
 STEPS = 50
 TOL = 1e-5

@@ -18,8 +18,8 @@ from PIL import Image
 from device_runtime._train import main as device_main
 from splitexport import MonolithicModel, compose, load_bundle
 from splitexport._cli import main as cli
-from splitexport._datafiles import load_data
 from splitexport._trainer import fit
+from splitexport.simulation.datafiles import load_data
 from tests._support import TOKEN, threaded_server
 from tests.splitexport.test_data import bundle, write_csv, write_digit_folder
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load, save
 
 from splitexport import OptimizerSpec, load_bundle, max_abs_difference, torch_split_model
-from splitexport._data import batch_indices
+from splitexport.simulation.data import batch_indices
 from tests._support import TOKEN, make_bundle, threaded_server
 
 STEPS = 12

@@ -10,7 +10,7 @@ import torch
 
 from device_runtime import RemoteSegment, ServerClient
 from splitexport import SplitModel, TorchSegment, fit, load_bundle, max_abs_difference, torch_split_model
-from splitexport._data import batch_indices
+from splitexport.simulation.data import batch_indices
 from tests._support import TOKEN, ServerProcess, threaded_server
 
 

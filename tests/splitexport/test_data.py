@@ -14,10 +14,10 @@ from sklearn.datasets import load_digits
 
 from splitexport import LossSpec, MonolithicModel, OptimizerSpec, SourceSpec, load_bundle, partition, write_bundle
 from splitexport._cli import main
-from splitexport._data import Dataset
-from splitexport._datafiles import apply_preprocess, load_data, preprocess_for
 from splitexport._trainer import fit
 from splitexport.models import MLP
+from splitexport.simulation.data import Dataset
+from splitexport.simulation.datafiles import apply_preprocess, load_data, preprocess_for
 
 SRC = SourceSpec(file_name="m.pt", sha256="0" * 64, kind="state_dict")
 

@@ -18,8 +18,8 @@ from splitexport import (
     partition,
     torch_split_model,
 )
-from splitexport._data import batch_indices
 from splitexport.models import mlp, resnet_cnn
+from splitexport.simulation.data import batch_indices
 from tests.tf_reference import max_diff, max_diff_where, max_rel_diff
 
 STEPS = 50

@@ -310,7 +310,7 @@ export async function loadData(bytes, manifest, options) {
   for (const [a, b, what] of [[x, y, 'x'], [xTest, yTest, 'x_test']]) {
     if (a && a.shape[0] !== b.shape[0]) fail(`${name}: ${what} has ${a.shape[0]} samples but its labels ${b.shape[0]}`);
   }
-  // the same checks, in the same order, as splitexport._datafiles
+  // the same checks, in the same order, as splitexport.simulation.datafiles
   for (const [a, what] of [[x, 'x'], [y, 'y'], [xTest, 'x_test'], [yTest, 'y_test']]) {
     if (a && !isInt(a) && Array.prototype.some.call(a.data, (v) => !Number.isFinite(v))) {
       const per = a.shape.slice(1).reduce((p, d) => p * d, 1);

@@ -100,7 +100,7 @@ export class TorchReduce extends tf.layers.Layer {
 }
 TorchReduce.className = 'TorchReduce';
 
-// Constants of the dropout mask hash (splitexport/export/ops/dropout.py HASH).
+// Constants of the dropout mask hash (splitexport/export/ops/_tfshared.py HASH).
 const [MA, MB, MS, KA, KB, KS, SCALE] = [251, 241, 1009, 12.9898, 78.233, 37.719, 43758.5453];
 const fmod = (v, m) => tf.sub(v, tf.mul(tf.floor(tf.div(v, m)), m));
 

@@ -1,6 +1,6 @@
 // The JS data loader (src/data.js): .npy/.npz parsed in plain JS, CSV with a target column, the manifest's
 // preprocessing, and every bad-data case. The parity test reads the same files as Python's
-// splitexport._datafiles.load_data (what simulate and the Python device use; fixture written by
+// splitexport.simulation.datafiles.load_data (what simulate and the Python device use; fixture written by
 // tests/device_runtime/js_data_fixture.py with $SPLITEXPORT_PYTHON, default <repo>/.venv/bin/python) and needs
 // the same rows bit for bit; it is skipped when that Python is missing.
 import { test } from 'node:test';

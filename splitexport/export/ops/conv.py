@@ -18,6 +18,7 @@ import numpy as np
 
 from ..._errors import ExportError
 from ._registry import KerasContext, LayerKind, OpSpec, decomposed, native, register, tf
+from ._tfshared import effective_kernel, group_mask
 
 if TYPE_CHECKING:
     from .._layergraph import Layer, _Builder, _Node
@@ -100,35 +101,6 @@ def _custom(a: dict[str, Any]) -> bool:
     return tuple(a.get("dilation", (1, 1))) != (1, 1) or a.get("groups", 1) not in (1, a["in_channels"])
 
 
-def effective_kernel(kernel: Any, a: dict[str, Any], depthwise: bool) -> Any:
-    """The dense (or depthwise) kernel a plain stride-only convolution runs with, from the trained ``kernel``.
-
-    Grouped (``kh, kw, cin / groups, cout``, Keras' grouped layout): tiled to ``cin`` input channels and
-    masked to the block diagonal of the groups. Dilated: ``d - 1`` zeros between the taps of each spatial
-    axis. Only pad / reshape / slice / tile / mul, so every runtime differentiates it.
-    """
-    k = kernel
-    groups, cin, cout = a.get("groups", 1), a["in_channels"], a["out_channels"]
-    if not depthwise and groups > 1:
-        k = tf.tile(k, [1, 1, groups, 1]) * tf.constant(_group_mask(cin, cout, groups))
-    dh, dw = a.get("dilation", (1, 1))
-    kh, kw = a["kernel"]
-    if dh > 1:
-        k = tf.pad(tf.expand_dims(k, 1), [[0, 0], [0, dh - 1], [0, 0], [0, 0], [0, 0]])
-        k = tf.reshape(k, [kh * dh, *[int(v) for v in k.shape[2:]]])[: dh * (kh - 1) + 1]
-    if dw > 1:
-        k = tf.pad(tf.expand_dims(k, 2), [[0, 0], [0, 0], [0, dw - 1], [0, 0], [0, 0]])
-        k = tf.reshape(k, [int(k.shape[0]), kw * dw, *[int(v) for v in k.shape[3:]]])[:, : dw * (kw - 1) + 1]
-    return k
-
-
-def _group_mask(cin: int, cout: int, groups: int) -> np.ndarray:
-    """mask[ci, co] = 1 where input channel ci and output channel co are in the same group."""
-    ci = np.arange(cin)[:, None] // (cin // groups)
-    co = np.arange(cout)[None, :] // (cout // groups)
-    return (ci == co).astype(np.float32)
-
-
 def _kernel_grad(full: Any, a: dict[str, Any], depthwise: bool) -> Any:
     """Pull the effective kernel's gradient back to the trained kernel (the transpose of :func:`effective_kernel`)."""
     dh, dw = a.get("dilation", (1, 1))
@@ -136,7 +108,7 @@ def _kernel_grad(full: Any, a: dict[str, Any], depthwise: bool) -> Any:
     groups, cin, cout = a.get("groups", 1), a["in_channels"], a["out_channels"]
     if not depthwise and groups > 1:
         kh, kw = a["kernel"]
-        g = g * tf.constant(_group_mask(cin, cout, groups))
+        g = g * tf.constant(group_mask(cin, cout, groups))
         g = tf.reduce_sum(tf.reshape(g, [kh, kw, groups, cin // groups, cout]), axis=2)
     return g
 

@@ -17,33 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._registry import KerasContext, LayerKind, OpSpec, decomposed, native, register, tf
+from ._tfshared import uniform
 
 if TYPE_CHECKING:
     from .._layergraph import Layer, _Builder, _Node
     from .._tfops import TfSegment, _Cache
-
-HASH = (251.0, 241.0, 1009.0, 12.9898, 78.233, 37.719, 43758.5453)
-"""Constants of the mask hash u = fract(sin(a*12.9898 + b*78.233 + s*37.719) * 43758.5453) with
-a = i mod 251, b = floor(i / 251) mod 241, s = seed mod 1009 (i: flat element index); the
-same in ``_keras_layers.SeededDropout`` and ``device_runtime/js/src/layers.js``."""
-
-
-def uniform(x: Any, seed: Any) -> Any:
-    """Pseudo-random numbers in [0, 1) of ``x``'s shape, from ``seed`` (a float tensor of shape [1])."""
-    ma, mb, ms, ka, kb, ks, scale = HASH
-    per_sample = [int(d) for d in x.shape[1:]]
-    numel = int(np.prod(per_sample))
-    # flat element index = sample * numel + index within the sample (static shapes but the batch)
-    within = tf.constant(np.arange(numel, dtype=np.float32).reshape([1, *per_sample]))
-    sample = tf.reshape(tf.cast(tf.range(tf.shape(x)[0]), tf.float32), [-1] + [1] * len(per_sample))
-    i = within + sample * float(numel)
-    a = i - tf.floor(i / ma) * ma
-    q = tf.floor(i / ma)
-    b = q - tf.floor(q / mb) * mb
-    s = seed - tf.floor(seed / ms) * ms
-    v = tf.sin(a * ka + b * kb + s * ks) * scale
-    return v - tf.floor(v)
-
 
 def _build(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
     lyr = b.add(node, "dropout", [x], x.shape, rate=float(m.p))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from splitexport import OptimizerSpec, SplitModel, TorchSegment, load_dataset
-from splitexport._data import batch_indices
 from splitexport.simulation import partition_indices, simulate_clients
+from splitexport.simulation.data import batch_indices
 from splitexport.strategies import SSL, StrategyConfig
 
 from .conftest import server_segment
