@@ -36,7 +36,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--smoke", action="store_true", help="20 steps, 10 rows: seconds, for CI")
     args = p.parse_args()
+    if args.smoke:
+        args.steps, args.top = 20, 10
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp())
     bundle = make_bundle(root, "mlp")

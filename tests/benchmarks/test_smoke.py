@@ -26,6 +26,7 @@ SCRIPTS = {
     "privacy_leakage.py": "| mlp, untrained | fc1 |",
     "bench_replicas.py": "| 2 | [4, 4] |",
     "zoo_table.py": "| zoo model (`tests/zoo.py`) |",
+    "profile_event_loop.py": "event-loop thread CPU per step, profiled",
 }
 
 
