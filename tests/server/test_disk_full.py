@@ -60,18 +60,29 @@ def _same(a: dict, b: dict) -> bool:  # type: ignore[type-arg]
             and len(a["opt"]) == len(b["opt"]) and all(torch.equal(x[1], y[1]) for x, y in zip(a["opt"], b["opt"])))
 
 
+def _bodies() -> tuple[bytes, bytes]:
+    """A forward body and a backward body for the MLP's middle segment (64 features, batch 8)."""
+    rng = np.random.default_rng(0)
+    return (save({"activation": rng.standard_normal((8, 64)).astype(np.float32)}),
+            save({"grad": np.full((8, 64), 1e-2, dtype=np.float32)}))
+
+
+def _stepped(url: str, steps: int) -> tuple[str, int, str]:
+    """A session that took ``steps`` steps (its id and next step) and a second, fresh session."""
+    remote = RemoteSegment(ServerClient(url, TOKEN))
+    for _ in range(steps):
+        remote.forward(torch.randn(8, 64))
+        remote.train_with_gradient(torch.full((8, 64), 1e-2))
+    other = httpx.post(f"{url}/v1/sessions", headers=ST).json()["session_id"]
+    assert remote.session_id is not None
+    return remote.session_id, remote.step, other
+
+
 def test_full_disk_answers_507_and_changes_nothing(mlp_bundle: Path, small_disk: Path) -> None:
     state_dir = small_disk / "state"
-    rng = np.random.default_rng(0)
-    x = save({"activation": rng.standard_normal((8, 64)).astype(np.float32)})
-    g = save({"grad": np.full((8, 64), 1e-2, dtype=np.float32)})
+    x, g = _bodies()
     with threaded_server(mlp_bundle, state_dir, checkpoint_every=3) as (url, state):
-        remote = RemoteSegment(ServerClient(url, TOKEN))
-        for _ in range(4):
-            remote.forward(torch.randn(8, 64))
-            remote.train_with_gradient(torch.full((8, 64), 1e-2))
-        other = httpx.post(f"{url}/v1/sessions", headers=ST).json()["session_id"]
-        sid, n = remote.session_id, remote.step
+        sid, n, other = _stepped(url, 4)
         filler = _fill(small_disk)
         before = _snapshot(state)
         assert httpx.post(f"{url}/v1/sessions/{sid}/steps/{n}/forward", content=x, headers=ST).status_code == 200
@@ -100,16 +111,9 @@ def test_a_removed_state_directory_answers_503_and_changes_nothing(mlp_bundle: P
     503 storage_unavailable with Retry-After, nothing changes, B's lease is released; with the directory back the
     same step goes through, and a restart finds every acknowledged step."""
     state_dir, away = tmp_path / "state", tmp_path / "moved"
-    rng = np.random.default_rng(0)
-    x = save({"activation": rng.standard_normal((8, 64)).astype(np.float32)})
-    g = save({"grad": np.full((8, 64), 1e-2, dtype=np.float32)})
+    x, g = _bodies()
     with threaded_server(mlp_bundle, state_dir) as (url, state):
-        remote = RemoteSegment(ServerClient(url, TOKEN))
-        for _ in range(2):
-            remote.forward(torch.randn(8, 64))
-            remote.train_with_gradient(torch.full((8, 64), 1e-2))
-        other = httpx.post(f"{url}/v1/sessions", headers=ST).json()["session_id"]
-        sid, n = remote.session_id, remote.step
+        sid, n, other = _stepped(url, 2)
         before = _snapshot(state)
         state_dir.rename(away)
         assert httpx.post(f"{url}/v1/sessions/{sid}/steps/{n}/forward", content=x, headers=ST).status_code == 200
