@@ -16,6 +16,7 @@ from ._openapi import install_openapi
 from ._replicas import Replicas
 from ._settings import ServerSettings
 from ._state import ServerState
+from ._tensor_calls import TensorCalls
 from .routers import artifacts, dashboard, device_metrics, health, rounds, sessions, webapp
 
 
@@ -68,6 +69,7 @@ def create_app(settings: ServerSettings, replicas: Replicas | None = None) -> Fa
                   description="Trains the server segment of a split bundle. See docs/protocol.md.")
     app.state.server = state
 
+    app.add_middleware(TensorCalls)  # innermost: the training calls skip FastAPI's routing, not the middlewares
     app.add_middleware(CountRequests, counters=state.counters)
 
     install_error_handlers(app)

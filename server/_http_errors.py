@@ -30,14 +30,19 @@ def _envelope(status: int, code: str, message: str, headers: dict[str, str] | No
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def api_error_response(exc: APIError) -> JSONResponse:
+    """The envelope of an :class:`APIError`, with ``Retry-After`` on 503 (or when the error names one)."""
+    retry_after = exc.details.get("retry_after_s", 1 if exc.status == 503 else None)
+    headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after is not None else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every failure with the envelope: API errors, validation, 404/405, and 500 for crashes."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        retry_after = exc.details.get("retry_after_s", 1 if exc.status == 503 else None)
-        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after is not None else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
