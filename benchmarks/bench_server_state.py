@@ -19,7 +19,9 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
   were logged).
 * **server CPU per step minus B**: the server process's CPU seconds (``/proc/PID/stat``, 10 ms ticks:
   use enough steps) per step, minus B's CPU time per step measured here in process with one thread,
-  interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn;
+  interleaved in blocks with the HTTP steps (same B, same thread count), for mlp and resnet_cnn; and minus
+  B's CPU per step with the idle gaps B's thread has in the server (half the HTTP step's wall time after the
+  forward and after the step: the same compute costs more CPU on a cooled core than back to back);
   ``--compare DIR`` runs a second server from another checkout in the same blocks (before/after).
 * **the non-finite check**: B's step in this process with and without ``TorchSegment.try_staged`` (the
   server's refusal of updates that would make a weight or optimizer state non-finite), alternating.
@@ -144,8 +146,11 @@ def bench_sessions(root: Path, steps: int, sessions: int, blocks: int) -> dict[s
             "ratio": b / a, "open_ms_per_session": opened / max(sessions - 1, 1) * 1e3}
 
 
-def b_compute_s(bundle: Path, x: np.ndarray, g: np.ndarray, steps: int) -> float:
-    """B's forward + aux-loss step in this process (one thread): CPU seconds per step (median)."""
+def b_compute_s(bundle: Path, x: np.ndarray, g: np.ndarray, steps: int, gap_s: float = 0.0) -> float:
+    """B's forward + aux-loss step in this process (one thread): CPU seconds per step (median).
+
+    ``gap_s``: idle time after the forward and after the step, as B's thread has in the server between a device's
+    calls (the caches and the core cool down: the same compute costs more CPU than back to back)."""
     b = load_bundle(bundle)
     spec = next(s for s in b.manifest.segments if s.role == "server")
     seg = TorchSegment(b.torch_segment(spec.name), b.manifest.optimizer, loss=b.manifest.loss.kind)
@@ -154,8 +159,14 @@ def b_compute_s(bundle: Path, x: np.ndarray, g: np.ndarray, steps: int) -> float
     for _ in range(steps):
         t0 = time.process_time()
         seg.forward(xt)
+        if gap_s:
+            t1 = time.process_time()
+            time.sleep(gap_s)
+            t0 += time.process_time() - t1
         seg.train_with_gradient(gt)
         times.append(time.process_time() - t0)
+        if gap_s:
+            time.sleep(gap_s)
     return statistics.median(times)
 
 
@@ -233,21 +244,25 @@ def bench_cpu(root: Path, model: str, steps: int, blocks: int, compare: Path | N
             d.run(10)
         cpu: dict[str, list[float]] = {k: [] for k in servers}
         loop: list[float] = []
-        b = []
+        b, b_gapped, wall = [], [], []
         for _ in range(blocks):
             for k, server in servers.items():
                 c0, l0 = server.cpu_s(), loop_thread_cpu_s(server.pid)
-                devices[k].run(steps)
+                times = devices[k].run(steps)
                 cpu[k].append((server.cpu_s() - c0) / steps)
                 if k == "this":
                     loop.append((loop_thread_cpu_s(server.pid) - l0) / steps)
+                    wall.append(statistics.median(times))
             b.append(b_compute_s(bundle, devices["this"].x, devices["this"].g, steps))
+            b_gapped.append(b_compute_s(bundle, devices["this"].x, devices["this"].g, steps, gap_s=wall[-1] / 2))
     finally:
         for server in servers.values():
             server.stop()
-    server_cpu, b_cpu = statistics.median(cpu["this"]), statistics.median(b)
+    server_cpu, b_cpu, b_gap = statistics.median(cpu["this"]), statistics.median(b), statistics.median(b_gapped)
     out = {"model": model, "serve_args": list(serve_args), "server_cpu_ms_per_step": server_cpu * 1e3, "b_ms_per_step": b_cpu * 1e3,
-           "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3, "loop_thread_ms_per_step": statistics.median(loop) * 1e3}
+           "overhead_ms_per_step": (server_cpu - b_cpu) * 1e3, "loop_thread_ms_per_step": statistics.median(loop) * 1e3,
+           "step_wall_ms": statistics.median(wall) * 1e3, "b_gapped_ms_per_step": b_gap * 1e3,
+           "overhead_vs_gapped_ms_per_step": (server_cpu - b_gap) * 1e3}
     if compare is not None:
         other = statistics.median(cpu["compared"])
         out.update(compared_tree=str(compare), compared_server_cpu_ms_per_step=other * 1e3,
@@ -434,7 +449,9 @@ def main() -> None:
     for r in result.get("cpu", []):
         print(f"{r['model']}: server CPU {r['server_cpu_ms_per_step']:.2f} ms/step (event-loop thread "
               f"{r['loop_thread_ms_per_step']:.2f}), B {r['b_ms_per_step']:.2f} ms, overhead "
-              f"{r['overhead_ms_per_step']:.2f} ms/step")
+              f"{r['overhead_ms_per_step']:.2f} ms/step; B with the server's idle gaps ({r['step_wall_ms'] / 2:.2f} ms "
+              f"after each half) {r['b_gapped_ms_per_step']:.2f} ms, overhead {r['overhead_vs_gapped_ms_per_step']:.2f} "
+              "ms/step")
         if "compared_tree" in r:
             print(f"  {r['compared_tree']}: server CPU {r['compared_server_cpu_ms_per_step']:.2f} ms/step, overhead "
                   f"{r['compared_overhead_ms_per_step']:.2f} ms/step (same blocks, same B)")

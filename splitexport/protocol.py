@@ -252,7 +252,7 @@ def encode(tensors: Mapping[str, np.ndarray], float_dtype: type | None = None) -
     arrays = {}
     for name, a in tensors.items():
         if float_dtype is not None and np.issubdtype(a.dtype, np.floating):
-            a = a.astype(float_dtype)
+            a = a.astype(float_dtype, copy=False)
         arrays[name] = np.ascontiguousarray(a)  # safetensors writes the raw buffer
     return save(arrays)
 
