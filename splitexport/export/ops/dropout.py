@@ -49,8 +49,10 @@ def _backward(seg: TfSegment, lyr: Layer, c: _Cache, g: Any, wgrads: dict[str, A
     return [g * c.extra["mask"]]
 
 
-def _after_step(seg: TfSegment, lyr: Layer) -> None:
-    seg.vars[f"{lyr.name}/seed"].assign_add([1.0])
+def advance_seed(seg: TfSegment, lyr: Layer) -> None:
+    """After a training step: the layer's masks move on (layers without a ``seed`` have no dropout)."""
+    if "seed" in lyr.weights:
+        seg.vars[f"{lyr.name}/seed"].assign_add([1.0])
 
 
 register(
@@ -64,5 +66,5 @@ register(
         restrictions="trains in every device segment; not bit-comparable with torch (own mask stream)",
         build_module=_build, kinds=("dropout",),
     ),
-    LayerKind("dropout", _keras, _forward, _backward, after_step=_after_step),
+    LayerKind("dropout", _keras, _forward, _backward, after_step=advance_seed),
 )
