@@ -324,3 +324,38 @@ def test_attention_dropout_trains_and_converges_tflite_flex(role: str, tmp_path:
     print(f"\nattention dropout 0.1 in {role} (TFLite flex): cross-entropy {first:.3f} (first 10 steps) -> {last:.3f} "
           f"(last 10 of {CONVERGE_STEPS})")
     assert last < 0.7 * first, (first, last)
+
+
+def test_attention_dropout_tfjs(tmp_path: Path) -> None:
+    """The JS runtime on the exporter's TF.js artifacts (device_runtime/js/test/attention_dropout.test.js): with
+    dropout 0.3 the sent activation, the weights after each step and C's dL/d(input) equal the layer's math with
+    the masks of its seed (site k: seed * 4 + k), 3 steps (encoder A, encoder gelu norm_first C, attention A); with
+    dropout 0.1 A (a JS head playing the server) and C (encoder + mean + Linear) converge in 80 steps."""
+    import shutil
+    import subprocess
+
+    os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
+    pytest.importorskip("tensorflowjs")
+    from splitexport.export._layergraph import layer_graph
+    from splitexport.export._tfjs import write_tfjs
+    from tests.device_runtime.tfjs_fixtures import JS
+
+    node = shutil.which("node")
+    assert node, "node (>= 18) is required for the JS device runtime tests"
+    torch.manual_seed(0)
+    models: dict[str, tuple[nn.Module, bool, str, float]] = {
+        "mask_A": (DropEncoder(), False, "mse", 0.02),
+        "mask_C": (DropEncoder("gelu", True), True, "mse", 0.02),
+        "attention_A": (DropAttention(), False, "mse", 0.02),
+        "conv_A": (DropEncoder(p=0.1), False, "cross_entropy", 0.1),
+        "conv_C": (DropHead(), True, "cross_entropy", 0.1),
+    }
+    for name, (model, is_last, loss, lr) in models.items():
+        graph = layer_graph(fx.symbolic_trace(model), EMB)
+        write_tfjs(graph, tmp_path / name, is_last=is_last, loss=loss, optimizer={"name": "sgd", "lr": lr})
+    env = {**os.environ, "SPLITEXPORT_TFJS_DROPOUT_MODELS": str(tmp_path)}
+    proc = subprocess.run([node, "--test", "test/attention_dropout.test.js"], cwd=JS, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    print("\n" + "\n".join(line for line in proc.stdout.splitlines() if "cross-entropy" in line))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("\nok ") == 5 and "(exported)" in proc.stdout
