@@ -7,7 +7,8 @@ draws its mask from a hash of (element index, ``seed``), where ``seed`` is a non
 state variable of the layer (saved and restored with the weights): ``forward`` and ``train``
 use the current seed, and every training step advances it by one afterwards. Masks are
 Bernoulli(1 - p) per element, scaled by 1 / (1 - p) as torch does, but not torch's random
-stream: dropout runs are not bit-comparable with torch.
+stream: dropout runs are not bit-comparable with torch. The dropouts inside attention layers use
+the same hash and seed, one mask stream per site (:mod:`.attention`).
 """
 
 from __future__ import annotations
