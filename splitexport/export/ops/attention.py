@@ -9,18 +9,21 @@ weight (last, non-trainable) and ``attrs["dropout"]``, the rate of each dropout 
 weights (site 0); for the encoder layer also the feed-forward's ``dropout`` (1), ``dropout1`` (2)
 and ``dropout2`` (3). Site ``k`` draws its mask from the hash with seed ``seed * SITES + k``
 (:func:`._tfshared.site_dropout`), so the sites' masks differ; ``forward`` and ``train`` use the
-current seed and every training step advances it. Not bit-comparable with torch.
+current seed and every training step advances it. The seed starts at a value of the layer's
+qualified name (:func:`_first_seed`), so that stacked layers do not draw the same masks. Not
+bit-comparable with torch.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..._errors import ExportError
 from ._registry import LayerKind, OpSpec, native, refused, register
-from ._tfshared import SITES
+from ._tfshared import HASH, SITES
 from .dropout import advance_seed
 from .embedding import SERVER, forward_seq, keras_seq
 from .recurrent import _no_builtin_backward, _refusal, check_flags, check_sequence
@@ -38,12 +41,25 @@ def _heads(node: _Node, m: Any) -> int:
     return int(m.num_heads)
 
 
-def _dropout(lyr: Layer, rates: list[float]) -> None:
+def _first_seed(b: _Builder, node: _Node) -> float:
+    """The seed's start: CRC32 of the qualified name modulo the hash's seed period, moved on while a site's hash
+    seed would equal one of another attention layer of the segment at the same step (they all advance together)."""
+    period = int(HASH[2])
+    near = {d % period for d in range(1 - SITES, SITES)}
+    taken = [int(lyr.weights["seed"][0]) for lyr in b.layers.values()
+             if lyr.kind in ("attention", "encoder") and "seed" in lyr.weights]
+    seed = zlib.crc32(node.path.encode()) % period
+    while any(SITES * (seed - t) % period in near for t in taken):
+        seed = (seed + 1) % period
+    return float(seed)
+
+
+def _dropout(b: _Builder, node: _Node, lyr: Layer, rates: list[float]) -> None:
     """With any rate > 0: the rates per site (``attrs["dropout"]``) and the ``seed`` state, added last."""
     assert len(rates) <= SITES
     if any(rates):
         lyr.attrs["dropout"] = rates
-        lyr.weights["seed"] = np.zeros([1], np.float32)
+        lyr.weights["seed"] = np.array([_first_seed(b, node)], np.float32)
 
 
 def _params(b: _Builder, node: _Node, lyr: Layer, m: Any, prefix: str) -> None:
@@ -63,7 +79,7 @@ def _build_mha(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
     check_flags(node, (4, 6))  # TorchScript passes need_weights and average_attn_weights positionally
     lyr = b.add(node, "attention", [x], x.shape, heads=_heads(node, m))
     _params(b, node, lyr, m, "")
-    _dropout(lyr, [float(m.dropout)])
+    _dropout(b, node, lyr, [float(m.dropout)])
     b.tuple_output(node, lyr, "only the output of MultiheadAttention (attn(x, x, x)[0]) is supported, not the "
                               "attention weights")
 
@@ -84,7 +100,8 @@ def _build_encoder(b: _Builder, node: _Node, m: Any, x: Layer) -> None:
         for p in ("weight", "bias"):
             if getattr(getattr(m, sub), p, None) is not None:
                 b.param(node, lyr, f"{sub}_{p}", f"{sub}.{p}")
-    _dropout(lyr, [float(m.self_attn.dropout), *(float(getattr(m, sub).p) for sub in ("dropout", "dropout1", "dropout2"))])
+    _dropout(b, node, lyr, [float(m.self_attn.dropout),
+                            *(float(getattr(m, sub).p) for sub in ("dropout", "dropout1", "dropout2"))])
 
 
 _BUILTIN = refused(f"no builtin-ops backward pass for attention; use the flex variant or {SERVER}")

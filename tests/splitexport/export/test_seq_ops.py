@@ -203,6 +203,30 @@ def encoder_ref(layer: nn.TransformerEncoderLayer, x: torch.Tensor, masks: dict[
     return layer.norm2(x + ff(x))  # type: ignore[no-any-return]
 
 
+def test_stacked_attention_layers_draw_different_masks() -> None:
+    """Every attention layer of a segment starts its seed elsewhere (CRC32 of its name, moved on past the others),
+    so no two of their sites hash with the same seed at any step; the readers agree on it."""
+    from splitexport.export._layergraph import layer_graph
+    from splitexport.export.ops._tfshared import SITES
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e1, self.e2, self.e3, self.e4 = (nn.TransformerEncoderLayer(D, 2, 16, dropout=0.1, batch_first=True)
+                                                  for _ in range(4))
+            self.attn = nn.MultiheadAttention(D, 2, dropout=0.1, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.e4(self.e3(self.e2(self.e1(x))))
+            return self.attn(h, h, h, need_weights=False)[0]
+
+    graphs = [layer_graph(m, EMB) for m in (fx.symbolic_trace(Stack()), torch.jit.script(Stack()))]
+    seeds = [[int(lyr.weights["seed"][0]) for lyr in g.layers if "seed" in lyr.weights] for g in graphs]
+    assert seeds[0] == seeds[1] and len(seeds[0]) == 5
+    hashed = [(s * SITES + k) % 1009 for s in seeds[0] for k in range(SITES)]
+    assert len(set(hashed)) == len(hashed), seeds[0]
+
+
 DROP_CASES: dict[str, tuple[Callable[[], DropEncoder | DropAttention], bool]] = {
     "encoder_A": (DropEncoder, False),
     "encoder_gelu_nf_C": (lambda: DropEncoder("gelu", True), True),
@@ -231,14 +255,17 @@ def test_attention_dropout_trains_on_the_masks_it_sent(name: str, tflite_masks: 
         export_tflite_segment(fx.symbolic_trace(model), EMB, tmp_path / "b", is_last=is_last, loss="mse",
                               variants=("builtin",), batch_size=BATCH)
     seg = TfliteSegment.from_directory(tmp_path, variant="flex")
+    (seed_key,) = [k for k in seg.state() if k.endswith("/seed")]
+    first = int(seg.state()[seed_key][0])  # the layer's start (a function of its name)
     gen = torch.Generator().manual_seed(1)
     seen: list[dict[int, torch.Tensor]] = []
     for step in range(3):
+        assert seg.state()[seed_key][0] == first + step  # one advance per training step
         x = torch.randn(EMB, generator=gen)
         target = torch.randn(EMB, generator=gen)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in seg.parameters().items()})
         model.zero_grad()
-        masks = tflite_masks(step, model.sites)
+        masks = tflite_masks(first + step, model.sites)
         for site, mask in masks.items():
             keep = float((mask > 0).float().mean())
             assert abs(keep - (1 - P_DROP)) < 0.1, (site, keep)
