@@ -9,11 +9,13 @@ Only imported when exporting (imports TensorFlow).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from .ops._tfshared import site_dropout
 
 __all__ = ["add_positional", "attention", "encoder_layer", "gru", "keras_layer", "layer_norm", "linear", "lstm",
            "seq_backward", "seq_forward"]
@@ -89,14 +91,25 @@ def lstm(x: tf.Tensor, w: Mapping[str, tf.Tensor], hidden: int) -> tf.Tensor:
     return tf.stack(outs, axis=1)
 
 
-def attention(x: tf.Tensor, w: Mapping[str, tf.Tensor], heads: int, prefix: str = "") -> tf.Tensor:
-    """Self-attention of ``nn.MultiheadAttention(batch_first=True)``: ``attn(x, x, x)[0]`` without masks."""
+Dropout = Callable[[tf.Tensor, int], tf.Tensor]
+"""``drop(h, site)``: ``h`` after the layer's dropout at ``site`` (the identity in eval mode or at rate 0)."""
+
+
+def _no_dropout(h: tf.Tensor, site: int) -> tf.Tensor:
+    return h
+
+
+def attention(x: tf.Tensor, w: Mapping[str, tf.Tensor], heads: int, prefix: str = "",
+              drop: Dropout = _no_dropout) -> tf.Tensor:
+    """Self-attention of ``nn.MultiheadAttention(batch_first=True)``: ``attn(x, x, x)[0]`` without masks.
+
+    ``drop(., 0)`` is applied to the attention weights (torch's ``dropout``)."""
     t, e = int(x.shape[1]), int(x.shape[2])
     d = e // heads
     qkv = linear(x, w[f"{prefix}in_proj_weight"], w.get(f"{prefix}in_proj_bias"))
     q, k, v = (tf.transpose(tf.reshape(p, [-1, t, heads, d]), [0, 2, 1, 3]) for p in tf.split(qkv, 3, axis=2))
     scores = tf.matmul(q * (1.0 / math.sqrt(d)), k, transpose_b=True)
-    a = tf.nn.softmax(scores, axis=-1)
+    a = drop(tf.nn.softmax(scores, axis=-1), 0)
     o = tf.reshape(tf.transpose(tf.matmul(a, v), [0, 2, 1, 3]), [-1, t, e])
     return linear(o, w[f"{prefix}out_proj_weight"], w.get(f"{prefix}out_proj_bias"))
 
@@ -108,15 +121,16 @@ def _activation(x: tf.Tensor, kind: str) -> tf.Tensor:
 
 
 def encoder_layer(x: tf.Tensor, w: Mapping[str, tf.Tensor], *, heads: int, activation: str, norm_first: bool,
-                  eps: float) -> tf.Tensor:
-    """``nn.TransformerEncoderLayer(batch_first=True, dropout=0)`` without masks."""
+                  eps: float, drop: Dropout = _no_dropout) -> tf.Tensor:
+    """``nn.TransformerEncoderLayer(batch_first=True)`` without masks; dropout sites (``drop``): 0 the attention
+    weights, 1 the feed-forward's ``dropout``, 2 ``dropout1`` (attention branch), 3 ``dropout2`` (feed-forward)."""
 
     def sa(h: tf.Tensor) -> tf.Tensor:
-        return attention(h, w, heads, "self_attn_")
+        return drop(attention(h, w, heads, "self_attn_", drop), 2)
 
     def ff(h: tf.Tensor) -> tf.Tensor:
-        h = _activation(linear(h, w["linear1_weight"], w.get("linear1_bias")), activation)
-        return linear(h, w["linear2_weight"], w.get("linear2_bias"))
+        h = drop(_activation(linear(h, w["linear1_weight"], w.get("linear1_bias")), activation), 1)
+        return drop(linear(h, w["linear2_weight"], w.get("linear2_bias")), 3)
 
     def norm(h: tf.Tensor, i: int) -> tf.Tensor:
         return layer_norm(h, w.get(f"norm{i}_weight"), w.get(f"norm{i}_bias"), eps)
@@ -128,8 +142,18 @@ def encoder_layer(x: tf.Tensor, w: Mapping[str, tf.Tensor], *, heads: int, activ
     return norm(x + ff(x), 2)
 
 
-def seq_forward(kind: str, x: tf.Tensor, w: Mapping[str, tf.Tensor], attrs: Mapping[str, Any]) -> tf.Tensor:
-    """The forward pass of a sequence layer kind (see :mod:`.ops.embedding`, `.ops.recurrent`, `.ops.attention`)."""
+def _dropout(w: Mapping[str, tf.Tensor], attrs: Mapping[str, Any], training: bool) -> Dropout:
+    """The layer's dropout (rates per site in ``attrs["dropout"]``, masks from its ``seed``; see ``.ops.attention``)."""
+    rates = [float(r) for r in attrs.get("dropout", ())]
+    if not training or not any(rates):
+        return _no_dropout
+    return lambda h, site: site_dropout(h, rates[site], w["seed"], site)
+
+
+def seq_forward(kind: str, x: tf.Tensor, w: Mapping[str, tf.Tensor], attrs: Mapping[str, Any],
+                training: bool = False) -> tf.Tensor:
+    """The forward pass of a sequence layer kind (see :mod:`.ops.embedding`, `.ops.recurrent`, `.ops.attention`);
+    ``training``: with the layer's dropout (if any)."""
     if kind == "embedding":
         return tf.gather(w["embeddings"], tf.cast(x, tf.int32))
     if kind == "positional":
@@ -139,10 +163,11 @@ def seq_forward(kind: str, x: tf.Tensor, w: Mapping[str, tf.Tensor], attrs: Mapp
     if kind == "lstm":
         return lstm(x, w, int(attrs["hidden"]))
     if kind == "attention":
-        return attention(x, w, int(attrs["heads"]))
+        return attention(x, w, int(attrs["heads"]), drop=_dropout(w, attrs, training))
     if kind == "encoder":
         return encoder_layer(x, w, heads=int(attrs["heads"]), activation=str(attrs["activation"]),
-                             norm_first=bool(attrs["norm_first"]), eps=float(attrs["epsilon"]))
+                             norm_first=bool(attrs["norm_first"]), eps=float(attrs["epsilon"]),
+                             drop=_dropout(w, attrs, training))
     raise ValueError(f"unknown sequence layer kind {kind!r}")
 
 
@@ -182,12 +207,13 @@ def keras_layer(kind: str, name: str, weights: Mapping[str, np.ndarray], attrs: 
                 self.op, self.weight_names, self.weight_shapes, self.op_attrs = op, weight_names, weight_shapes, attrs
 
             def build(self, input_shape: Any) -> None:
-                self.ws = [self.add_weight(name=n, shape=tuple(s), initializer="zeros", trainable=True)
+                # a dropout seed (last) is state, not a trained weight
+                self.ws = [self.add_weight(name=n, shape=tuple(s), initializer="zeros", trainable=n != "seed")
                            for n, s in zip(self.weight_names, self.weight_shapes)]
                 super().build(input_shape)
 
-            def call(self, x: Any) -> Any:
-                return seq_forward(self.op, x, dict(zip(self.weight_names, self.ws)), self.op_attrs)
+            def call(self, x: Any, training: Any = None) -> Any:
+                return seq_forward(self.op, x, dict(zip(self.weight_names, self.ws)), self.op_attrs, bool(training))
 
             def get_config(self) -> dict[str, Any]:
                 return {**super().get_config(), "op": self.op, "weight_names": self.weight_names,

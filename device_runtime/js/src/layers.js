@@ -6,7 +6,10 @@
  * `SplitexportLayer` (sequence ops, twin of splitexport/export/_seqtf.py) computes one op chosen by
  * `config.op`: `positional` (x + table[:T]), `gru`, `lstm` (single layer, batch first, zero initial
  * state, every hidden state out), `attention` (nn.MultiheadAttention self-attention) and `encoder`
- * (nn.TransformerEncoderLayer, relu/gelu, norm_first either, no dropout); weights keep torch's layout.
+ * (nn.TransformerEncoderLayer, relu/gelu, norm_first either); weights keep torch's layout. Attention and
+ * encoder layers with dropout > 0 carry `attrs.dropout` (rate per site) and a non-trainable `seed` weight:
+ * site k draws its mask with seed `seed * SITES + k`, and the seed advances after every training step
+ * (splitexport/export/ops/attention.py).
  */
 import * as tf from '@tensorflow/tfjs';
 
@@ -115,6 +118,18 @@ export function seededUniform(x, seed) {
     return tf.sub(v, tf.floor(v));
   });
 }
+
+/** Dropout sites per layer (splitexport/export/ops/_tfshared.py SITES): site k uses the seed `seed * SITES + k`. */
+export const SITES = 4;
+
+/** Inverted dropout of x at `site` of a layer whose seed tensor is `seed` (shape [1]). */
+function siteDropout(x, rate, seed, site) {
+  if (rate === 0) return x;
+  const keep = tf.cast(tf.greaterEqual(seededUniform(x, tf.add(tf.mul(seed, SITES), site)), rate), 'float32');
+  return tf.mul(x, tf.mul(keep, 1 / (1 - rate)));
+}
+
+const noDropout = (h) => h;
 
 /**
  * Dropout whose mask is a hash of (element index, seed): the forward that sends the activation and the
@@ -304,22 +319,23 @@ function lstm(x, w, hidden) {
   return tf.stack(outs, 1);
 }
 
-function attention(x, w, heads, prefix = '') {
+function attention(x, w, heads, prefix = '', drop = noDropout) {
   const [, t, e] = x.shape;
   const d = e / heads;
   const qkv = linear(x, w[`${prefix}in_proj_weight`], w[`${prefix}in_proj_bias`]);
   const [q, k, v] = tf.split(qkv, 3, 2).map((p) => tf.transpose(tf.reshape(p, [-1, t, heads, d]), [0, 2, 1, 3]));
   const scores = tf.matMul(tf.mul(q, 1 / Math.sqrt(d)), k, false, true);
-  const a = tf.softmax(scores, -1);
+  const a = drop(tf.softmax(scores, -1), 0);
   const o = tf.reshape(tf.transpose(tf.matMul(a, v), [0, 2, 1, 3]), [-1, t, e]);
   return linear(o, w[`${prefix}out_proj_weight`], w[`${prefix}out_proj_bias`]);
 }
 
-function encoder(x, w, { heads, activation, normFirst, epsilon }) {
-  const sa = (h) => attention(h, w, heads, 'self_attn_');
+// dropout sites: 0 the attention weights, 1 the feed-forward's dropout, 2 dropout1, 3 dropout2 (as _seqtf.py)
+function encoder(x, w, { heads, activation, normFirst, epsilon }, drop = noDropout) {
+  const sa = (h) => drop(attention(h, w, heads, 'self_attn_', drop), 2);
   const ff = (h) => {
     const a = linear(h, w.linear1_weight, w.linear1_bias);
-    return linear(activation === 'relu' ? tf.relu(a) : gelu(a), w.linear2_weight, w.linear2_bias);
+    return drop(linear(drop(activation === 'relu' ? tf.relu(a) : gelu(a), 1), w.linear2_weight, w.linear2_bias), 3);
   };
   const norm = (h, i) => layerNorm(h, w[`norm${i}_weight`], w[`norm${i}_bias`], epsilon);
   if (normFirst) {
@@ -348,7 +364,10 @@ export class SplitexportLayer extends tf.layers.Layer {
   }
 
   build() {
-    this.vars = this.weightNames.map((n, i) => this.addWeight(n, this.weightShapes[i], 'float32', tf.initializers.zeros()));
+    // a dropout seed (last) is state, not a trained weight
+    this.vars = this.weightNames.map((n, i) => this.addWeight(n, this.weightShapes[i], 'float32', tf.initializers.zeros(),
+      undefined, n !== 'seed'));
+    this.seed = this.vars[this.weightNames.indexOf('seed')];
     this.built = true;
   }
 
@@ -357,10 +376,18 @@ export class SplitexportLayer extends tf.layers.Layer {
     return inputShape;
   }
 
-  call(inputs) {
+  /** The layer's dropout in training mode (rates per site in attrs.dropout), else the identity. */
+  dropout(training, seed) {
+    const rates = this.attrs.dropout ?? [];
+    if (!training || !rates.some((r) => r > 0)) return noDropout;
+    return (h, site) => siteDropout(h, rates[site], seed, site);
+  }
+
+  call(inputs, kwargs) {
     return tf.tidy(() => {
       const x = Array.isArray(inputs) ? inputs[0] : inputs;
       const w = Object.fromEntries(this.weightNames.map((n, i) => [n, this.vars[i].read()]));
+      const drop = this.dropout(kwargs?.training, w.seed);
       switch (this.op) {
         case 'positional':
           return positional(x, w.embeddings);
@@ -369,13 +396,18 @@ export class SplitexportLayer extends tf.layers.Layer {
         case 'lstm':
           return lstm(x, w, this.attrs.hidden);
         case 'attention':
-          return attention(x, w, this.attrs.heads);
+          return attention(x, w, this.attrs.heads, '', drop);
         case 'encoder':
-          return encoder(x, w, this.attrs);
+          return encoder(x, w, this.attrs, drop);
         default:
           throw new Error(`SplitexportLayer: unknown op ${JSON.stringify(this.op)}`);
       }
     });
+  }
+
+  /** After every training step: the dropout masks move on (layers with a seed only). */
+  afterTrainStep() {
+    if (this.seed) tf.tidy(() => this.seed.write(tf.add(this.seed.read(), 1)));
   }
 
   getConfig() {

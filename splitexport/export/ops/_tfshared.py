@@ -33,6 +33,21 @@ def uniform(x: Any, seed: Any) -> Any:
     return v - tf.floor(v)
 
 
+SITES = 4
+"""Dropout sites of one layer (attention: the attention weights; encoder layer: those, the feed-forward's
+``dropout``, ``dropout1``, ``dropout2``). Site ``k`` of a layer draws from :func:`uniform` with the seed
+``seed * SITES + k``: its own mask stream, advancing with the layer's one seed (``device_runtime/js/src/layers.js``
+does the same)."""
+
+
+def site_dropout(x: Any, rate: float, seed: Any, site: int) -> Any:
+    """Inverted dropout of ``x`` (kept with probability ``1 - rate``, scaled by ``1 / (1 - rate)``) at ``site``."""
+    if rate == 0:
+        return x
+    keep = tf.cast(uniform(x, seed * float(SITES) + float(site)) >= rate, x.dtype)
+    return x * (keep * (1.0 / (1.0 - rate)))
+
+
 def effective_kernel(kernel: Any, a: dict[str, Any], depthwise: bool) -> Any:
     """The dense (or depthwise) kernel a plain stride-only convolution runs with, from the trained ``kernel``.
 

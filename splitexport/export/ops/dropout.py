@@ -7,7 +7,8 @@ draws its mask from a hash of (element index, ``seed``), where ``seed`` is a non
 state variable of the layer (saved and restored with the weights): ``forward`` and ``train``
 use the current seed, and every training step advances it by one afterwards. Masks are
 Bernoulli(1 - p) per element, scaled by 1 / (1 - p) as torch does, but not torch's random
-stream: dropout runs are not bit-comparable with torch.
+stream: dropout runs are not bit-comparable with torch. The dropouts inside attention layers use
+the same hash and seed, one mask stream per site (:mod:`.attention`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def _backward(seg: TfSegment, lyr: Layer, c: _Cache, g: Any, wgrads: dict[str, A
     return [g * c.extra["mask"]]
 
 
-def _after_step(seg: TfSegment, lyr: Layer) -> None:
-    seg.vars[f"{lyr.name}/seed"].assign_add([1.0])
+def advance_seed(seg: TfSegment, lyr: Layer) -> None:
+    """After a training step: the layer's masks move on (layers without a ``seed`` have no dropout)."""
+    if "seed" in lyr.weights:
+        seg.vars[f"{lyr.name}/seed"].assign_add([1.0])
 
 
 register(
@@ -64,5 +67,5 @@ register(
         restrictions="trains in every device segment; not bit-comparable with torch (own mask stream)",
         build_module=_build, kinds=("dropout",),
     ),
-    LayerKind("dropout", _keras, _forward, _backward, after_step=_after_step),
+    LayerKind("dropout", _keras, _forward, _backward, after_step=advance_seed),
 )

@@ -92,7 +92,7 @@ def keras_seq(ctx: KerasContext, lyr: Layer, ins: list[Any]) -> Any:
 def forward_seq(seg: TfSegment, lyr: Layer, ins: list[Any], mode: str, update: bool) -> tuple[Any, dict[str, Any]]:
     from .._seqtf import seq_forward
 
-    return seq_forward(lyr.kind, ins[0], {k: seg.w(lyr, k) for k in lyr.weights}, lyr.attrs), {}
+    return seq_forward(lyr.kind, ins[0], {k: seg.w(lyr, k) for k in lyr.weights}, lyr.attrs, mode == "train"), {}
 
 
 def _backward(seg: TfSegment, lyr: Layer, c: _Cache, g: Any, wgrads: dict[str, Any]) -> list[Any]:

@@ -83,9 +83,6 @@ CASES = [
      r"/ v\); only calls on one tensor are supported: cut so that it runs on the server$")),
     ("attention_weights", AttentionWeights(), SEQ, "float32",
      r"^the segment output '\w+': only the output of MultiheadAttention"),
-    ("encoder_dropout", Wrap(nn.TransformerEncoderLayer(D, 2, 16, batch_first=True)), SEQ, "float32",
-     (r"^layer 'layer' \(TransformerEncoderLayer\): TransformerEncoderLayer dropout=0.1 is not supported on the device "
-     r".*construct it with dropout=0.0 or cut so that it runs on the server$")),
     ("encoder_not_batch_first", Wrap(nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0)), SEQ, "float32",
      r"^layer 'layer' \(TransformerEncoderLayer\): only batch_first attention"),
     ("embedding_padding_idx", Wrap(nn.Embedding(10, D, padding_idx=0)), IDS, "int64",
