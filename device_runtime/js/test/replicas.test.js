@@ -61,6 +61,11 @@ test('a device redirected to another replica trains there: one PSL iteration ove
     assert.ok(cmp.replies != null && cmp.replies <= TOL, `replies off by ${cmp.replies}`);
     assert.ok(cmp.b != null && cmp.b <= TOL, `B off by ${cmp.b} at ${cmp.where}`);
     for (const r of remotes) await client.deleteSession(r.sessionId);
+    // the 201 names the replica, wherever the device opened it
+    const more = [await client.openSession(), await client.openSession()];
+    assert.deepEqual(more.map((i) => [i.replica, i.url, client.sessionUrl(i.session_id)]),
+      [[0, urls[0], urls[0]], [1, urls[1], urls[1]]]);
+    for (const i of more) await client.deleteSession(i.session_id);
   } finally {
     await server.stop();
   }
