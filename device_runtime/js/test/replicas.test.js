@@ -15,6 +15,7 @@ import { e2eSkip as skip, freePort, runPython, Server } from '../test-support/py
 // Largest |reply - one process| (B's outputs, cut gradients) and |B - one process| after the iteration: float32
 // rounding of two partial means vs one (docs/scaling.md); measured values are printed.
 const TOL = 1e-6;
+const PAGE = 'https://app.example';
 
 test('a device redirected to another replica trains there: one PSL iteration over two replicas', { skip }, async () => {
   const out = mkdtempSync(path.join(os.tmpdir(), 'splitexport-replicas-'));
@@ -23,7 +24,8 @@ test('a device redirected to another replica trains there: one PSL iteration ove
   const state = path.join(out, 'state');
   const urls = [0, 1].map((r) => `http://127.0.0.1:${port + r}`);
   const server = new Server([fixture.bundle, '--strategy', 'psl', '--clients', '2', '--replicas', '2', '--port',
-    String(port), '--state-dir', state, '--tokens', fixture.tokens, '--threads', '1', '--collective-timeout', '60'],
+    String(port), '--state-dir', state, '--tokens', fixture.tokens, '--threads', '1', '--collective-timeout', '60',
+    '--cors-origin', PAGE],
   urls);
   const seconds = await server.start();
   console.log(`2 replicas up in ${seconds.toFixed(1)} s`);
@@ -66,6 +68,15 @@ test('a device redirected to another replica trains there: one PSL iteration ove
     assert.deepEqual(more.map((i) => [i.replica, i.url, client.sessionUrl(i.session_id)]),
       [[0, urls[0], urls[0]], [1, urls[1], urls[1]]]);
     for (const i of more) await client.deleteSession(i.session_id);
+    // a page on another origin (--cors-origin) can read the 307 too: it carries the CORS headers
+    const cors = [];
+    for (const key of ['cors-key-0-0123456789', 'cors-key-1-0123456789']) {
+      const r = await fetch(`${urls[0]}/v1/sessions`, { method: 'POST', redirect: 'manual',
+        headers: { Authorization: `Bearer ${fixture.token}`, Origin: PAGE, 'Idempotency-Key': key } });
+      cors.push([r.status, r.headers.get('access-control-allow-origin')]);
+      if (r.status === 201) await client.deleteSession((await r.json()).session_id);
+    }
+    assert.deepEqual(cors, [[201, PAGE], [307, PAGE]]);
   } finally {
     await server.stop();
   }
