@@ -176,9 +176,12 @@ export class ServerClient {
     for (let redirects = 0; ; redirects += 1) {
       const response = await this.request('POST', url, null, MEDIA_TYPE, headers, 'manual');
       if (response.type === 'opaqueredirect') return this._openFollowing(url, headers);
-      if (response.status !== 307 && response.status !== 308) return this._opened(response, url);
+      if (response.status < 300 || response.status >= 400) return this._opened(response, url);
       const location = response.headers.get('location');
       await response.body?.cancel();
+      if (response.status !== 307 && response.status !== 308) {
+        throw badRedirect('bad_redirect', `${url} answered ${response.status}: only a 307 or 308 redirects a session's opening`);
+      }
       if (!location) throw badRedirect('bad_redirect', `${url} answered ${response.status} without a Location`);
       const next = new URL(location, url).href;
       const loop = (why) => badRedirect('redirect_loop', `opening a session at ${this.baseUrl}: ${why}`);

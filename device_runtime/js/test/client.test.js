@@ -216,6 +216,14 @@ test('redirects on opening a session: a loop and too many hops fail with one cle
       e.message.includes('more than 5 redirects'));
     assert.equal(hops, 6);
   });
+  // not a redirect the client follows: another 3xx (a POST would turn into a GET), a 307 without a Location
+  for (const [status, headers, why] of [[302, { Location: '/v1/sessions?replica=1' }, 'only a 307 or 308'],
+    [307, {}, 'without a Location']]) {
+    await withServer(answering(() => [status, headers, '']), async (url) => {
+      await assert.rejects(new ServerClient(url, { maxWaitMs: 2000 }).openSession(), (e) => e instanceof ServerError &&
+        e.code === 'bad_redirect' && e.message.includes(why));
+    });
+  }
 });
 
 test('in a page (fetch hides a redirect): the browser follows, and the session stays at the replica it ended at', async () => {
