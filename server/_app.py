@@ -79,12 +79,12 @@ def create_app(settings: ServerSettings, replicas: Replicas | None = None) -> Fa
     app.include_router(health.router)
     app.include_router(artifacts.router)
     app.include_router(sessions.router)
+    if replicas is not None:  # before the browser's CORS middleware, which must wrap the 307s it answers
+        replicas.install(app)
     install_browser(app, settings)
     app.include_router(device_metrics.router)  # before rounds: POST /v1/sessions/{id}/metrics feeds the dashboard
     if settings.app:
         app.include_router(webapp.router)
         app.include_router(dashboard.router)
     app.include_router(rounds.router)
-    if replicas is not None:
-        replicas.install(app)
     return app

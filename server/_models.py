@@ -27,6 +27,10 @@ class SessionOpened(SessionState):
 
     split: Split = Field(description="single: A | B (train calls); double: A | B | C (forward and backward)")
     segment: str = Field(description="the name of the server's segment in the manifest")
+    replica: int | None = Field(None, ge=0, description="replicated B (--replicas) only: the replica (rank) that "
+                                "serves this session")
+    url: str | None = Field(None, description="replicated B only: that replica's base URL, where every call of "
+                            "this session goes")
 
 
 class Health(BaseModel):

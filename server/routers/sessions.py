@@ -29,10 +29,11 @@ async def _timed_call(body: TensorCall, call: Callable[..., Awaitable[bytes]], *
     return response
 
 
-@router.post("", status_code=201, response_model=SessionOpened)
+@router.post("", status_code=201, response_model=SessionOpened, response_model_exclude_unset=True)
 async def open_session(state: State, token_hash: Caller, idempotency_key: IdempotencyKey = None) -> dict[str, object]:
     """Open a session for one device; its steps start at 0. A retry with the same ``Idempotency-Key`` (and
-    token) answers the session the first call opened, as long as it is open."""
+    token) answers the session the first call opened, as long as it is open. With replicated B the reply names
+    the replica (``replica``, ``url``); one server leaves them out."""
     s = state.open_session(token_hash, idempotency_key)
     return {**s.public(), "split": state.split, "segment": state.spec.name, **state.open_extra}
 

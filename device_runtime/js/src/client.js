@@ -7,6 +7,10 @@
  * the forward of the same step) the forward is sent again, then the backward. A refused call (other 4xx)
  * raises {@link ServerError}. In a browser, a call that never reached a cross-origin server (the browser
  * hides why: most often a missing `--cors-origin`) fails at once instead of retrying, as does a bad URL.
+ *
+ * Replicated B (`--replicas`, docs/scaling.md): opening a session may answer `307` to another replica. The client
+ * follows it itself (same token, `Idempotency-Key` and body; at most {@link MAX_REDIRECTS}; a loop is an error),
+ * remembers that replica's URL for the session and sends every call of the session there.
  */
 import * as tf from '@tensorflow/tfjs';
 import { ERROR_STATUS, ErrorCode, IDEMPOTENCY_KEY, MEDIA_TYPE, Tensor } from './protocol.js';
@@ -41,6 +45,21 @@ export class ServerError extends Error {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** Most redirects followed when opening a session (a replicated server sends at most one). */
+const MAX_REDIRECTS = 5;
+
+const SESSIONS = '/v1/sessions';
+
+/** A redirect the client does not follow (client-side codes, not the server's). @param {string} code @param {string} message */
+const badRedirect = (code, message) => new ServerError(307, { error: { code, message } });
+
+/** The base URL of the server a sessions URL (`<base>/v1/sessions?replica=k`, where a 307 sends) belongs to. */
+function sessionsBase(url) {
+  const u = new URL(url);
+  if (!u.pathname.endsWith(SESSIONS)) throw badRedirect('bad_redirect', `redirected to ${url}, not a ${SESSIONS} URL`);
+  return `${u.origin}${u.pathname.slice(0, -SESSIONS.length)}`;
+}
+
 async function errorBody(response) {
   const text = await response.text();
   try {
@@ -64,38 +83,53 @@ export class ServerClient {
     this.retries = 0;
     /** Whether any call got an HTTP response (then a network error is transient and retried). */
     this.reached = false;
+    /** @type {Map<string, string>} the replica's base URL of each session opened through a redirect */
+    this._sessionUrls = new Map();
+  }
+
+  /** The base URL that serves session `id`: its replica's if a redirect opened it there, else `baseUrl`. @param {string} id */
+  sessionUrl(id) {
+    return this._sessionUrls.get(id) ?? this.baseUrl;
+  }
+
+  /** Send session `id`'s calls to `url` (resuming a session another replica serves). @param {string} id @param {string} url */
+  setSessionUrl(id, url) {
+    this._sessionUrls.set(id, url.replace(/\/+$/, ''));
   }
 
   /**
    * The one-line reason retrying cannot fix a failed fetch, or null: an invalid URL, or a first call from
    * a page to a server on another origin (CORS refusals and an unreachable host look the same to a page).
-   * @param {unknown} exc @returns {string | null}
+   * @param {unknown} exc @param {string} base @returns {string | null}
    */
-  _hopeless(exc) {
+  _hopeless(exc, base) {
     let target;
     try {
-      target = new URL(this.baseUrl);
+      target = new URL(base);
     } catch {
-      return `invalid server URL ${JSON.stringify(this.baseUrl)}`;
+      return `invalid server URL ${JSON.stringify(base)}`;
     }
     const origin = globalThis.location?.origin;
     if (this.reached || !(exc instanceof TypeError) || origin == null || origin === 'null' || origin === target.origin) {
       return null;
     }
-    return `${this.baseUrl} cannot be reached from ${origin} (${exc.message}): the server does not allow this ` +
+    return `${base} cannot be reached from ${origin} (${exc.message}): the server does not allow this ` +
       `origin (start it with --cors-origin ${origin}) or is down`;
   }
 
   /**
    * Send one call, retrying transport failures, 503 and 5xx until `maxWaitMs` has passed.
    * @param {string} method
-   * @param {string} path
+   * @param {string} path a path under `baseUrl`, or an absolute URL (another replica's)
    * @param {Uint8Array | null} [body] safetensors bytes (or `contentType`)
    * @param {string} [contentType]
    * @param {Record<string, string>} [extraHeaders]
+   * @param {RequestRedirect} [redirect] fetch's redirect mode (default `follow`)
    * @returns {Promise<Response>}
    */
-  async request(method, path, body = null, contentType = MEDIA_TYPE, extraHeaders = {}) {
+  async request(method, path, body = null, contentType = MEDIA_TYPE, extraHeaders = {}, redirect = 'follow') {
+    const absolute = /^https?:\/\//i.test(path);
+    const url = absolute ? path : this.baseUrl + path;
     const deadline = Date.now() + this.maxWaitMs;
     let delay = this.backoffMs;
     /** @type {Record<string, string>} */
@@ -106,7 +140,7 @@ export class ServerClient {
       let failure;
       let wait = delay;
       try {
-        const response = await this.fetch(this.baseUrl + path, { method, headers, body: body ?? undefined });
+        const response = await this.fetch(url, { method, headers, body: body ?? undefined, redirect });
         this.reached = true;
         if (response.status < 400) return response;
         const err = new ServerError(response.status, await errorBody(response));
@@ -116,7 +150,7 @@ export class ServerClient {
         if (response.status === 503 && retryAfter > 0) wait = Math.max(wait, retryAfter * 1000);
       } catch (exc) {
         if (exc instanceof ServerError && exc.status < 500) throw exc;
-        const hopeless = this._hopeless(exc);
+        const hopeless = this._hopeless(exc, absolute ? path : this.baseUrl);
         if (hopeless != null) throw new ServerError(503, { error: { code: ErrorCode.UNREACHABLE, message: hopeless } });
         failure = exc;
       }
@@ -129,21 +163,75 @@ export class ServerClient {
     }
   }
 
-  /** @returns {Promise<{session_id: string, next_step: number, expected: string, split?: string, segment?: string}>} */
+  /**
+   * Open a session; where a replicated server redirects (307) to another replica, open it there.
+   * @returns {Promise<{session_id: string, next_step: number, expected: string, split?: string, segment?: string}>}
+   */
   async openSession() {
-    // one key for every retry of this call: a lost reply opens no second session
+    // one key for every retry of this call, at every replica: a lost reply opens no second session
     const key = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('');
-    return (await this.request('POST', '/v1/sessions', null, MEDIA_TYPE, { [IDEMPOTENCY_KEY]: key })).json();
+    const headers = { [IDEMPOTENCY_KEY]: key };
+    let url = this.baseUrl + SESSIONS;
+    const visited = new Set([url]);
+    for (let redirects = 0; ; redirects += 1) {
+      const response = await this.request('POST', url, null, MEDIA_TYPE, headers, 'manual');
+      if (response.type === 'opaqueredirect') return this._openFollowing(url, headers);
+      if (response.status < 300 || response.status >= 400) return this._opened(response, url);
+      const location = response.headers.get('location');
+      await response.body?.cancel();
+      if (response.status !== 307 && response.status !== 308) {
+        throw badRedirect('bad_redirect', `${url} answered ${response.status}: only a 307 or 308 redirects a session's opening`);
+      }
+      if (!location) throw badRedirect('bad_redirect', `${url} answered ${response.status} without a Location`);
+      const next = new URL(location, url).href;
+      const loop = (why) => badRedirect('redirect_loop', `opening a session at ${this.baseUrl}: ${why}`);
+      if (visited.has(next)) throw loop(`${url} redirected back to ${next}`);
+      if (redirects === MAX_REDIRECTS) throw loop(`more than ${MAX_REDIRECTS} redirects (the next to ${next})`);
+      visited.add(next);
+      url = next;
+    }
+  }
+
+  /**
+   * A page's fetch hides a redirect's Location: let it follow (the same key gets the same replica). It drops the
+   * token on a redirect to another origin, so the replicas must share the page's origin (one load balancer).
+   * @param {string} url @param {Record<string, string>} headers
+   */
+  async _openFollowing(url, headers) {
+    try {
+      return await this._opened(await this.request('POST', url, null, MEDIA_TYPE, headers), url);
+    } catch (exc) {
+      if (!(exc instanceof ServerError) || exc.status !== 401) throw exc;
+      exc.message += ` (${url} redirected this page to another replica; a browser drops the token on a redirect to ` +
+        'another origin: serve every replica under one origin, docs/scaling.md)';
+      throw exc;
+    }
+  }
+
+  /** The session a successful open answered; remembers the replica it lives at. @param {Response} response @param {string} url */
+  async _opened(response, url) {
+    const info = await response.json();
+    // the URL it was opened at: where the response came from (after a fetch that followed a redirect itself, as in a
+    // page or React Native, the URL it ended at)
+    const base = sessionsBase(response.url || url);
+    if (base !== this.baseUrl) this._sessionUrls.set(info.session_id, base);
+    return info;
   }
 
   /** @param {string} id @returns {Promise<{session_id: string, next_step: number, expected: string}>} */
   async session(id) {
-    return (await this.request('GET', `/v1/sessions/${encodeURIComponent(id)}`)).json();
+    return (await this.request('GET', this._sessionPath(id))).json();
   }
 
   /** @param {string} id */
   async deleteSession(id) {
-    await this.request('DELETE', `/v1/sessions/${encodeURIComponent(id)}`);
+    await this.request('DELETE', this._sessionPath(id));
+    this._sessionUrls.delete(id);
+  }
+
+  /** Session `id`'s URL at its replica (`suffix` appended). @param {string} id @param {string} [suffix] */
+  _sessionPath(id, suffix = '') {
+    return `${this.sessionUrl(id)}${SESSIONS}/${encodeURIComponent(id)}${suffix}`;
   }
 
   /**
@@ -152,7 +240,7 @@ export class ServerClient {
    */
   async reportMetrics(id, metrics) {
     const body = new TextEncoder().encode(JSON.stringify(metrics));
-    await this.request('POST', `/v1/sessions/${encodeURIComponent(id)}/metrics`, body, 'application/json');
+    await this.request('POST', this._sessionPath(id, '/metrics'), body, 'application/json');
   }
 
   /** @returns {Promise<{manifest: any, device_files: Record<string, string>}>} the bundle manifest with `device_files` */
@@ -172,7 +260,7 @@ function toTensor(t) {
   return tf.tensor(t.data, t.shape, t.data instanceof Int32Array ? 'int32' : 'float32');
 }
 
-/** The server's segment B of one session, driven step by step. */
+/** The server's segment B of one session, driven step by step (at the session's replica, with replicated B). */
 export class RemoteSegment {
   /**
    * Use {@link RemoteSegment.open}.
@@ -183,6 +271,8 @@ export class RemoteSegment {
   constructor(client, info, options = {}) {
     this.client = client;
     this.sessionId = info.session_id;
+    /** The base URL that serves this session (keep it with `sessionId` to resume the session elsewhere). */
+    this.url = client.sessionUrl(this.sessionId);
     this.step = Number(info.next_step);
     this.fp16 = Boolean(options.fp16);
     /** @type {Uint8Array | null} */
@@ -190,11 +280,13 @@ export class RemoteSegment {
   }
 
   /**
-   * Open a new session, or resume `sessionId` at the server's next step.
+   * Open a new session, or resume `sessionId` (served at `url`, the `url` it had: another replica's) at the
+   * server's next step.
    * @param {ServerClient} client
-   * @param {{sessionId?: string, fp16?: boolean}} [options]
+   * @param {{sessionId?: string, url?: string, fp16?: boolean}} [options]
    */
   static async open(client, options = {}) {
+    if (options.sessionId && options.url) client.setSessionUrl(options.sessionId, options.url);
     const info = options.sessionId ? await client.session(options.sessionId) : await client.openSession();
     return new RemoteSegment(client, info, options);
   }
@@ -206,7 +298,7 @@ export class RemoteSegment {
 
   /** @param {string} path @param {Uint8Array} body @param {string} name */
   async _call(path, body, name) {
-    const response = await this.client.request('POST', path, body);
+    const response = await this.client.request('POST', this.url + path, body);
     const tensors = decodeSafetensors(new Uint8Array(await response.arrayBuffer()));
     return name ? toTensor(tensors[name]) : tensors;
   }

@@ -1,10 +1,10 @@
-// Unit tests of the protocol pieces that need no Python: safetensors and the client's retry rules
-// (the latter against a small local HTTP server that answers 503 first; e2e.test.js uses the real one).
+// Unit tests of the protocol pieces that need no Python: safetensors, the client's retry rules and its
+// following of a replica's 307 (against small local HTTP servers; e2e.test.js and replicas.test.js use the real one).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 
-import { decodeSafetensors, encodeSafetensors, ServerClient, ServerError } from '../src/index.js';
+import { decodeSafetensors, encodeSafetensors, RemoteSegment, ServerClient, ServerError, tf } from '../src/index.js';
 import { fromHalf, toHalf } from '../src/safetensors.js';
 
 test('safetensors round trip: F32, F16 transport and I64 labels', () => {
@@ -110,4 +110,161 @@ test('openSession: every retry carries one Idempotency-Key, the next open anothe
   assert.ok(keys.every((k) => typeof k === 'string' && k.length >= 16), String(keys));
   assert.equal(keys[0], keys[1], 'the retry carries the same key');
   assert.notEqual(keys[1], keys[2], 'a new open has a new key');
+});
+
+/** Read a request's body, then answer it with `handler(req, body)`'s `[status, headers, body]`. */
+function answering(handler) {
+  return (req, res) => {
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => {
+      const [status, headers, body] = handler(req, Buffer.concat(chunks));
+      res.writeHead(status, headers);
+      res.end(body);
+    });
+  };
+}
+
+const JSON_TYPE = { 'Content-Type': 'application/json' };
+const errorReply = (status, code) => [status, JSON_TYPE, JSON.stringify({ error: { code, message: code } })];
+
+test('a session redirected to another replica (307) is opened there and every later call goes there', async () => {
+  // two servers standing in for replicas 0 and 1 (the real ones: replicas.test.js); the client is the real one
+  const seen = [];
+  let replicaUrl;
+  let opens = 0;
+  const replica = answering((req, body) => {
+    seen.push({ at: 'replica', method: req.method, url: req.url, auth: req.headers.authorization,
+      key: req.headers['idempotency-key'], body: body.length });
+    if (req.method === 'POST' && req.url === '/v1/sessions?replica=1') {
+      opens += 1;
+      if (opens === 1) return [503, { ...JSON_TYPE, 'Retry-After': '0' }, JSON.stringify({ error: { code: 'busy' } })];
+      return [201, JSON_TYPE, JSON.stringify({ session_id: 'r1-abc', next_step: 0, expected: 'forward', replica: 1,
+        url: replicaUrl })];
+    }
+    if (req.url === '/v1/sessions/r1-abc' && req.method === 'GET') {
+      return [200, JSON_TYPE, JSON.stringify({ session_id: 'r1-abc', next_step: 0, expected: 'forward' })];
+    }
+    if (req.url === '/v1/sessions/r1-abc/steps/0/forward') {
+      const act = decodeSafetensors(new Uint8Array(body)).activation;
+      return [200, { 'Content-Type': 'application/vnd.safetensors' },
+        Buffer.from(encodeSafetensors({ output: { shape: act.shape, data: act.data.map((v) => 2 * v) } }))];
+    }
+    if (req.url === '/v1/sessions/r1-abc/metrics') return [200, JSON_TYPE, '{}'];
+    if (req.url === '/v1/sessions/r1-abc' && req.method === 'DELETE') return [204, {}, ''];
+    return errorReply(404, 'unknown_session');
+  });
+  await withServer(replica, async (url1) => {
+    replicaUrl = url1;
+    const entry = answering((req) => {
+      seen.push({ at: 'entry', method: req.method, url: req.url, auth: req.headers.authorization,
+        key: req.headers['idempotency-key'] });
+      if (req.method === 'POST' && req.url === '/v1/sessions') {
+        return [307, { ...JSON_TYPE, Location: `${url1}/v1/sessions?replica=1` }, JSON.stringify({ replica: 1, url: url1 })];
+      }
+      return errorReply(404, 'unknown_session');
+    });
+    await withServer(entry, async (url0) => {
+      const client = new ServerClient(url0, { token: 'test-token-0123456789', backoffMs: 10 });
+      const remote = await RemoteSegment.open(client);
+      assert.equal(remote.sessionId, 'r1-abc');
+      assert.equal(remote.url, url1);
+      assert.equal(client.sessionUrl('r1-abc'), url1);
+      assert.equal(client.sessionUrl('r0-other'), url0, 'a session not opened through a redirect lives at baseUrl');
+      const x = tf.tensor([[1, -2, 3]]);
+      assert.deepEqual(Array.from((await remote.forward(x)).dataSync()), [2, -4, 6]);
+      assert.equal((await client.session('r1-abc')).next_step, 0);
+      await client.reportMetrics('r1-abc', { loss: 0.5 });
+      await client.deleteSession('r1-abc');
+      assert.equal(client.sessionUrl('r1-abc'), url0, 'a closed session is forgotten');
+    });
+  });
+  assert.deepEqual(seen.map((s) => `${s.at} ${s.method} ${s.url}`), [
+    'entry POST /v1/sessions',
+    'replica POST /v1/sessions?replica=1', // 503: retried at the replica, not at the entry
+    'replica POST /v1/sessions?replica=1',
+    'replica POST /v1/sessions/r1-abc/steps/0/forward',
+    'replica GET /v1/sessions/r1-abc',
+    'replica POST /v1/sessions/r1-abc/metrics',
+    'replica DELETE /v1/sessions/r1-abc',
+  ]);
+  assert.ok(seen.every((s) => s.auth === 'Bearer test-token-0123456789'), 'the token goes to the other origin too');
+  const keys = seen.filter((s) => s.method === 'POST' && s.url.startsWith('/v1/sessions?') || s.url === '/v1/sessions')
+    .map((s) => s.key);
+  assert.equal(keys.length, 3);
+  assert.ok(keys[0].length >= 16 && keys.every((k) => k === keys[0]), `one Idempotency-Key: ${keys}`);
+});
+
+test('redirects on opening a session: a loop and too many hops fail with one clear error', async () => {
+  let hops = 0;
+  let loop = true;
+  await withServer(answering((req) => {
+    hops += 1;
+    const n = Number(new URL(req.url, 'http://x').searchParams.get('replica') ?? 0);
+    // loop: /v1/sessions and ?replica=1 send to each other; otherwise every hop names a new replica (up to 20)
+    if (n === 20) return [201, JSON_TYPE, JSON.stringify({ session_id: 'r20-x', next_step: 0 })];
+    const next = loop && n === 1 ? '/v1/sessions' : `/v1/sessions?replica=${n + 1}`;
+    return [307, { ...JSON_TYPE, Location: next }, '{}'];
+  }), async (url) => {
+    const client = new ServerClient(url, { backoffMs: 10, maxWaitMs: 2000 });
+    await assert.rejects(client.openSession(), (e) => e instanceof ServerError && e.code === 'redirect_loop' &&
+      e.message.includes(`back to ${url}/v1/sessions`));
+    assert.equal(hops, 2);
+    loop = false;
+    hops = 0;
+    await assert.rejects(client.openSession(), (e) => e instanceof ServerError && e.code === 'redirect_loop' &&
+      e.message.includes('more than 5 redirects'));
+    assert.equal(hops, 6);
+  });
+  // not a redirect the client follows: another 3xx (a POST would turn into a GET), a 307 without a Location
+  for (const [status, headers, why] of [[302, { Location: '/v1/sessions?replica=1' }, 'only a 307 or 308'],
+    [307, {}, 'without a Location']]) {
+    await withServer(answering(() => [status, headers, '']), async (url) => {
+      await assert.rejects(new ServerClient(url, { maxWaitMs: 2000 }).openSession(), (e) => e instanceof ServerError &&
+        e.code === 'bad_redirect' && e.message.includes(why));
+    });
+  }
+});
+
+test('in a page (fetch hides a redirect): the browser follows, and the session stays at the replica it ended at', async () => {
+  // a page's fetch: `redirect: 'manual'` answers an opaque redirect (no status, no Location); `follow` is fetch's own
+  const pageFetch = async (url, init) => {
+    const response = await fetch(url, init);
+    if (init.redirect !== 'manual' || response.status < 300 || response.status >= 400) return response;
+    await response.body?.cancel();
+    return { type: 'opaqueredirect', status: 0, redirected: false, url: '', headers: new Headers(), body: null };
+  };
+  const seen = [];
+  // one origin, replicas under path prefixes (a load balancer; SPLITEXPORT_REPLICA_URL=<origin>/r1 on replica 1)
+  await withServer(answering((req) => {
+    seen.push(`${req.method} ${req.url} ${req.headers.authorization} ${req.headers['idempotency-key']?.length}`);
+    if (req.headers.authorization !== 'Bearer test-token-0123456789') return errorReply(401, 'missing_token');
+    if (req.url === '/r0/v1/sessions') return [307, { ...JSON_TYPE, Location: '/r1/v1/sessions?replica=1' }, '{}'];
+    if (req.url === '/r1/v1/sessions?replica=1') {
+      return [201, JSON_TYPE, JSON.stringify({ session_id: 'r1-p', next_step: 0, expected: 'forward' })];
+    }
+    if (req.url === '/r1/v1/sessions/r1-p') return [200, JSON_TYPE, JSON.stringify({ session_id: 'r1-p', next_step: 0 })];
+    return errorReply(404, 'unknown_session');
+  }), async (url) => {
+    const client = new ServerClient(`${url}/r0`, { token: 'test-token-0123456789', fetch: pageFetch });
+    const remote = await RemoteSegment.open(client);
+    assert.equal(remote.url, `${url}/r1`);
+    assert.equal((await client.session('r1-p')).session_id, 'r1-p');
+  });
+  assert.deepEqual(seen, [
+    'POST /r0/v1/sessions Bearer test-token-0123456789 32', // the opaque redirect
+    'POST /r0/v1/sessions Bearer test-token-0123456789 32', // sent again, this time followed by fetch
+    'POST /r1/v1/sessions?replica=1 Bearer test-token-0123456789 32',
+    'GET /r1/v1/sessions/r1-p Bearer test-token-0123456789 undefined',
+  ]);
+  // another origin: the browser drops the token, and the error says why
+  await withServer(answering((req) => (req.headers.authorization ? [201, JSON_TYPE, '{}'] : errorReply(401, 'missing_token'))),
+    async (other) => {
+      await withServer(answering(() => [307, { ...JSON_TYPE, Location: `${other}/v1/sessions?replica=1` }, '{}']),
+        async (url) => {
+          const client = new ServerClient(url, { token: 'test-token-0123456789', fetch: pageFetch });
+          await assert.rejects(client.openSession(), (e) => e instanceof ServerError && e.code === 'missing_token' &&
+            e.message.includes('serve every replica under one origin'));
+        });
+    });
 });

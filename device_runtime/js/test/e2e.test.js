@@ -6,87 +6,25 @@
 // Python is missing, or with SPLITEXPORT_JS_E2E=0 (tests/device_runtime/test_tfjs_runtime.py sets it).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import {
   batchIndices, decodeSafetensors, RemoteSegment, ServerClient, ServerError, tf, trainSplit,
 } from '../src/index.js';
 import { loadSegmentFromDir } from '../src/node.js';
+import { e2eSkip as skip, freePort, runPython, Server } from '../test-support/python.js';
 
-const pkgRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const repoRoot = path.resolve(pkgRoot, '..', '..');
-const python = process.env.SPLITEXPORT_PYTHON ?? path.join(pkgRoot, '..', '..', '.venv', 'bin', 'python');
-const skip = process.env.SPLITEXPORT_JS_E2E === '0' ? 'SPLITEXPORT_JS_E2E=0'
-  : existsSync(python) ? false : `no Python environment at ${python} (set SPLITEXPORT_PYTHON)`;
 const EPOCHS = 6;
 const MIN_ACCURACY = 0.9;
 // Largest |JS device weight - torch replaying the run in process| after 258 steps, float32 transport.
 // Measured 4.8e-7 (double split); a device fed 2g or 0.5g instead of g: see docs/testing.md.
 const WEIGHT_TOL = 1e-5;
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-/** `python -m splitexport serve` as a child process (SIGKILL-able, restartable on the same port and state). */
-class Server {
-  constructor(bundle, tokens, port) {
-    const state = mkdtempSync(path.join(os.tmpdir(), 'se-state-'));
-    this.args = ['-m', 'splitexport', 'serve', bundle, '--port', String(port), '--state-dir', state, '--tokens', tokens];
-    this.url = `http://127.0.0.1:${port}`;
-    this.proc = null;
-  }
-
-  spawn() {
-    this.proc = spawn(python, this.args, { cwd: repoRoot, stdio: ['ignore', 'ignore', 'inherit'] });
-  }
-
-  async start() {
-    this.spawn();
-    const deadline = Date.now() + 180_000; // a loaded 2-core CI machine can take a minute to import torch
-    while (Date.now() < deadline) {
-      try {
-        if ((await fetch(`${this.url}/healthz`)).ok) return;
-      } catch {
-        // not listening yet
-      }
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    await this.stop('SIGKILL'); // no orphan server keeps the test process alive
-    throw new Error(`server ${this.args.join(' ')} did not start`);
-  }
-
-  /** Stop the server; SIGKILL if it has not exited 15 s after SIGTERM (a failed test must not hang). */
-  stop(signal = 'SIGTERM') {
-    const proc = this.proc;
-    if (proc == null || proc.exitCode != null || proc.signalCode != null) return Promise.resolve();
-    const done = new Promise((r) => proc.once('exit', r));
-    proc.kill(signal);
-    const timer = setTimeout(() => proc.kill('SIGKILL'), 15_000);
-    return done.finally(() => clearTimeout(timer));
-  }
-}
-
 function loadFixture() {
   const out = mkdtempSync(path.join(os.tmpdir(), 'splitexport-e2e-'));
-  const res = spawnSync(python, ['-m', 'tests.device_runtime.js_e2e_fixture', out], {
-    cwd: repoRoot,
-    encoding: 'utf8',
-    env: { ...process.env, TF_CPP_MIN_LOG_LEVEL: '3', TFDF_DISABLE_WELCOME_MESSAGE: '1' },
-  });
-  if (res.status !== 0) throw new Error(`fixture script failed (${python}):\n${res.stderr}`);
+  runPython(['-m', 'tests.device_runtime.js_e2e_fixture', out]);
   const fixture = JSON.parse(readFileSync(path.join(out, 'fixture.json'), 'utf8'));
   const raw = decodeSafetensors(readFileSync(fixture.data));
   const t = (k) => tf.tensor(raw[k].data, raw[k].shape, raw[k].dtype.startsWith('I') ? 'int32' : 'float32');
@@ -107,18 +45,15 @@ function compareWithTorch(split, segments) {
   ]));
   const file = path.join(mkdtempSync(path.join(os.tmpdir(), 'splitexport-e2e-run-')), 'run.json');
   writeFileSync(file, JSON.stringify({ bundle: f.bundle, segments: f.segments, batches, weights }));
-  const res = spawnSync(python, ['-m', 'tests.device_runtime.js_e2e_fixture', '--compare', file], {
-    cwd: repoRoot,
-    encoding: 'utf8',
-    env: { ...process.env, TF_CPP_MIN_LOG_LEVEL: '3', TFDF_DISABLE_WELCOME_MESSAGE: '1' },
-  });
-  if (res.status !== 0) throw new Error(`torch replay failed:\n${res.stderr}`);
-  return JSON.parse(res.stdout.trim().split('\n').at(-1));
+  return JSON.parse(runPython(['-m', 'tests.device_runtime.js_e2e_fixture', '--compare', file]).trim().split('\n').at(-1));
 }
 
 async function train(split, options) {
   const f = fixture[split];
-  const server = new Server(f.bundle, fixture.tokens, await freePort());
+  const port = await freePort();
+  const state = mkdtempSync(path.join(os.tmpdir(), 'se-state-'));
+  const server = new Server([f.bundle, '--port', String(port), '--state-dir', state, '--tokens', fixture.tokens],
+    [`http://127.0.0.1:${port}`]);
   await server.start();
   try {
     const client = new ServerClient(server.url, { token: fixture.token });

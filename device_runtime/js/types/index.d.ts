@@ -72,9 +72,14 @@ export class ServerClient {
   readonly baseUrl: string;
   retries: number;
   reached: boolean;
+  /** `path`: under `baseUrl`, or an absolute URL (another replica's). */
   request(method: string, path: string, body?: Uint8Array | null, contentType?: string,
-          extraHeaders?: Record<string, string>): Promise<Response>;
+          extraHeaders?: Record<string, string>, redirect?: RequestRedirect): Promise<Response>;
+  /** Follows a replica's 307 (docs/scaling.md) and remembers where the session lives. */
   openSession(): Promise<SessionInfo>;
+  /** The base URL that serves session `id` (its replica's, when opening it was redirected). */
+  sessionUrl(id: string): string;
+  setSessionUrl(id: string, url: string): void;
   session(id: string): Promise<SessionInfo>;
   deleteSession(id: string): Promise<void>;
   reportMetrics(id: string, metrics: Record<string, number>): Promise<void>;
@@ -82,9 +87,11 @@ export class ServerClient {
 }
 
 export class RemoteSegment {
-  static open(client: ServerClient, options?: { sessionId?: string; fp16?: boolean }): Promise<RemoteSegment>;
+  static open(client: ServerClient, options?: { sessionId?: string; url?: string; fp16?: boolean }): Promise<RemoteSegment>;
   readonly client: ServerClient;
   readonly sessionId: string;
+  /** The base URL that serves this session (keep it with `sessionId` to resume). */
+  readonly url: string;
   step: number;
   forward(activation: tf.Tensor): Promise<tf.Tensor>;
   backward(grad: tf.Tensor): Promise<tf.Tensor>;

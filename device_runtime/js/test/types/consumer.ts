@@ -11,6 +11,9 @@ export async function run(data: { xTrain: tf.Tensor; yTrain: tf.Tensor; xTest: t
   try {
     const history = await trainSplit({ a, c, remote, data, epochs: 1, onEpoch: (e) => console.log(e.testAccuracy) });
     await client.reportMetrics(remote.sessionId, { epoch: 1, accuracy: history[0].testAccuracy });
+    const resumed = await RemoteSegment.open(client, { sessionId: remote.sessionId, url: remote.url });
+    const at: string = client.sessionUrl(resumed.sessionId);
+    if (at !== resumed.url) return -1;
     return kernels.length;
   } catch (err) {
     if (err instanceof ServerError) return err.status;
