@@ -94,6 +94,8 @@ class _Iteration:
     """"forward" then "backward" (double split), or "train" (single split)."""
     barrier: _Barrier
     finished: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)
+    """Non-batching strategies: the participants whose step was refused (in ``finished`` too: done, no step)."""
     out_shapes: dict[str, torch.Size] = field(default_factory=dict)
     closed: bool = False
     opening: dict[str, Any] = field(default_factory=dict)
@@ -228,6 +230,8 @@ class RoundHost:
             arrival = _Arrival((x, y), transport, body_sha)
             if self.strategy.batches_server:
                 return await self._arrive(it, session, arrival, self._fire_train)
+            if session.id in it.refused:
+                raise self._wrong(session, f"step {step}'s train was refused; continue at step {it.index + 1}")
             if session.id in it.finished:
                 raise APIError(409, "conflicting_retry", f"step {step} train was already applied with another body",
                                **session.public())
@@ -238,7 +242,15 @@ class RoundHost:
                                           [*self._opening(it), event])
                 return response
 
-            response = await self._b(compute)
+            try:
+                response = await self._b(compute)
+            except UnsafeUpdate as exc:  # nothing applied: this device's part of the iteration ends without a step
+                session.phase, session.next_step = "forward", it.index + 1
+                it.refused.add(session.id)
+                it.finished.add(session.id)
+                if all(c in it.finished for c in it.participants):
+                    await self._close(it)
+                raise refused_step(exc) from exc
             self._finish(session, "train", step, body_sha, response)
             it.finished.add(session.id)
             self._count_step()

@@ -25,6 +25,114 @@ class UnsafeUpdate(ValueError):
         self.reason = reason
 
 
+class ProvisionalStep:
+    """One optimizer's step, taken provisionally and checked: :meth:`keep` keeps it, :meth:`undo` restores the
+    parameters and the optimizer state exactly (B's step in :class:`TorchSegment`, and any other optimizer's step
+    that must stand or fall with it, such as AdaSplit's per-client masks).
+
+    Cheap per step: the weights and optimizer state are copied into buffers kept from the last step (one
+    ``_foreach_copy_``), and the step's result is checked with one sum per tensor (a sum is finite only when
+    every element is; a non-finite sum of finite values, an overflow, is confirmed element-wise).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str = "B") -> None:
+        self.optimizer = optimizer
+        self.name = name
+        """What the parameters are, in :class:`UnsafeUpdate`'s message."""
+        self._before: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
+        """While a step is taken: the tensors it changes in place (weights, then optimizer states) and each
+        parameter's state dict as it was; their values before the step are in ``_saved``."""
+        self._saved: list[torch.Tensor] = []
+
+    @property
+    def taken(self) -> bool:
+        """A provisional step is taken, neither kept nor undone yet."""
+        return self._before is not None
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def take(self, max_grad_norm: float | None = None) -> None:
+        """Take the step provisionally on the staged gradients. :class:`UnsafeUpdate` (nothing changed, the
+        gradients still staged) when their L2 norm exceeds ``max_grad_norm`` or is not finite, or when a weight or
+        an optimizer state would become non-finite."""
+        if self._before is not None:
+            raise RuntimeError("a provisional step is already taken")
+        params = self.params()
+        if max_grad_norm is not None and not (norm := self._grad_norm(params)) <= max_grad_norm:
+            raise UnsafeUpdate("gradient_norm", f"the gradient norm of the parameters of {self.name} is {norm:.6g}, "
+                               f"above the limit max_grad_norm={max_grad_norm:g}")
+        self._snapshot(params)
+        self.optimizer.step()
+        bad = self._non_finite(params)
+        if bad is not None:
+            norm = self._grad_norm(params)
+            self.undo()
+            raise UnsafeUpdate("non_finite", f"the step would make {bad} of {self.name} non-finite (gradient norm "
+                               f"{norm:.6g})")
+
+    def keep(self) -> None:
+        """Keep the provisional step, or take the step now (unchecked) when none is taken."""
+        if self._before is None:
+            self.optimizer.step()
+        self._before = None
+
+    def undo(self) -> None:
+        """Restore the parameters and the optimizer state from before the provisional step (if one is taken)."""
+        if self._before is None:
+            return
+        live, dicts = self._before
+        self._before = None
+        with torch.no_grad():
+            torch._foreach_copy_(live, self._saved)
+        for p in self.params():
+            if p in dicts:
+                self.optimizer.state[p] = dicts[p]
+            else:
+                self.optimizer.state.pop(p, None)
+
+    def _snapshot(self, params: list[torch.Tensor]) -> None:
+        """Keep what the optimizer step changes: the weights, and each parameter's state (its dict, and the values
+        of its tensors, copied into the buffers of the last snapshot when their shapes still match)."""
+        state = self.optimizer.state
+        dicts = {p: dict(state[p]) for p in params if p in state}
+        live = [p.detach() for p in params] + [v for d in dicts.values() for v in d.values()
+                                               if isinstance(v, torch.Tensor)]
+        saved = self._saved
+        if len(saved) != len(live) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(saved, live)):
+            saved = self._saved = [t.detach().clone() for t in live]
+        else:
+            with torch.no_grad():
+                torch._foreach_copy_(saved, live)
+        self._before = (live, dicts)
+
+    def _non_finite(self, params: list[torch.Tensor]) -> str | None:
+        """The first weight or floating optimizer state of ``params`` with a NaN or Inf, or None."""
+        state = self.optimizer.state
+        tensors = [p.detach() for p in params] + [v for p in params for v in state.get(p, {}).values()
+                                                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        with torch.no_grad():
+            if bool(torch.stack([t.sum() for t in tensors]).isfinite().all()):
+                return None
+            for i, t in enumerate(tensors):  # rare: find it (or find that a sum overflowed)
+                if not bool(torch.isfinite(t).all()):
+                    if i < len(params):
+                        return f"parameter {i}"
+                    k = i - len(params)
+                    for j, p in enumerate(params):
+                        names = [n for n, v in state.get(p, {}).items()
+                                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
+                        if k < len(names):
+                            return f"optimizer state {names[k]!r} of parameter {j}"
+                        k -= len(names)
+        return None
+
+    @staticmethod
+    def _grad_norm(params: list[torch.Tensor]) -> float:
+        norms = [torch.linalg.vector_norm(p.grad.detach().double()) for p in params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def eager_execution() -> AbstractContextManager[None]:
     """Run TorchScript segments as plain torch ops (in any thread).
 
@@ -77,15 +185,14 @@ class TorchSegment:
         :meth:`discard_pending` leaves no trace of an abandoned step (the server's rollback)."""
         self._saved_buffers: list[torch.Tensor] | None = None
         self._staged = False
-        self._before_step: tuple[list[torch.Tensor], dict[torch.Tensor, dict[str, Any]]] | None = None
-        """During a provisional step (:meth:`try_staged`): the tensors it changes in place (weights, then optimizer
-        states) and each parameter's state dict as it was; their values before the step are in ``_saved_values``."""
-        self._saved_values: list[torch.Tensor] = []
+        self._step = ProvisionalStep(self.optimizer)
+        """B's optimizer step, taken provisionally by :meth:`try_staged`."""
         self.grad_hook: Callable[[list[torch.Tensor], int], None] | None = None
         self.checked = checked
-        """``train_with_gradient`` / ``train_with_labels`` keep a step only when :meth:`try_staged` (with
-        ``max_grad_norm``) accepts it; otherwise it leaves no trace and :class:`UnsafeUpdate` is raised (B of a
-        server strategy, whose steps the strategies take through these two methods)."""
+        """``train_with_gradient`` / ``train_with_labels`` / :meth:`keep_staged` keep a step only when
+        :meth:`try_staged` (with ``max_grad_norm``) accepts it; otherwise it leaves no trace and
+        :class:`UnsafeUpdate` is raised (B of a server strategy, whose steps the strategies take through these
+        methods)."""
         self.max_grad_norm = max_grad_norm
 
     @property
@@ -100,8 +207,7 @@ class TorchSegment:
     def discard_pending(self) -> None:
         """Forget the pending forward or staged step: gradients dropped, buffers as before the forward."""
         self._pending = None
-        if self._before_step is not None:
-            self._undo_step()
+        self._step.undo()
         if self._staged:
             self.optimizer.zero_grad(set_to_none=True)
             self._staged = False
@@ -133,23 +239,34 @@ class TorchSegment:
         if self._pending is None:
             raise RuntimeError("train_with_gradient called without a preceding forward")
         grad = self.stage_gradient(grad_out)
-        self._keep_staged()
+        self.keep_staged()
         return grad
 
     def train_with_labels(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """Label-loss step; returns (loss, ``dL/d(input)``, detached output)."""
         result = self.stage_labels(x, labels)
-        self._keep_staged()
+        self.keep_staged()
         return result
 
-    def _keep_staged(self) -> None:
+    def keep_staged(self, *also: ProvisionalStep) -> None:
+        """Apply the staged step, and the steps ``also`` (other optimizers' gradients staged with it, such as
+        AdaSplit's mask of the client). When ``checked``, all of them or none: each is taken provisionally with
+        ``max_grad_norm``, and if one is refused, every one is undone (their gradients dropped), the pending step
+        discarded, and :class:`UnsafeUpdate` raised."""
         if self.checked:
             try:
                 self.try_staged(self.max_grad_norm)
+                for step in also:
+                    step.take(self.max_grad_norm)
             except UnsafeUpdate:
+                for step in also:
+                    step.undo()
+                    step.optimizer.zero_grad(set_to_none=True)
                 self.discard_pending()
                 raise
         self.apply_staged()
+        for step in also:
+            step.keep()
 
     def stage_gradient(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         """:meth:`train_with_gradient` up to the optimizer step (the weights do not change yet)."""
@@ -172,90 +289,21 @@ class TorchSegment:
         """The optimizer step of the staged gradients (kept as is when :meth:`try_staged` took it)."""
         if not self._staged:
             raise RuntimeError("apply_staged called without a staged step")
-        if self._before_step is None:
-            self.optimizer.step()
-        self._before_step = None
+        self._step.keep()
         self._staged = False
         self._saved_buffers = None
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        return self._step.params()
 
     def try_staged(self, max_grad_norm: float | None = None) -> None:
-        """Take the staged optimizer step provisionally: :meth:`apply_staged` keeps it, :meth:`discard_pending`
-        undoes it. :class:`UnsafeUpdate` (the step undone, the gradients still staged) when the gradients' L2 norm
-        exceeds ``max_grad_norm`` or is not finite, or when a weight or an optimizer state would become non-finite.
-
-        Cheap per step: the weights and optimizer state are copied into buffers kept from the last step (one
-        ``_foreach_copy_``), and the step's result is checked with one sum per tensor (a sum is finite only when
-        every element is; a non-finite sum of finite values, an overflow, is confirmed element-wise).
-        """
-        if not self._staged or self._before_step is not None:
+        """Take the staged optimizer step provisionally (:meth:`ProvisionalStep.take`): :meth:`apply_staged` keeps
+        it, :meth:`discard_pending` undoes it. :class:`UnsafeUpdate` (the step undone, the gradients still staged)
+        when the gradients' L2 norm exceeds ``max_grad_norm`` or is not finite, or when a weight or an optimizer
+        state would become non-finite."""
+        if not self._staged or self._step.taken:
             raise RuntimeError("try_staged called without a staged step")
-        params = self._params()
-        if max_grad_norm is not None and not (norm := self._grad_norm(params)) <= max_grad_norm:
-            raise UnsafeUpdate("gradient_norm", f"the gradient norm of B's parameters is {norm:.6g}, above the "
-                               f"limit max_grad_norm={max_grad_norm:g}")
-        self._snapshot(params)
-        self.optimizer.step()
-        bad = self._non_finite(params)
-        if bad is not None:
-            norm = self._grad_norm(params)
-            self._undo_step()
-            raise UnsafeUpdate("non_finite", f"the step would make {bad} of B non-finite (gradient norm {norm:.6g})")
-
-    def _snapshot(self, params: list[torch.Tensor]) -> None:
-        """Keep what the optimizer step changes: the weights, and each parameter's state (its dict, and the values
-        of its tensors, copied into the buffers of the last snapshot when their shapes still match)."""
-        state = self.optimizer.state
-        dicts = {p: dict(state[p]) for p in params if p in state}
-        live = [p.detach() for p in params] + [v for d in dicts.values() for v in d.values()
-                                               if isinstance(v, torch.Tensor)]
-        saved = self._saved_values
-        if len(saved) != len(live) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(saved, live)):
-            saved = self._saved_values = [t.detach().clone() for t in live]
-        else:
-            with torch.no_grad():
-                torch._foreach_copy_(saved, live)
-        self._before_step = (live, dicts)
-
-    def _non_finite(self, params: list[torch.Tensor]) -> str | None:
-        """The first weight or floating optimizer state of ``params`` with a NaN or Inf, or None."""
-        state = self.optimizer.state
-        tensors = [p.detach() for p in params] + [v for p in params for v in state.get(p, {}).values()
-                                                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        with torch.no_grad():
-            if bool(torch.stack([t.sum() for t in tensors]).isfinite().all()):
-                return None
-            for i, t in enumerate(tensors):  # rare: find it (or find that a sum overflowed)
-                if not bool(torch.isfinite(t).all()):
-                    if i < len(params):
-                        return f"parameter {i}"
-                    k = i - len(params)
-                    for j, p in enumerate(params):
-                        names = [n for n, v in state.get(p, {}).items()
-                                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
-                        if k < len(names):
-                            return f"optimizer state {names[k]!r} of parameter {j}"
-                        k -= len(names)
-        return None
-
-    @staticmethod
-    def _grad_norm(params: list[torch.Tensor]) -> float:
-        norms = [torch.linalg.vector_norm(p.grad.detach().double()) for p in params if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-    def _undo_step(self) -> None:
-        assert self._before_step is not None
-        live, dicts = self._before_step
-        self._before_step = None
-        with torch.no_grad():
-            torch._foreach_copy_(live, self._saved_values)
-        for p in self._params():
-            if p in dicts:
-                self.optimizer.state[p] = dicts[p]
-            else:
-                self.optimizer.state.pop(p, None)
+        self._step.take(max_grad_norm)
 
     def _backward(self, loss: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from .._torch_segment import TorchSegment, eager_execution
-from .._update_rule import label_loss
+from .._torch_segment import ProvisionalStep, TorchSegment, UnsafeUpdate
 
 
 class ClientMasks:
@@ -20,6 +19,10 @@ class ClientMasks:
     non-zero), ``m_i`` gets ``W * dL/dW_eff + lam * sign(m_i)``. Masks start at 1 (the
     full shared model), use B's optimizer type and learning rate, and stay on the server.
     The multiplication is done by swapping parameter values, so TorchScript segments work.
+
+    B's step and the mask's are one step (:meth:`TorchSegment.keep_staged`): on a checked server segment, a step
+    that would make B or the mask (or either optimizer's state) non-finite, or whose gradient norm (B's, or the
+    mask's) exceeds ``max_grad_norm``, is refused with :class:`~splitexport.UnsafeUpdate` and changes neither.
     """
 
     def __init__(self, server: TorchSegment, lam: float) -> None:
@@ -28,6 +31,7 @@ class ClientMasks:
         self.names = [n for n, p in server.module.named_parameters() if p.requires_grad and p.dim() >= 2]
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._steps: dict[str, ProvisionalStep] = {}
 
     def mask(self, client: str) -> dict[str, torch.Tensor]:
         if client not in self.masks:
@@ -36,6 +40,7 @@ class ClientMasks:
             opt = self.server.optimizer
             defaults = {**opt.defaults, "lr": opt.param_groups[0]["lr"]}
             self.optimizers[client] = type(opt)(list(self.masks[client].values()), **defaults)
+            self._steps[client] = ProvisionalStep(self.optimizers[client], f"the mask of client {client!r}")
         return self.masks[client]
 
     @contextmanager
@@ -54,17 +59,15 @@ class ClientMasks:
                     params[n].copy_(originals[n])
 
     def train_step(self, client: str, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """One masked step of B on ``client``'s activations; returns (server loss, detached output)."""
+        """One masked step of B on ``client``'s activations; returns (server loss, detached output).
+
+        :class:`UnsafeUpdate` when the server segment refuses the step: nothing changed, not even a first step's
+        new mask."""
+        new = client not in self.masks
         server, masks = self.server, self.mask(client)
-        mask_opt = self.optimizers[client]
-        server.optimizer.zero_grad(set_to_none=True)
-        mask_opt.zero_grad(set_to_none=True)
+        self.optimizers[client].zero_grad(set_to_none=True)
         with self._applied(client) as (params, originals):
-            server.module.train()
-            with eager_execution():
-                out = server.module(x.detach())
-                ce = label_loss(out, labels, server.loss_kind)
-                ce.backward()
+            ce, _, out = server.stage_labels(x, labels)
             with torch.no_grad():
                 l1 = sum(float(m.abs().sum()) for m in masks.values())
                 for n in self.names:
@@ -73,9 +76,13 @@ class ClientMasks:
                         continue
                     masks[n].grad = g * originals[n] + self.lam * masks[n].sign()
                     params[n].grad = g * masks[n]
-        server.optimizer.step()
-        mask_opt.step()
-        return float(ce.detach()) + self.lam * l1, out.detach()
+        try:
+            server.keep_staged(self._steps[client])
+        except UnsafeUpdate:
+            if new:
+                del self.masks[client], self.optimizers[client], self._steps[client]
+            raise
+        return ce + self.lam * l1, out
 
     @torch.no_grad()
     def evaluate(self, client: str, x: torch.Tensor) -> torch.Tensor:

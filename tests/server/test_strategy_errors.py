@@ -9,13 +9,16 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from safetensors.numpy import load, save
+from torch import nn
 
-from splitexport import TorchSegment, load_bundle, max_abs_difference
+from splitexport import OptimizerSpec, TorchSegment, load_bundle, max_abs_difference
 from splitexport.protocol import ErrorCode
-from splitexport.strategies import Strategy, StrategyConfig, make_strategy
+from splitexport.strategies import AdaSplit, Strategy, StrategyConfig, make_strategy
 from tests._support import TOKEN, threaded_server
+from tests._support.bundles import build_bundle
 
 from .test_error_codes import _clone, refused, same
 
@@ -173,4 +176,125 @@ def test_a_strategy_step_above_max_grad_norm_is_refused(mlp_single_bundle: Path,
                             save({"activation": x[c].numpy(), "labels": y[c].numpy()})) for c in names}, url)
         for r in replies.values():
             assert "max_grad_norm=1e-06" in refused(r, ErrorCode.GRADIENT_TOO_LARGE)["message"]
+        assert same(_b(state), before)
+
+
+class _LargeWeights(nn.Module):
+    """A 4 -> 4 -> 3 MLP whose last layer (B, after the cut at ``relu1``) has weights of magnitude 8: above the
+    masks' initial 1, so a client's mask gets a gradient 8 times B's (AdaSplit: ``W * g`` against ``m * g``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.relu1, self.fc2 = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc2.weight.copy_(8 * torch.tensor([[1.0, -1, 1, -1], [-1, 1, -1, 1], [1, 1, -1, -1]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu1(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def large_weights_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:class:`_LargeWeights` cut at ``relu1`` (A | B), trained with Adam."""
+    return build_bundle(tmp_path_factory.mktemp("b") / "large", _LargeWeights, ["relu1"],
+                        OptimizerSpec(name="adam", lr=0.01), sample_shape=(4,)).path
+
+
+ADASPLIT = {"num_clients": 2, "eta": 1.0, "kappa": 0.0}
+"""Both clients in every iteration, from the first round."""
+
+
+def _adasplit_batches() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    x = {c: torch.rand(8, 4, generator=gen) for c in "ab"}
+    return x, {c: torch.randint(0, 3, (8,), generator=gen) for c in "ab"}
+
+
+def test_an_adasplit_step_that_would_make_a_clients_mask_non_finite_is_refused(large_weights_bundle: Path,
+                                                                              tmp_path: Path) -> None:
+    """AdaSplit trains a mask per client beside B, in the same step. Adam, both clients in every iteration: in
+    iteration 1 device b's finite activations of 1e21 keep B finite but overflow its mask's Adam state
+    (``exp_avg_sq`` of gradients 8 times B's); b gets 422 non_finite_update naming its mask, and B, its optimizer,
+    every mask and mask optimizer, the UCB orchestrator (statistics and RNG) and the counters are exactly as
+    before; a retry of step 1 is 409 wrong_step, and a's step of iteration 1 is served. b continues at iteration 2,
+    where 1e22 overflows B itself: refused the same way, after a's step (the refusal closes the iteration). Iteration 3's replies, B and the masks equal the
+    in-process strategy's, which never saw b's two steps."""
+    names = ["a", "b"]
+    x, y = _adasplit_batches()
+    ref = _reference(large_weights_bundle, "adasplit", **ADASPLIT)
+    assert isinstance(ref, AdaSplit)
+    with threaded_server(large_weights_bundle, tmp_path / "s", strategy="adasplit", round_timeout_s=30,
+                         **ADASPLIT) as (url, state):
+        sid = {c: str(httpx.post(f"{url}/v1/sessions", headers=AUTH).json()["session_id"]) for c in names}
+
+        def train(c: str, n: int, xs: torch.Tensor) -> httpx.Response:
+            body = save({"activation": xs.numpy(), "labels": y[c].numpy()})
+            return httpx.post(f"{url}/v1/sessions/{sid[c]}/steps/{n}/train", content=body, headers=ST, timeout=60)
+
+        def refused_b(n: int, scale: float, what: str) -> None:
+            before = _b(state)
+            error = refused(train("b", n, x["b"] * scale), ErrorCode.NON_FINITE_UPDATE)
+            assert f"optimizer state 'exp_avg_sq' of parameter 0 of {what} non-finite" in error["message"], error
+            assert same(_b(state), before)
+            assert httpx.get(f"{url}/v1/sessions/{sid['b']}", headers=AUTH).json()["next_step"] == n + 1
+            again = train("b", n, x["b"])
+            assert again.status_code == 409 and again.json()["error"]["code"] == "wrong_step", again.text
+
+        for c in names:
+            assert train(c, 0, x[c]).status_code == 200
+        opened = httpx.get(f"{url}/v1/sessions/{sid['b']}/steps/1", headers=AUTH)  # the orchestrator's selection
+        assert opened.status_code == 200 and opened.json()["open"], opened.text
+        refused_b(1, 1e21, f"the mask of client {sid['b']!r}")  # iteration 1 stays open for a
+        assert train("a", 1, x["a"]).status_code == 200
+        assert state.rounds is not None and isinstance(state.rounds.strategy, AdaSplit)
+        masks = state.rounds.strategy.masks
+        assert all(torch.isfinite(t).all() for c in masks.optimizers for st in masks.optimizers[c].state.values()
+                   for t in st.values())
+        assert train("a", 2, x["a"]).status_code == 200
+        refused_b(2, 1e22, "B")  # the last of iteration 2: the refusal closes it
+        assert httpx.get(f"{url}/v1/strategy", headers=AUTH).json()["next_iteration"] == 3
+        replies = {c: train(c, 3, x[c]) for c in names}
+        assert all(r.status_code == 200 for r in replies.values()), {c: r.text for c, r in replies.items()}
+        assert state.applied_steps == 6
+        for n, steps in enumerate([names, ["a"], ["a"], names]):
+            assert ref.participants(0, names) == names, n
+            ref_replies = {c: ref.train_round({c: (x[c], y[c])})[c] for c in steps}
+        diff, where = max_abs_difference(state.segment.module.state_dict(), _weights(ref))
+        assert diff == 0.0, (diff, where)
+        assert same(_clone(masks.state_dict()["masks"]),
+                    _clone({sid[c]: ref.masks.state_dict()["masks"][c] for c in names}))
+        for c in names:
+            got, output = load(replies[c].content), ref_replies[c].output
+            assert output is not None and torch.equal(torch.from_numpy(got["output"]), output), c
+            assert float(got["loss"][0]) == np.float32(ref_replies[c].loss), c
+
+
+def test_an_adasplit_mask_gradient_above_max_grad_norm_is_refused(large_weights_bundle: Path,
+                                                                  tmp_path: Path) -> None:
+    """``max_grad_norm`` bounds the gradient of the client's mask as well as B's: with the limit between the
+    norms of B's gradient and the mask's (measured on the in-process strategy's first step), the first step is
+    422 gradient_too_large naming the mask, and nothing changed (B, optimizers, masks, UCB state, counters)."""
+    x, y = _adasplit_batches()
+    ref = _reference(large_weights_bundle, "adasplit", **ADASPLIT)
+    assert isinstance(ref, AdaSplit) and ref.server is not None
+    ref.participants(0, ["a"])
+    ref.train_round({"a": (x["a"], y["a"])})  # the step leaves its gradients on B and the mask
+
+    def norm(params: Any) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.double())
+                                                            for p in params])))
+
+    b_norm, mask_norm = norm(ref.server.module.parameters()), norm(ref.masks.masks["a"].values())
+    assert mask_norm > 2 * b_norm, (b_norm, mask_norm)
+    limit = (b_norm * mask_norm) ** 0.5
+    with threaded_server(large_weights_bundle, tmp_path / "s", strategy="adasplit", round_timeout_s=30,
+                         max_grad_norm=limit, **ADASPLIT) as (url, state):
+        sid = [str(httpx.post(f"{url}/v1/sessions", headers=AUTH).json()["session_id"]) for _ in "ab"]
+        opened = httpx.get(f"{url}/v1/sessions/{sid[0]}/steps/0", headers=AUTH)  # the orchestrator's selection
+        assert opened.status_code == 200 and opened.json()["participate"], opened.text
+        before = _b(state)
+        r = httpx.post(f"{url}/v1/sessions/{sid[0]}/steps/0/train", headers=ST,
+                       content=save({"activation": x["a"].numpy(), "labels": y["a"].numpy()}))
+        message = refused(r, ErrorCode.GRADIENT_TOO_LARGE)["message"]
+        assert f"the parameters of the mask of client {sid[0]!r} is" in message and f"{limit:g}" in message
         assert same(_b(state), before)

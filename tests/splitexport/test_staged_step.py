@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from splitexport import OptimizerSpec, TorchSegment
-from splitexport._torch_segment import UnsafeUpdate
+from splitexport._torch_segment import ProvisionalStep, UnsafeUpdate
 
 OPTIMIZERS = {
     "sgd_momentum": OptimizerSpec(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4),
@@ -85,3 +85,42 @@ def test_finite_weights_whose_sum_overflows_are_kept() -> None:
     seg.try_staged()
     seg.apply_staged()
     assert torch.isfinite(bias).all() and not torch.isfinite(bias.sum())
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_keep_staged_keeps_another_optimizers_step_with_bs_or_neither(name: str) -> None:
+    """``keep_staged(other)`` (AdaSplit's mask beside B): checked, a step the other optimizer's parameters would
+    not survive is refused and leaves B and the other exactly as before (gradients dropped, nothing pending);
+    accepted steps, checked or not, equal the two optimizers' plain steps."""
+    spec = OPTIMIZERS[name]
+
+    def build(checked: bool) -> tuple[TorchSegment, torch.Tensor, ProvisionalStep]:
+        seg = _segment(spec)
+        seg.checked = checked
+        other = torch.ones(4, requires_grad=True)
+        return seg, other, ProvisionalStep(spec.build([other]), "the other")
+
+    def stage(seg: TorchSegment, other: torch.Tensor, g: torch.Tensor, g_other: torch.Tensor) -> None:
+        seg.forward(x)
+        seg.stage_gradient(g)
+        other.grad = g_other.clone()
+
+    def state(seg: TorchSegment, other: torch.Tensor, step: ProvisionalStep) -> dict[str, object]:
+        return {**_state(seg), "other": other.detach().clone(), "other_opt": copy.deepcopy(step.optimizer.state_dict())}
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, generator=gen)
+    (seg, other, step), (plain, plain_other, plain_step) = build(True), build(False)
+    for k in range(3):
+        g, g_other = torch.randn(5, 3, generator=gen) * 1e-2, torch.randn(4, generator=gen)
+        if k == 1:  # after some optimizer state exists
+            before = state(seg, other, step)
+            stage(seg, other, g, torch.full((4,), float("inf")))  # B's gradient is fine, the other's is not
+            with pytest.raises(UnsafeUpdate, match="of the other non-finite"):
+                seg.keep_staged(step)
+            assert _same(state(seg, other, step), before)
+            assert other.grad is None and not seg.has_pending and not step.taken
+        for s, o, p in ((seg, other, step), (plain, plain_other, plain_step)):
+            stage(s, o, g, g_other)
+            s.keep_staged(p)
+        assert _same(state(seg, other, step), state(plain, plain_other, plain_step)), f"step {k}"
