@@ -95,7 +95,9 @@ register(
         tfjs=native("SeededDropout (custom layer; mask from a hash of index and a seed the runtime advances)"),
         tflite_flex=native("seeded hash mask"),
         tflite_builtin=native("seeded hash mask (sin, floor, range)"),
-        restrictions="trains in every device segment; not bit-comparable with torch (own mask stream)",
+        restrictions="trains in every device segment; not bit-comparable with torch (own mask stream); every "
+                     "dropout layer of a segment draws its own masks (TF.js, TFLite: seeds start apart, from the "
+                     "layer's name; at most 1009 masks per segment)",
         build_module=_build, kinds=("dropout",),
     ),
     LayerKind("dropout", _keras, _forward, _backward, after_step=advance_seed),
