@@ -155,6 +155,22 @@ class GroupedConvs(nn.Module):
         return self.fc(h.reshape(h.size(0), -1))
 
 
+class TwoDropouts(nn.Module):
+    """Two Dropout(0.5) layers of the same shape in one segment: ``cat(d1(fc(x)), d2(fc(x)))``, N x 12 -> N x 32.
+    The sent activation divided by ``cat(fc(x), fc(x))`` is the two masks (not a member of :data:`MODELS`:
+    dropout is not bit-comparable with torch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 16)
+        self.d1 = nn.Dropout(0.5)
+        self.d2 = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return torch.cat([self.d1(h), self.d2(h)], 1)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "activations": (Activations, (BATCH, 12)),
     "sequence": (Sequence, (BATCH, 5, 6)),

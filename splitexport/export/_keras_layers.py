@@ -14,7 +14,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras
 
-from .ops._tfshared import effective_kernel, uniform
+from .ops._tfshared import effective_kernel, site_keep
 
 __all__ = ["CUSTOM_LAYERS", "GroupNorm", "SeededDropout", "TorchActivation", "TorchConv2D", "TorchReduce"]
 
@@ -99,7 +99,7 @@ CUSTOM_LAYERS["TorchReduce"] = TorchReduce
 
 
 class SeededDropout(tf_keras.layers.Layer):  # type: ignore[misc]
-    """Dropout whose mask is a hash of (element index, ``seed``): see ``splitexport/export/ops/dropout.py``."""
+    """Dropout whose mask is a hash of (element index, ``seed * SITES``): see ``splitexport/export/ops/dropout.py``."""
 
     def __init__(self, rate: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -112,8 +112,7 @@ class SeededDropout(tf_keras.layers.Layer):  # type: ignore[misc]
     def call(self, inputs: Any, training: Any = None) -> Any:
         if not training or self.rate == 0:
             return inputs
-        keep = tf.cast(uniform(inputs, self.seed) >= self.rate, inputs.dtype) * (1.0 / (1.0 - self.rate))
-        return inputs * keep
+        return inputs * site_keep(inputs, self.rate, self.seed, 0)  # a plain Dropout is site 0 of its layer
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "rate": self.rate}

@@ -9,7 +9,8 @@
  * (nn.TransformerEncoderLayer, relu/gelu, norm_first either); weights keep torch's layout. Attention and
  * encoder layers with dropout > 0 carry `attrs.dropout` (rate per site) and a non-trainable `seed` weight:
  * site k draws its mask with seed `seed * SITES + k`, and the seed advances after every training step
- * (splitexport/export/ops/attention.py).
+ * (splitexport/export/ops/attention.py). `SeededDropout` (plain Dropout) is site 0 of its layer; the exporter
+ * starts every layer's seed where no two sites of a segment hash alike (splitexport/export/ops/dropout.py).
  */
 import * as tf from '@tensorflow/tfjs';
 
@@ -132,7 +133,7 @@ function siteDropout(x, rate, seed, site) {
 const noDropout = (h) => h;
 
 /**
- * Dropout whose mask is a hash of (element index, seed): the forward that sends the activation and the
+ * Dropout whose mask is a hash of (element index, seed * SITES): the forward that sends the activation and the
  * training step that recomputes it draw the same mask. The runtime calls afterTrainStep() after every
  * training step, which advances the seed (a non-trainable weight, saved with the others).
  */
@@ -154,10 +155,7 @@ export class SeededDropout extends tf.layers.Layer {
   call(inputs, kwargs) {
     const x = Array.isArray(inputs) ? inputs[0] : inputs;
     if (!kwargs?.training || this.rate === 0) return x;
-    return tf.tidy(() => {
-      const keep = tf.cast(tf.greaterEqual(seededUniform(x, this.seed.read()), this.rate), 'float32');
-      return tf.mul(x, tf.mul(keep, 1 / (1 - this.rate)));
-    });
+    return tf.tidy(() => siteDropout(x, this.rate, this.seed.read(), 0)); // a plain Dropout is site 0 of its layer
   }
 
   afterTrainStep() {

@@ -13,7 +13,7 @@ from ._registry import tf
 HASH = (251.0, 241.0, 1009.0, 12.9898, 78.233, 37.719, 43758.5453)
 """Constants of the mask hash u = fract(sin(a*12.9898 + b*78.233 + s*37.719) * 43758.5453) with
 a = i mod 251, b = floor(i / 251) mod 241, s = seed mod 1009 (i: flat element index); the
-same in ``_keras_layers.SeededDropout`` (which calls :func:`uniform`) and ``device_runtime/js/src/layers.js``."""
+same in ``_keras_layers.SeededDropout`` (which calls :func:`site_keep`) and ``device_runtime/js/src/layers.js``."""
 
 
 def uniform(x: Any, seed: Any) -> Any:
@@ -34,18 +34,20 @@ def uniform(x: Any, seed: Any) -> Any:
 
 
 SITES = 4
-"""Dropout sites of one layer (attention: the attention weights; encoder layer: those, the feed-forward's
-``dropout``, ``dropout1``, ``dropout2``). Site ``k`` of a layer draws from :func:`uniform` with the seed
+"""Dropout sites of one layer (plain Dropout: site 0; attention: the attention weights; encoder layer: those, the
+feed-forward's ``dropout``, ``dropout1``, ``dropout2``). Site ``k`` of a layer draws from :func:`uniform` with the seed
 ``seed * SITES + k``: its own mask stream, advancing with the layer's one seed (``device_runtime/js/src/layers.js``
 does the same)."""
 
 
+def site_keep(x: Any, rate: float, seed: Any, site: int) -> Any:
+    """The inverted-dropout mask of ``x``'s shape at ``site``: 1 / (1 - rate) with probability 1 - rate, else 0."""
+    return tf.cast(uniform(x, seed * float(SITES) + float(site)) >= rate, x.dtype) * (1.0 / (1.0 - rate))
+
+
 def site_dropout(x: Any, rate: float, seed: Any, site: int) -> Any:
     """Inverted dropout of ``x`` (kept with probability ``1 - rate``, scaled by ``1 / (1 - rate)``) at ``site``."""
-    if rate == 0:
-        return x
-    keep = tf.cast(uniform(x, seed * float(SITES) + float(site)) >= rate, x.dtype)
-    return x * (keep * (1.0 / (1.0 - rate)))
+    return x if rate == 0 else x * site_keep(x, rate, seed, site)
 
 
 def effective_kernel(kernel: Any, a: dict[str, Any], depthwise: bool) -> Any:

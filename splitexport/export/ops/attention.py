@@ -10,21 +10,18 @@ weights (site 0); for the encoder layer also the feed-forward's ``dropout`` (1),
 and ``dropout2`` (3). Site ``k`` draws its mask from the hash with seed ``seed * SITES + k``
 (:func:`._tfshared.site_dropout`), so the sites' masks differ; ``forward`` and ``train`` use the
 current seed and every training step advances it. The seed starts at a value of the layer's
-qualified name (:func:`_first_seed`), so that stacked layers do not draw the same masks. Not
-bit-comparable with torch.
+qualified name (:func:`.dropout.add_seed`, shared with plain Dropout), so that stacked layers do not
+draw the same masks. Not bit-comparable with torch.
 """
 
 from __future__ import annotations
 
-import zlib
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from ..._errors import ExportError
 from ._registry import LayerKind, OpSpec, native, refused, register
-from ._tfshared import HASH, SITES
-from .dropout import advance_seed
+from ._tfshared import SITES
+from .dropout import add_seed, advance_seed
 from .embedding import SERVER, forward_seq, keras_seq
 from .recurrent import _no_builtin_backward, _refusal, check_flags, check_sequence
 
@@ -41,25 +38,12 @@ def _heads(node: _Node, m: Any) -> int:
     return int(m.num_heads)
 
 
-def _first_seed(b: _Builder, node: _Node) -> float:
-    """The seed's start: CRC32 of the qualified name modulo the hash's seed period, moved on while a site's hash
-    seed would equal one of another attention layer of the segment at the same step (they all advance together)."""
-    period = int(HASH[2])
-    near = {d % period for d in range(1 - SITES, SITES)}
-    taken = [int(lyr.weights["seed"][0]) for lyr in b.layers.values()
-             if lyr.kind in ("attention", "encoder") and "seed" in lyr.weights]
-    seed = zlib.crc32(node.path.encode()) % period
-    while any(SITES * (seed - t) % period in near for t in taken):
-        seed = (seed + 1) % period
-    return float(seed)
-
-
 def _dropout(b: _Builder, node: _Node, lyr: Layer, rates: list[float]) -> None:
     """With any rate > 0: the rates per site (``attrs["dropout"]``) and the ``seed`` state, added last."""
     assert len(rates) <= SITES
     if any(rates):
         lyr.attrs["dropout"] = rates
-        lyr.weights["seed"] = np.array([_first_seed(b, node)], np.float32)
+        add_seed(b, node, lyr)
 
 
 def _params(b: _Builder, node: _Node, lyr: Layer, m: Any, prefix: str) -> None:

@@ -172,6 +172,33 @@ def test_dropout_in_a_takes_masks_as_inputs(tmp_path: Path) -> None:
     assert len(masks) == 1
 
 
+def test_two_dropout_layers_get_independent_masks(tmp_path: Path) -> None:
+    """Two same-shaped Dropouts in A (tests/op_models.py TwoDropouts): two mask inputs, drawn one after the other
+    from OrtSegment's generator, so they differ; the sent activation is cat(h * mask_0, h * mask_1) and the step
+    trains on both (torch with those masks, 1e-5)."""
+    from device_runtime import OrtSegment
+    from tests.op_models import TwoDropouts
+
+    torch.manual_seed(0)
+    model = TwoDropouts()
+    masks: list = []
+    export_segment_onnx(model, (12,), tmp_path, is_last=False, optimizer=SGD, name="A", masks_out=masks)
+    assert [(m.p, m.shape, m.layer) for m in masks] == [(0.5, (16,), "d1"), (0.5, (16,), "d2")]
+    seg = OrtSegment.from_directory(tmp_path, learning_rate=0.1, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, g = torch.randn(8, 12, generator=gen), torch.randn(8, 32, generator=gen)
+        w, b = (torch.from_numpy(seg.parameters()[k]) for k in ("fc.weight", "fc.bias"))
+        sent = torch.from_numpy(seg.forward(x.numpy()))
+        m1, m2 = (torch.from_numpy(m) for m in seg._masks)  # type: ignore[union-attr]
+        assert float((m1 == m2).float().mean()) < 0.75  # independent Bernoulli(0.5) masks agree on ~half
+        h = F.linear(x, w, b)
+        assert float((sent - torch.cat([h * m1, h * m2], 1)).abs().max()) <= 1e-5
+        seg.train_with_gradient(x.numpy(), g.numpy())
+        gh = g[:, :16] * m1 + g[:, 16:] * m2
+        assert float((torch.from_numpy(seg.parameters()["fc.weight"]) - (w - 0.1 * gh.T @ x)).abs().max()) <= 1e-5
+
+
 def test_errors_are_export_errors() -> None:
     assert issubclass(UnsupportedOpError, ExportError)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from tests.op_models import MODELS
+from tests.op_models import MODELS, TwoDropouts
 from tests.tf_reference import STATS_TOL, TOL, Case, Reference, reference
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -120,6 +120,67 @@ def test_dropout_trains_on_the_mask_it_sent(variant: str, tmp_path: Path) -> Non
         assert np.abs(after["fc.weight"] - (before["fc.weight"] - 0.1 * (gm.T @ x).numpy())).max() <= TOL
         assert np.abs(after["fc.bias"] - (before["fc.bias"] - 0.1 * gm.sum(0).numpy())).max() <= TOL
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+@pytest.mark.parametrize("variant", ["flex", "builtin"])
+def test_two_dropout_layers_draw_different_masks(variant: str, tmp_path: Path) -> None:
+    """Two same-shaped Dropout layers of one segment start their seeds apart (a value of each name), so at every
+    step their masks differ; the step trains on both masks that were sent, and both seeds advance."""
+    torch.manual_seed(0)
+    model = TwoDropouts()
+    export_tflite_segment(fx.symbolic_trace(model), (8, 12), tmp_path, is_last=False, variants=(variant,),  # type: ignore[arg-type]
+                          batch_size=8, optimizer={"name": "sgd", "lr": 0.1})
+    seg = TfliteSegment.from_directory(tmp_path, variant=variant)  # type: ignore[arg-type]
+    first = {k: float(seg.state()[f"{k}/seed"][0]) for k in ("d1", "d2")}
+    assert first["d1"] != first["d2"], first
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        assert {k: float(seg.state()[f"{k}/seed"][0]) for k in first} == {k: v + step for k, v in first.items()}
+        x = torch.randn(8, 12, generator=gen)
+        g = torch.randn(8, 32, generator=gen)
+        before = seg.parameters()
+        sent = torch.from_numpy(seg.forward(x.numpy()))
+        h = torch.nn.functional.linear(x, torch.from_numpy(before["fc.weight"]), torch.from_numpy(before["fc.bias"]))
+        mask = (sent.abs() > 1e-6).float() * 2.0
+        assert (sent - torch.cat([h, h], 1) * mask).abs().max() <= TOL
+        m1, m2 = mask.split(16, 1)
+        same = float((m1 == m2).float().mean())
+        assert same < 0.75, (step, same)  # independent Bernoulli(0.5) masks agree on ~half (128 elements)
+        seg.train_with_gradient(x.numpy(), g.numpy())
+        g1, g2 = g.split(16, 1)
+        gh = g1 * m1 + g2 * m2  # torch's step with both masks that were sent
+        after = seg.parameters()
+        assert np.abs(after["fc.weight"] - (before["fc.weight"] - 0.1 * (gh.T @ x).numpy())).max() <= TOL
+        assert np.abs(after["fc.bias"] - (before["fc.bias"] - 0.1 * gh.sum(0).numpy())).max() <= TOL
+
+
+def test_dropout_sites_of_a_segment_never_hash_alike() -> None:
+    """80 Dropout layers (names that collide mod 1009, so the start moves on), then an encoder layer with 4 sites:
+    every site hashes with its own seed (mod 1009); both readers agree; more than 1009 masks are refused."""
+    from splitexport.export._layergraph import layer_graph
+    from splitexport.export.ops._tfshared import SITES
+
+    class Many(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.drops = nn.ModuleList(nn.Dropout(0.1) for _ in range(n))
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for drop in self.drops:
+                x = drop(x)
+            return self.enc(x)  # type: ignore[no-any-return]
+
+    import zlib
+    starts = [zlib.crc32(f"drops.{i}".encode()) % 1009 for i in range(80)]
+    assert len(set(starts)) < len(starts)  # the test needs a collision of the names' hashes
+    graphs = [layer_graph(m, (2, 5, 8)) for m in (fx.symbolic_trace(Many(80)), torch.jit.script(Many(80)))]
+    seeds = [[(lyr.kind, int(lyr.weights["seed"][0])) for lyr in g.layers if "seed" in lyr.weights] for g in graphs]
+    assert seeds[0] == seeds[1] and len(seeds[0]) == 81
+    hashed = [(s * SITES + k) % 1009 for kind, s in seeds[0] for k in (range(SITES) if kind == "encoder" else [0])]
+    assert len(hashed) == 84 and len(set(hashed)) == len(hashed)
+    with pytest.raises(ExportError, match=r"'drops\.1009' \(Dropout\): more dropout masks in one device segment"):
+        layer_graph(fx.symbolic_trace(Many(1010)), (2, 5, 8))
 
 
 @pytest.mark.parametrize(

@@ -145,8 +145,8 @@ _FLAT = BATCH * T * 16
 def tflite_masks(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``masks(seed, shapes)``: the masks of the dropout sites at the layer seed ``seed``, drawn by TFLite itself.
 
-    Site k hashes with the seed ``seed * 4 + k``; the masks come from a plain Dropout(P_DROP) exported as TFLite
-    flex, its seed set to that value, run on ones (batch 1: the hash index is the flat element index of the
+    Site k hashes with the seed ``seed * 4 + k`` (mod 1009); the masks come from a plain Dropout(P_DROP) exported as
+    TFLite flex (site 0 of its layer: hash seed ``4 * its seed``), its seed set so that it hashes alike, run on ones (batch 1: the hash index is the flat element index of the
     N x ... site tensor). The same kernels as the device's, so no rounding difference from TensorFlow's own sin
     (which flips ~0.1% of the mask elements) enters."""
     from device_runtime._tflite import TfliteSegment
@@ -160,7 +160,8 @@ def tflite_masks(tmp_path_factory: pytest.TempPathFactory) -> Any:
         result = {}
         for site, shape in shapes.items():
             state = seg.state()
-            state["drop/seed"] = np.array([seed * SITES + site], np.float32)
+            # 4 * d = 4 * seed + site (mod 1009): d = seed + site / 4 in the integers mod 1009
+            state["drop/seed"] = np.array([(seed + site * pow(SITES, -1, 1009)) % 1009], np.float32)
             seg.load_state(state)
             flat = seg.forward(np.ones((1, _FLAT), np.float32))[0]
             result[site] = torch.from_numpy(flat[: int(np.prod(shape))].reshape(shape).copy())

@@ -112,6 +112,28 @@ def test_dropout_is_a_seeded_dropout_layer_in_every_segment(tmp_path: Path) -> N
         assert "SeededDropout" in {layer["class_name"] for layer in topology}
 
 
+def test_two_dropout_layers_draw_different_masks_tfjs(tmp_path: Path) -> None:
+    """The JS runtime on the exporter's TwoDropouts (device_runtime/js/test/layers_ops.test.js): the two
+    same-shaped Dropout layers start their seeds apart, so their masks differ at every step; the step trains on
+    both masks that were sent (1e-5), and both seeds advance."""
+    import shutil
+    import subprocess
+
+    from tests.device_runtime.tfjs_fixtures import JS
+    from tests.op_models import TwoDropouts
+
+    node = shutil.which("node")
+    assert node, "node (>= 18) is required for the JS device runtime tests"
+    torch.manual_seed(0)
+    export_tfjs_segment(fx.symbolic_trace(TwoDropouts()), (8, 12), tmp_path, is_last=False,
+                        optimizer={"name": "sgd", "lr": 0.1})
+    env = {**os.environ, "SPLITEXPORT_TFJS_TWO_DROPOUTS": str(tmp_path)}
+    proc = subprocess.run([node, "--test", "--test-name-pattern", "two SeededDropout", "test/layers_ops.test.js"],
+                          cwd=JS, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "(exported) draw different masks" in proc.stdout and "\n# pass 1" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_artifacts_are_a_trainable_layers_model(tmp_path: Path) -> None:
     seg = partition(FACTORIES["mobilenet_cnn"](), ["block1"], torch.zeros(2, 1, 8, 8)).segments[0]
     files = write_tfjs(layer_graph(seg.module, seg.input_shape), tmp_path, is_last=False, optimizer={"lr": 0.01})
