@@ -9,7 +9,7 @@ import signal
 import time
 
 FAULT_POINTS = ("before_commit", "in_commit", "after_commit", "after_apply", "in_snapshot", "after_snapshot",
-                "after_round_end")
+                "after_round_end", "in_session_commit", "after_session_commit")
 DELAY_POINTS = ("session_commit",)
 
 

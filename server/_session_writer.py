@@ -31,10 +31,13 @@ _Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 class SessionWriter:
     """Queues session changes and commits them in batches on its own thread, in arrival order."""
 
-    def __init__(self, store: Store, before_commit: Callable[[], None] | None = None) -> None:
-        """``before_commit`` runs inside each batch's transaction (test-only delays, :mod:`._faults`)."""
+    def __init__(self, store: Store, before_commit: Callable[[], None] | None = None,
+                 after_commit: Callable[[], None] | None = None) -> None:
+        """``before_commit`` runs inside each batch's transaction, ``after_commit`` after it, before anyone is told
+        (test-only delays and crashes, :mod:`._faults`)."""
         self._store = store
         self._before_commit = before_commit
+        self._after_commit = after_commit
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitexport-store")
         self._lock = threading.Lock()
         self._queue: list[tuple[SessionWrite, _Waiter | None]] = []
@@ -67,6 +70,8 @@ class SessionWriter:
         error: Exception | None = None
         try:
             self._store.write_sessions([change for change, _ in batch], self._before_commit)
+            if self._after_commit is not None:
+                self._after_commit()
         except Exception as exc:  # noqa: BLE001 - handed to every waiter (storage errors become 507/503 there)
             error = exc
             later = [(change, None) for change, waiter in batch if waiter is None]

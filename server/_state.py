@@ -136,7 +136,8 @@ class ServerState:
         self.snapshot_every = 1 if replicated else settings.checkpoint_every or 100
         self.store = Store(settings.state_dir, settings.sqlite_synchronous)
         self.resumed_from = self._restore()
-        self.session_writer = SessionWriter(self.store, lambda: delay("session_commit"))
+        self.session_writer = SessionWriter(self.store, self._in_session_commit,
+                                            lambda: fault("after_session_commit", self.applied_steps))
         self.prometheus = Metrics(self.metrics)
 
     # -- auth and sessions -------------------------------------------------------------------
@@ -213,6 +214,11 @@ class ServerState:
         except (OSError, sqlite3.Error) as exc:
             self.counters["storage_errors"] += 1
             raise storage_error(exc) from exc
+
+    def _in_session_commit(self) -> None:
+        """Inside a batch of session writes (the writer's thread): the test-only delay and crash points."""
+        delay("session_commit")
+        fault("in_session_commit", self.applied_steps)
 
     def _forget(self, session: Session) -> None:
         """Drop a closed or expired session from memory (its store rows go separately)."""

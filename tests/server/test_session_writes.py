@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests._support import TOKEN, threaded_server
+from tests._support import TOKEN, ServerProcess, threaded_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SLOW_S = 1.0
@@ -109,3 +109,34 @@ def test_concurrent_opens_share_a_commit_and_keep_the_cap_and_idempotency(mlp_bu
         assert pair[0].json()["session_id"] == pair[1].json()["session_id"]
         assert ("device-7",) in [r[1:2] for r in _rows(state_dir, "idempotency")]
         assert len(_rows(state_dir)) == len(state.sessions) == 5
+
+
+@pytest.mark.parametrize("point", ["in_session_commit", "after_session_commit"])
+def test_sigkill_in_an_open_keeps_acknowledged_sessions_and_the_retry_works(mlp_bundle: Path, tmp_path: Path,
+                                                                            point: str) -> None:
+    """A real ``splitexport serve`` SIGKILLed inside an open's transaction, or after its commit before the reply: the
+    device got no answer; after a restart the session opened before is there, and the retry with the same
+    Idempotency-Key gets one session (the committed one when the commit had ended)."""
+    state_dir = tmp_path / "s"
+    server = ServerProcess(mlp_bundle, state_dir, None, stderr_dir=tmp_path)
+    try:
+        server.start()
+        before = httpx.post(f"{server.url}/v1/sessions", timeout=10).json()["session_id"]
+        server.stop()
+        server.start(fault=f"{point}:0")
+        keyed = {"Idempotency-Key": "device-1"}
+        with pytest.raises(httpx.TransportError):
+            httpx.post(f"{server.url}/v1/sessions", headers=keyed, timeout=10)
+        assert server.proc is not None and server.proc.wait(timeout=10) == -9
+        rows = {r[0] for r in _rows(state_dir)}
+        assert before in rows and len(rows) == (2 if point == "after_session_commit" else 1)
+        server.start()
+        retried = httpx.post(f"{server.url}/v1/sessions", headers=keyed, timeout=10)
+        assert retried.status_code == 201
+        sid = retried.json()["session_id"]
+        if point == "after_session_commit":
+            assert rows == {before, sid}  # the session the killed call committed
+        assert httpx.get(f"{server.url}/v1/sessions/{before}", timeout=10).status_code == 200
+        assert {r[0] for r in _rows(state_dir)} == {before, sid}
+    finally:
+        server.stop()
