@@ -1,7 +1,7 @@
 """What the server's state costs: sessions, durability bytes, per-call CPU (issue 12).
 
     python benchmarks/bench_server_state.py [--smoke] [--steps 200] [--sessions 5000] [--devices 60]
-                                            [--only sessions|bytes|cpu|check|store|healthz|strategy ...] [--json out.json]
+                                            [--only sessions|bytes|cpu|check|store|healthz|strategy|sessions-open ...] [--json out.json]
 
 ``splitexport serve --threads 1`` runs in a child process on loopback; this process is one device
 sending fixed forward/backward bodies (batch 32) over one HTTP connection:
@@ -30,6 +30,11 @@ sending fixed forward/backward bodies (batch 32) over one HTTP connection:
 * **/healthz under contention**: ``--devices`` devices (a child process, asyncio) step B as fast as
   the lease lets them for ``--seconds`` while this process GETs ``/healthz`` every 10 ms on its own
   connection: p50, p99 and max latency (the event loop must never be held by training).
+* **sessions-open**: how long the event loop is held per session open and per close (the server's
+  ``ServerState`` in this process, ``--sessions-open`` opens by 8 concurrent callers, then their closes): a
+  ticker on the loop wakes every millisecond and sums how late it wakes; also the longest stall, the loop
+  thread's CPU time, the wall time per call and the store commits per call (group commit). It also runs a checkout whose
+  ``open_session`` is still synchronous (the store's commit on the loop): copy this file into it to compare.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import inspect
 import json
 import multiprocessing
 import os
@@ -392,7 +398,81 @@ def bench_healthz(root: Path, devices: int, seconds: float) -> dict[str, Any]:
             "healthz_max_ms": float(lat.max())}
 
 
-PARTS = ("sessions", "bytes", "cpu", "check", "store", "healthz", "strategy")
+async def _open_close_lag(state: Any, n: int, callers: int) -> dict[str, float]:
+    """Open ``n`` sessions from ``callers`` concurrent coroutines, then close them likewise, while a ticker on the
+    loop measures how late it wakes (a 1 ms sleep); per phase: the loop's total lateness and longest stall (the
+    ticker's lateness when idle, for reference)."""
+    from server._session import Session
+
+    lateness: list[float] = []
+    running = True
+
+    async def ticker() -> None:
+        while running:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lateness.append(max(time.perf_counter() - t0 - 0.001, 0.0))
+
+    async def call(fn: Callable[..., Any], *args: Any) -> Any:
+        result = fn(*args)  # a checkout before the session writer: synchronous, the commit on the loop
+        return await result if inspect.isawaitable(result) else result
+
+    sessions: list[Session] = []
+
+    async def opener(k: int) -> None:
+        for _ in range(k):
+            sessions.append(await call(state.open_session, "t" * 64))
+            await asyncio.sleep(0)  # one request each: the loop may run others between them
+
+    async def closer(mine: list[Session]) -> None:
+        for s in mine:
+            await call(state.close_session, s)
+            await asyncio.sleep(0)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
+    lateness.clear()
+    await asyncio.sleep(0.5)  # the ticker's own lateness on this machine, nothing else running
+    out: dict[str, float] = {"idle_late_ms_per_s": sum(lateness) / 0.5 * 1e3,
+                             "idle_longest_stall_ms": max(lateness, default=0.0) * 1e3}
+    for phase in ("open", "close"):
+        lateness.clear()
+        commits, t0, cpu0 = state.store.commits, time.perf_counter(), time.thread_time()
+        if phase == "open":
+            await asyncio.gather(*(opener(n // callers) for _ in range(callers)))
+        else:
+            await asyncio.gather(*(closer(sessions[i::callers]) for i in range(callers)))
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+        await asyncio.sleep(0.01)  # the ticker records a stall when it wakes: let it wake before reading
+        calls = n // callers * callers
+        out.update({f"loop_held_ms_per_{phase}": sum(lateness) / calls * 1e3,
+                    f"longest_stall_ms_{phase}": max(lateness, default=0.0) * 1e3,
+                    f"wall_ms_per_{phase}": wall / calls * 1e3,
+                    f"loop_cpu_ms_per_{phase}": cpu / calls * 1e3,
+                    f"commits_per_{phase}": (state.store.commits - commits) / calls})
+    running = False
+    await tick
+    return out
+
+
+def bench_sessions_open(root: Path, n: int, callers: int = 8) -> dict[str, Any]:
+    """Session opens and closes on the event loop (see :func:`_open_close_lag`), ``synchronous=FULL``."""
+    from server import ServerSettings, ServerState
+
+    settings = ServerSettings(bundle=make_bundle(root, "mlp"), state_dir=root / "s-open",
+                              max_sessions_per_token=n, max_sessions=n)
+    state = ServerState(settings)
+
+    async def run() -> dict[str, float]:
+        try:
+            return await _open_close_lag(state, n, callers)
+        finally:
+            await state.aclose()
+
+    return {"sessions": n // callers * callers, "callers": callers, **asyncio.run(run())}
+
+
+PARTS = ("sessions", "bytes", "cpu", "check", "store", "healthz", "strategy", "sessions-open")
 
 
 def main() -> None:
@@ -400,6 +480,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--sessions", type=int, default=5000)
+    p.add_argument("--sessions-open", type=int, default=400, help="sessions-open: how many sessions to open and close")
     p.add_argument("--devices", type=int, default=60, help="devices contending for B while /healthz is probed")
     p.add_argument("--seconds", type=float, default=20, help="how long they contend")
     p.add_argument("--compare", type=Path, default=None,
@@ -434,6 +515,8 @@ def main() -> None:
             result["healthz"] = bench_healthz(root, devices, seconds)
         if "strategy" in parts:
             result["strategy"] = bench_strategy_bytes(root, "mlp" if args.smoke else "mlp10m", max(steps // 20, 3))
+        if "sessions-open" in parts:
+            result["sessions_open"] = bench_sessions_open(root, 16 if args.smoke else args.sessions_open)
     print(f"machine: {result['machine']}")
     if "sessions" in result:
         s = result["sessions"]
@@ -466,6 +549,16 @@ def main() -> None:
         print(f"/healthz while {h['devices']} devices contend for B ({h['steps']} steps in {h['seconds']:g} s): "
               f"p50 {h['healthz_p50_ms']:.1f} ms, p99 {h['healthz_p99_ms']:.1f} ms, max {h['healthz_max_ms']:.1f} ms "
               f"over {h['probes']} probes")
+    if "sessions_open" in result:
+        o = result["sessions_open"]
+        print(f"event-loop ticker (1 ms) idle: {o['idle_late_ms_per_s']:.1f} ms late per second, longest stall "
+              f"{o['idle_longest_stall_ms']:.1f} ms")
+        for phase in ("open", "close"):
+            print(f"{o['sessions']} session {phase}s by {o['callers']} concurrent callers: event loop held "
+                  f"{o[f'loop_held_ms_per_{phase}']:.3f} ms per {phase} (longest stall "
+                  f"{o[f'longest_stall_ms_{phase}']:.1f} ms; its thread's CPU {o[f'loop_cpu_ms_per_{phase}']:.3f} ms), "
+                  f"{o[f'wall_ms_per_{phase}']:.2f} ms wall and "
+                  f"{o[f'commits_per_{phase}']:.2f} commits per {phase}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -10,6 +10,7 @@ the step's inputs in the log), and only then applied, so a failure before the co
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import hmac
@@ -31,14 +32,15 @@ from splitexport import Bundle, TorchSegment, UnsafeUpdate, load_bundle
 from splitexport.protocol import ErrorCode, ServerReply
 
 from ._errors import APIError
-from ._faults import fault
+from ._faults import delay, fault
 from ._metrics import Metrics
 from ._ratelimit import FailureLimiter
 from ._rounds import RoundHost, build_strategy
 from ._scheduler import BExecutor, LeaseScheduler, SessionSteps, StepScheduler
 from ._session import Cached, ExactlyOnce, Session
+from ._session_writer import SessionWriter
 from ._settings import ServerSettings
-from ._store import FORMAT, LogEvent, StateError, StepRecord, Store, unpack
+from ._store import FORMAT, LogEvent, SessionWrite, StateError, StepRecord, Store, unpack
 from ._timing import timed
 from ._wire import encode, encode_exact, encode_reply, float_tensor, label_tensor
 
@@ -71,8 +73,9 @@ def storage_error(exc: BaseException) -> APIError:
 class ServerState:
     """Everything the endpoints share, and the :class:`~._scheduler.Host` the step schedulers use.
 
-    The calls are coroutines on the event loop: bookkeeping there, B's compute and the store's writes on the one
-    :class:`BExecutor` thread (``self._lock`` guards the sessions against the snapshot writer there).
+    The calls are coroutines on the event loop: bookkeeping there, B's compute and the store's step writes on the
+    one :class:`BExecutor` thread (``self._lock`` guards the sessions against the snapshot writer there), session
+    opens and deletes on the :class:`~._session_writer.SessionWriter`'s thread: the loop never waits for the disk.
     """
 
     def __init__(self, settings: ServerSettings, *, replicated: bool = False) -> None:
@@ -100,6 +103,10 @@ class ServerState:
         """Least recently seen first (expiry pops from the front) (``Session.opened`` is the order they opened in)."""
         self.opened_by_key: dict[tuple[str, str], str] = {}
         """(token hash, ``Idempotency-Key``) -> the open session it made."""
+        self._opening: dict[str, Session] = {}
+        """Sessions whose open is being committed: not usable yet, but they count against the caps."""
+        self._opening_by_key: dict[tuple[str, str], tuple[Session, asyncio.Future[None]]] = {}
+        """(token hash, ``Idempotency-Key``) -> the open being committed (a retry meanwhile waits for it)."""
         self.applied_steps = 0
         self._opened = 0
         self._since_snapshot = 0
@@ -129,6 +136,8 @@ class ServerState:
         self.snapshot_every = 1 if replicated else settings.checkpoint_every or 100
         self.store = Store(settings.state_dir, settings.sqlite_synchronous)
         self.resumed_from = self._restore()
+        self.session_writer = SessionWriter(self.store, self._in_session_commit,
+                                            lambda: fault("after_session_commit", self.applied_steps))
         self.prometheus = Metrics(self.metrics)
 
     # -- auth and sessions -------------------------------------------------------------------
@@ -154,31 +163,62 @@ class ServerState:
             raise APIError(401, "bad_token", "the bearer token is not valid")
         return digest
 
-    def open_session(self, token_hash: str, idempotency_key: str | None = None) -> Session:
-        """A new session; with an ``idempotency_key`` this token opened a still open session with, that session."""
+    async def open_session(self, token_hash: str, idempotency_key: str | None = None) -> Session:
+        """A new session, answered once it is durable; with an ``idempotency_key`` this token opened a still open
+        session with (or is opening one with), that session. The commit runs on the session writer's thread."""
+        key = None if idempotency_key is None else (token_hash, idempotency_key)
         with self._lock:
             self._expire()
-            if idempotency_key is not None:
-                known = self.opened_by_key.get((token_hash, idempotency_key))
-                if known is not None and known in self.sessions:
-                    session = self.sessions[known]
-                    session.last_seen = time.monotonic()
-                    self.sessions.move_to_end(known)
-                    self.counters["retries"] += 1
-                    return session
-            self._check_session_caps(token_hash)
-            self._opened += 1
-            session = Session(id=self.session_prefix + secrets.token_urlsafe(12), token_hash=token_hash,
-                              idempotency_key=idempotency_key, opened=self._opened)
-            try:
-                self.store.open_session(session.id, token_hash, idempotency_key)
-            except (OSError, sqlite3.Error) as exc:
-                self.counters["storage_errors"] += 1
-                raise storage_error(exc) from exc
+            known = None if key is None else self.opened_by_key.get(key)
+            if known is not None and known in self.sessions:
+                session = self.sessions[known]
+                session.last_seen = time.monotonic()
+                self.sessions.move_to_end(known)
+                self.counters["retries"] += 1
+                return session
+            opening = None if key is None else self._opening_by_key.get(key)
+            if opening is not None:
+                session, committed = opening
+                self.counters["retries"] += 1
+            else:
+                self._check_session_caps(token_hash)
+                self._opened += 1
+                session = Session(id=self.session_prefix + secrets.token_urlsafe(12), token_hash=token_hash,
+                                  idempotency_key=idempotency_key, opened=self._opened)
+                self._opening[session.id] = session
+                committed = self.session_writer.write(SessionWrite.open(session.id, token_hash, idempotency_key))
+                if key is not None:
+                    self._opening_by_key[key] = (session, committed)
+                # on the loop as soon as the commit ends, whether or not this call is still waiting for it
+                committed.add_done_callback(lambda f: self._opened_done(session, key, f))
+        await self._committed(committed)
+        return session
+
+    def _opened_done(self, session: Session, key: tuple[str, str] | None, committed: asyncio.Future[None]) -> None:
+        """An open's commit ended: a committed session becomes usable; a failed one leaves nothing behind."""
+        with self._lock:
+            self._opening.pop(session.id, None)
+            if key is not None:
+                self._opening_by_key.pop(key, None)
+            if committed.exception() is not None:
+                return
+            session.last_seen = time.monotonic()
             self.sessions[session.id] = session
-            if idempotency_key is not None:
-                self.opened_by_key[(token_hash, idempotency_key)] = session.id
-            return session
+            if key is not None:
+                self.opened_by_key[key] = session.id
+
+    async def _committed(self, committed: asyncio.Future[None]) -> None:
+        """Wait for a session write (shielded: a cancelled call does not undo a commit); a storage error as 507/503."""
+        try:
+            await asyncio.shield(committed)
+        except (OSError, sqlite3.Error) as exc:
+            self.counters["storage_errors"] += 1
+            raise storage_error(exc) from exc
+
+    def _in_session_commit(self) -> None:
+        """Inside a batch of session writes (the writer's thread): the test-only delay and crash points."""
+        delay("session_commit")
+        fault("in_session_commit", self.applied_steps)
 
     def _forget(self, session: Session) -> None:
         """Drop a closed or expired session from memory (its store rows go separately)."""
@@ -189,11 +229,12 @@ class ServerState:
 
     def _check_session_caps(self, token_hash: str) -> None:
         """429 ``too_many_sessions`` when the server or this token already holds its maximum of open sessions."""
-        total, cap = len(self.sessions), self.settings.max_sessions
+        total, cap = len(self.sessions) + len(self._opening), self.settings.max_sessions
         if total >= cap:
             raise APIError.of(ErrorCode.TOO_MANY_SESSIONS, f"the server holds its maximum of {cap} open sessions; "
                               "retry when some have closed or expired", limit=cap)
-        mine, cap = sum(s.token_hash == token_hash for s in self.sessions.values()), self.settings.max_sessions_per_token
+        mine = sum(s.token_hash == token_hash for group in (self.sessions, self._opening) for s in group.values())
+        cap = self.settings.max_sessions_per_token
         if mine >= cap:
             raise APIError.of(ErrorCode.TOO_MANY_SESSIONS, f"this token holds its maximum of {cap} open sessions; "
                               "close one (DELETE /v1/sessions/{id}) or continue one of them", limit=cap)
@@ -210,14 +251,17 @@ class ServerState:
             self.sessions.move_to_end(session_id)
             return session
 
-    def close_session(self, session: Session) -> None:
-        with self._lock:
-            try:
-                self.store.delete_sessions([session.id])
-            except (OSError, sqlite3.Error) as exc:
-                self.counters["storage_errors"] += 1
-                raise storage_error(exc) from exc
-            self._forget(session)
+    async def close_session(self, session: Session) -> None:
+        """Delete ``session``, answered once the delete is durable (committed on the session writer's thread)."""
+        committed = self.session_writer.write(SessionWrite.delete([session.id]))
+
+        def forget(f: asyncio.Future[None]) -> None:
+            if f.exception() is None:
+                with self._lock:
+                    self._forget(session)
+
+        committed.add_done_callback(forget)
+        await self._committed(committed)
 
     def _expire(self) -> None:
         """Drop the sessions idle longer than the TTL (oldest first: O(expired), not O(sessions))."""
@@ -229,11 +273,8 @@ class ServerState:
                 break
             self._forget(s)
             gone.append(sid)
-        if gone:
-            try:
-                self.store.delete_sessions(gone)
-            except (OSError, sqlite3.Error):  # they are gone from memory; the rows go with the next expiry
-                log.warning("could not delete %d expired sessions from the store", len(gone))
+        if gone:  # they are gone from memory; their rows go with the session writer's next batch
+            self.session_writer.write_later(SessionWrite.delete(gone))
 
     # -- the calls ----------------------------------------------------------------------------
 
@@ -409,11 +450,11 @@ class ServerState:
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"state directory {self.settings.state_dir} is unusable: {exc}") from exc
         if snap is None and replayed == 0 and not self.sessions:
-            log.warning("fresh start in %s", self.settings.state_dir)
+            log.warning("fresh start in %s (synchronous=%s)", self.settings.state_dir, self.store.synchronous)
             return None
-        log.warning("resumed from step %d (%d from the snapshot, %d replayed from the log; %d sessions) in %s",
-                    self.applied_steps, self.applied_steps - replayed, replayed, len(self.sessions),
-                    self.settings.state_dir)
+        log.warning("resumed from step %d (%d from the snapshot, %d replayed from the log; %d sessions) in %s "
+                    "(synchronous=%s)", self.applied_steps, self.applied_steps - replayed, replayed, len(self.sessions),
+                    self.settings.state_dir, self.store.synchronous)
         return self.applied_steps
 
     def _replay_log(self) -> int:
@@ -451,6 +492,7 @@ class ServerState:
             await self.executor.run(self.checkpoint)
         finally:
             self.executor.shutdown()
+            self.session_writer.shutdown()
             self.store.close()
 
     def metrics(self) -> dict[str, float]:

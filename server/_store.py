@@ -70,6 +70,23 @@ class StoredSession:
     idempotency_key: str | None = None
 
 
+@dataclass(frozen=True)
+class SessionWrite:
+    """One session change for :meth:`Store.write_sessions`: an open (``token_hash`` set) or a delete."""
+
+    session_ids: tuple[str, ...]
+    token_hash: str | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def open(cls, session_id: str, token_hash: str, idempotency_key: str | None = None) -> SessionWrite:
+        return cls((session_id,), token_hash, idempotency_key)
+
+    @classmethod
+    def delete(cls, session_ids: list[str]) -> SessionWrite:
+        return cls(tuple(session_ids))
+
+
 @dataclass
 class StepRecord:
     """One applied step for the log: who, which, and the inputs that replay B's update."""
@@ -157,6 +174,8 @@ class Store:
             self._db = sqlite3.connect(state_dir / DB, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
+            self.synchronous = ("OFF", "NORMAL", "FULL", "EXTRA")[self._db.execute("PRAGMA synchronous").fetchone()[0]]
+            """The connection's ``PRAGMA synchronous`` as SQLite reports it (the start log line names it)."""
             self._db.executescript(_SCHEMA)
             self._file = self._identity()
         except (OSError, sqlite3.Error) as exc:
@@ -220,17 +239,28 @@ class Store:
         return list(out.values())
 
     def open_session(self, session_id: str, token_hash: str, idempotency_key: str | None = None) -> None:
-        with self._txn() as db:
-            db.execute("INSERT INTO sessions VALUES (?, ?, 0, 'forward')", (session_id, token_hash))
-            if idempotency_key is not None:
-                db.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?)",
-                           (token_hash, idempotency_key, session_id))
+        self.write_sessions([SessionWrite.open(session_id, token_hash, idempotency_key)])
 
     def delete_sessions(self, session_ids: list[str]) -> None:
+        self.write_sessions([SessionWrite.delete(session_ids)])
+
+    def write_sessions(self, writes: list[SessionWrite], before_commit: Callable[[], None] | None = None) -> None:
+        """Opens and deletes of sessions, in order, in one transaction (``._session_writer`` groups them)."""
         with self._txn() as db:
-            db.executemany("DELETE FROM sessions WHERE id = ?", [(s,) for s in session_ids])
-            db.executemany("DELETE FROM responses WHERE session_id = ?", [(s,) for s in session_ids])
-            db.executemany("DELETE FROM idempotency WHERE session_id = ?", [(s,) for s in session_ids])
+            for w in writes:
+                if w.token_hash is not None:
+                    sid = w.session_ids[0]
+                    db.execute("INSERT INTO sessions VALUES (?, ?, 0, 'forward')", (sid, w.token_hash))
+                    if w.idempotency_key is not None:
+                        db.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?)",
+                                   (w.token_hash, w.idempotency_key, sid))
+                else:
+                    ids = [(s,) for s in w.session_ids]
+                    db.executemany("DELETE FROM sessions WHERE id = ?", ids)
+                    db.executemany("DELETE FROM responses WHERE session_id = ?", ids)
+                    db.executemany("DELETE FROM idempotency WHERE session_id = ?", ids)
+            if before_commit is not None:
+                before_commit()
 
     # -- steps --------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ async def open_session(state: State, token_hash: Caller, idempotency_key: Idempo
     """Open a session for one device; its steps start at 0. A retry with the same ``Idempotency-Key`` (and
     token) answers the session the first call opened, as long as it is open. With replicated B the reply names
     the replica (``replica``, ``url``); one server leaves them out."""
-    s = state.open_session(token_hash, idempotency_key)
+    s = await state.open_session(token_hash, idempotency_key)
     return {**s.public(), "split": state.split, "segment": state.spec.name, **state.open_extra}
 
 
@@ -46,7 +46,7 @@ async def get_session(session: CurrentSession) -> dict[str, object]:
 
 @router.delete("/{session_id}", status_code=204)
 async def close_session(session: CurrentSession, state: State) -> Response:
-    state.close_session(session)
+    await state.close_session(session)
     return Response(status_code=204)
 
 

@@ -268,7 +268,7 @@ def test_truncated_body(resnet_bundle: Path, tmp_path: Path) -> None:
     closes the connection), so the app is called as an ASGI server that does deliver it would call it."""
     app = create_app(ServerSettings(bundle=resnet_bundle, state_dir=tmp_path / "state", tokens=TOKEN))
     state = app.state.server
-    sid = state.open_session(state.check_token(TOKEN)).id
+    sid = anyio.run(state.open_session, state.check_token(TOKEN)).id
     before = {k: v.clone() for k, v in state.segment.module.state_dict().items()}
     body = save({"activation": act()})
     sent: list[MutableMapping[str, Any]] = []
