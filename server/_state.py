@@ -30,6 +30,7 @@ from safetensors.torch import load as st_load
 
 from splitexport import Bundle, TorchSegment, UnsafeUpdate, load_bundle
 from splitexport.protocol import ErrorCode, ServerReply
+from splitexport.strategies import STRATEGIES
 
 from ._errors import APIError
 from ._faults import delay, fault
@@ -94,7 +95,7 @@ class ServerState:
         self.loss_kind = manifest.loss.kind
         self.num_outputs = int(self.spec.output.sample_shape[-1]) if self.spec.output.sample_shape else 1
         self.segment = TorchSegment(self.bundle.torch_segment(self.spec.name).to(settings.device), manifest.optimizer,
-                                    loss=self.loss_kind, input_grad=True, restorable=True,
+                                    loss=self.loss_kind, input_grad=self._sends_gradient(settings), restorable=True,
                                     checked=settings.strategy is not None, max_grad_norm=settings.max_grad_norm,
                                     device=settings.device)
         self.tokens = {_hash(t) for t in settings.token_set()}
@@ -141,6 +142,12 @@ class ServerState:
         self.prometheus = Metrics(self.metrics)
 
     # -- auth and sessions -------------------------------------------------------------------
+
+    @staticmethod
+    def _sends_gradient(settings: ServerSettings) -> bool:
+        """Whether B's replies carry dL/d(input) (AdaSplit's do not: its devices train A on a local loss)."""
+        strategy = STRATEGIES.get(settings.strategy or "")
+        return strategy is None or strategy.sends_gradient
 
     @property
     def auth_required(self) -> bool:
