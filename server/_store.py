@@ -271,9 +271,9 @@ class Store:
         seq = 0
         with self._txn() as db:
             for r in records:
-                db.execute("UPDATE sessions SET next_step = ?, phase = 'forward' WHERE id = ?",
-                           (r.next_step, r.session_id))
-                if r.response is not None:
+                row = db.execute("UPDATE sessions SET next_step = ?, phase = 'forward' WHERE id = ?",
+                                 (r.next_step, r.session_id))
+                if r.response is not None and row.rowcount:  # a session deleted meanwhile keeps no reply row
                     db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
                                (r.session_id, r.kind, r.step, r.body_sha, r.response))
                     self.bytes_written += len(r.response) + 64

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server._store import SessionWrite, StepRecord, Store
 from tests._support import TOKEN, ServerProcess, threaded_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -140,3 +141,16 @@ def test_sigkill_in_an_open_keeps_acknowledged_sessions_and_the_retry_works(mlp_
         assert {r[0] for r in _rows(state_dir)} == {before, sid}
     finally:
         server.stop()
+
+
+def test_a_step_committed_after_its_session_was_deleted_keeps_no_reply_row(tmp_path: Path) -> None:
+    """A DELETE that commits while the session's step is on B's thread: the step's commit logs B's update (it was
+    applied) but stores no reply for a session that no longer exists."""
+    store = Store(tmp_path)
+    store.write_sessions([SessionWrite.open("gone", "t"), SessionWrite.open("kept", "t")])
+    store.write_sessions([SessionWrite.delete(["gone"])])
+    seq = store.commit_steps([StepRecord(sid, "backward", 0, 1, "sha", b"reply", b"inputs") for sid in ("gone", "kept")])
+    store.close()
+    assert [r[0] for r in _rows(tmp_path, "responses")] == ["kept"]
+    assert len(_rows(tmp_path, "steps")) == 2 and seq == 2
+    assert [r[:3] for r in _rows(tmp_path)] == [("kept", "t", 1)]
