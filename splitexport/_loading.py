@@ -142,12 +142,18 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     return LoadedModel(model, "state_dict", digest, path, arch)
 
 
-def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
+_LOAD_WAY_OUT = "save the model as a state dict with --arch, or as a torch.export program (.pt2)"
+
+
+def torchscript_to_fx(ts: torch.jit.ScriptModule, *, way_out: str = _LOAD_WAY_OUT) -> fx.GraphModule:
     """Rebuild a TorchScript module's top-level ``forward`` as an fx graph.
 
     Submodules called from ``forward`` stay whole (TorchScript, with their own
-    train/eval behaviour), so cuts are possible after any of them; cuts inside
-    a submodule are not.
+    train/eval behaviour; ``call_module`` nodes keep their qualified names), so cuts
+    are possible after any of them; cuts inside a submodule are not. ``aten::`` nodes
+    become ``torch.ops.aten.<op>.<overload>`` calls, ``x.device`` / ``x.dtype`` become
+    ``getattr`` calls and items ``operator.getitem`` calls, as fx traces them. Anything else is an :class:`UntraceableModelError`
+    (one line, ending in ``way_out``).
     """
     graph = fx.Graph()
     env: dict[str, Any] = {}
@@ -168,7 +174,10 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
         elif kind == "prim::GetAttr":
             owner = arg(next(node.inputs()))
             if not (isinstance(owner, tuple) and owner[0] == "module"):
-                raise UntraceableModelError(f"TorchScript attribute access on a non-module value: {node}")
+                raise UntraceableModelError(
+                    f"the TorchScript forward reads attribute {node.s('name')!r} of a value that is not a module; "
+                    + way_out
+                )
             path = f"{owner[1]}.{node.s('name')}" if owner[1] else node.s("name")
             target = ts
             for atom in path.split("."):
@@ -180,20 +189,23 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
             env[outs[0].debugName()] = graph.call_module(owner[1], tuple(arg(v) for v in ins[1:]))
         elif kind == "prim::ListConstruct":
             env[outs[0].debugName()] = [arg(v) for v in node.inputs()]
-        elif kind == "prim::TupleIndex":
+        elif kind in ("prim::TupleIndex", "aten::__getitem__"):  # a tuple's, list's (x.shape[1]) or dict's item
             ins = list(node.inputs())
             env[outs[0].debugName()] = graph.call_function(operator.getitem, (arg(ins[0]), arg(ins[1])))
         elif kind == "prim::TupleUnpack":
             source = arg(next(node.inputs()))
             for i, out in enumerate(outs):
                 env[out.debugName()] = graph.call_function(operator.getitem, (source, i))
+        elif kind in ("prim::device", "prim::dtype"):  # x.device / x.dtype, as fx traces them
+            attr = kind.removeprefix("prim::")
+            env[outs[0].debugName()] = graph.call_function(getattr, (arg(next(node.inputs())), attr), name=attr)
         elif kind.startswith("aten::"):
             op, args, kwargs = _aten_call(node, [arg(v) for v in node.inputs()])
-            env[outs[0].debugName()] = graph.call_function(op, args, kwargs)
+            # named after the op (``add``, ``add_1``), not its overload: as fx names the same Python code
+            env[outs[0].debugName()] = graph.call_function(op, args, kwargs, name=kind.removeprefix("aten::"))
         else:
             raise UntraceableModelError(
-                f"the TorchScript forward uses {kind}, which splitexport cannot rebuild as a graph; "
-                "save the model as a state dict with --arch, or as a torch.export program (.pt2)"
+                f"the TorchScript forward uses {kind}, which splitexport cannot rebuild as a graph; {way_out}"
             )
     outputs = list(ts_graph.outputs())
     graph.output(arg(outputs[0]) if len(outputs) == 1 else tuple(arg(o) for o in outputs))
