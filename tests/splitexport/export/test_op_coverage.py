@@ -52,6 +52,29 @@ def _ref(case: Case) -> Reference:
     return _REFS[case.name]
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_torchscript_copy_of_every_op_model_maps_like_fx(name: str) -> None:
+    """A bundle stores TorchScript, which the exports read as fx (``torchscript_to_fx``: aten overloads, kept
+    submodules): every op must give the layers, attributes, wiring and weights of the traced module."""
+    from splitexport.export._layergraph import LayerGraph, layer_graph
+    from tests.splitexport.export.test_seq_ops_errors import _scripted
+
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    module = fx.symbolic_trace(factory()).eval()
+
+    def summary(graph: LayerGraph) -> list[tuple[object, ...]]:
+        index = {lyr.name: i for i, lyr in enumerate(graph.layers)}
+        return [(lyr.kind, lyr.shape, lyr.attrs, [index[i] for i in lyr.inputs], lyr.torch_names)
+                for lyr in graph.layers]
+
+    eager, scripted = layer_graph(module, shape), layer_graph(_scripted(module), shape)
+    assert summary(scripted) == summary(eager)
+    assert scripted.output_shape == eager.output_shape
+    for a, b in zip(scripted.layers, eager.layers):
+        assert a.weights.keys() == b.weights.keys() and all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+
+
 @pytest.mark.parametrize("variant", ["flex", "builtin"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_tflite_trains_every_op_like_torch(case: Case, variant: str, tmp_path: Path) -> None:
