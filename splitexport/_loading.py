@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import operator
 import pickle
 import zipfile
@@ -150,10 +151,11 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule, *, way_out: str = _LOAD_WAY_OU
 
     Submodules called from ``forward`` stay whole (TorchScript, with their own
     train/eval behaviour; ``call_module`` nodes keep their qualified names), so cuts
-    are possible after any of them; cuts inside a submodule are not. ``aten::`` nodes
-    become ``torch.ops.aten.<op>.<overload>`` calls, ``x.device`` / ``x.dtype`` become
-    ``getattr`` calls and items ``operator.getitem`` calls, as fx traces them. Anything else is an :class:`UntraceableModelError`
-    (one line, ending in ``way_out``).
+    are possible after any of them; cuts inside a submodule are not. As fx traces the
+    same code: ``aten::`` nodes become ``torch.ops.aten.<op>.<overload>`` calls named after
+    the op, ``x.device`` / ``x.dtype`` ``getattr`` calls, items ``operator.getitem`` calls,
+    and calls of torch's scripted Python functions (``F.relu6``) calls of those functions.
+    Anything else is an :class:`UntraceableModelError` (one line, ending in ``way_out``).
     """
     graph = fx.Graph()
     env: dict[str, Any] = {}
@@ -187,6 +189,13 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule, *, way_out: str = _LOAD_WAY_OU
             ins = list(node.inputs())
             owner = arg(ins[0])
             env[outs[0].debugName()] = graph.call_module(owner[1], tuple(arg(v) for v in ins[1:]))
+        elif kind == "prim::CallFunction":  # a scripted Python function: torch's (F.relu6, F.softmax) is called as such
+            ins = list(node.inputs())
+            fn, params = _torch_function(str(ins[0].type()), way_out)
+            values = [arg(v) for v in ins[1:]]
+            env[outs[0].debugName()] = graph.call_function(
+                fn, tuple(values[:1]), dict(zip(params[1:], values[1:])), name=fn.__name__
+            )
         elif kind == "prim::ListConstruct":
             env[outs[0].debugName()] = [arg(v) for v in node.inputs()]
         elif kind in ("prim::TupleIndex", "aten::__getitem__"):  # a tuple's, list's (x.shape[1]) or dict's item
@@ -210,6 +219,19 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule, *, way_out: str = _LOAD_WAY_OU
     outputs = list(ts_graph.outputs())
     graph.output(arg(outputs[0]) if len(outputs) == 1 else tuple(arg(o) for o in outputs))
     return fx.GraphModule(ts, graph)
+
+
+def _torch_function(qualified: str, way_out: str) -> tuple[Callable[..., Any], list[str]]:
+    """The torch function a TorchScript ``prim::CallFunction`` calls (``__torch__.torch.nn.functional.relu6``)
+    and its parameter names."""
+    module_name, _, name = qualified.removeprefix("__torch__.").rpartition(".")
+    fn = getattr(importlib.import_module(module_name), name, None) if module_name.startswith("torch.") else None
+    if not callable(fn):
+        raise UntraceableModelError(
+            f"the TorchScript forward calls the scripted function {qualified.removeprefix('__torch__.')}, which "
+            f"splitexport cannot rebuild as a graph; {way_out}"
+        )
+    return fn, list(inspect.signature(fn).parameters)
 
 
 def _aten_call(node: Any, values: list[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:

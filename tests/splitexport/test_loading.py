@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from splitexport import ModelLoadError, UnsafePickleError, load_model, partition
 from splitexport.models import mlp, resnet_cnn
@@ -78,7 +79,8 @@ def test_missing_file_and_garbage(tmp_path: Path) -> None:
 
 
 class _Positions(torch.nn.Module):
-    """Token ids + positions built from the ids' device and dtype (TorchScript: prim::device, prim::dtype)."""
+    """Token ids + positions built from the ids' device and dtype (TorchScript: prim::device, prim::dtype), F.relu6
+    (prim::CallFunction)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,7 +91,7 @@ class _Positions(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device, dtype=ids.dtype)
-        return self.head(self.mid(torch.relu(self.tok(ids) + self.pos(positions))))
+        return self.head(F.relu6(self.mid(torch.relu(self.tok(ids) + self.pos(positions)))))
 
 
 def test_torchscript_tensor_attributes_and_op_names(tmp_path: Path) -> None:
@@ -100,6 +102,7 @@ def test_torchscript_tensor_attributes_and_op_names(tmp_path: Path) -> None:
     assert isinstance(gm, torch.fx.GraphModule)
     calls = {n.name: n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert calls["add"] is torch.ops.aten.add.Tensor and calls["relu"] is torch.ops.aten.relu.default  # op names
+    assert calls["relu6"] is F.relu6  # a scripted torch function (prim::CallFunction) is called as itself
     assert [n.args[1] for n in gm.graph.nodes if n.target is getattr] == ["device", "dtype"]  # read, not constants
     ids = torch.randint(0, 10, (3, 5))
     assert torch.equal(gm(ids), model(ids))

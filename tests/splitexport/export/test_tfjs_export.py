@@ -113,6 +113,15 @@ class _Branch(nn.Module):
         return self.fc(x)
 
 
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x + x
+
+
+class _UserFunction(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _double(x)
+
+
 @pytest.mark.parametrize(("segment", "message"), [
     (lambda: fx.symbolic_trace(_Softplus()), (r"^node 'softplus' calls softplus, which has no export mapping; cut so "
                                               "that it runs on the server$")),
@@ -121,7 +130,11 @@ class _Branch(nn.Module):
                                              "mapping; cut so that it runs on the server$")),
     (lambda: torch.jit.script(_Branch()), (r"^the TorchScript forward uses prim::If, which splitexport cannot rebuild "
                                           "as a graph; cut so that it runs on the server$")),
-], ids=["fx", "torchscript", "torchscript_control_flow"])
+    (lambda: torch.jit.script(_UserFunction()), (r"^the TorchScript forward calls the scripted function "
+                                                 r"tests\.splitexport\.export\.test_tfjs_export\._double, which "
+                                                 "splitexport cannot rebuild as a graph; cut so that it runs on the "
+                                                 "server$")),
+], ids=["fx", "torchscript", "torchscript_control_flow", "torchscript_user_function"])
 def test_unmapped_functional_ops_are_refused(segment: Callable[[], nn.Module], message: str, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=message):
         export_tfjs_segment(segment(), (2, 1, 8, 8), tmp_path, is_last=True)
