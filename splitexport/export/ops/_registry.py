@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..._errors import ExportError
 
 if TYPE_CHECKING:
+    from torch._ops import OpOverload
+
     from .._layergraph import Layer, _Builder, _Node
     from .._tfops import TfSegment, _Cache
 
@@ -227,7 +229,7 @@ class Registry:
     def for_method(self, name: str) -> OpSpec | None:
         return self._methods.get(name)
 
-    def for_aten(self, op: Any) -> OpSpec | None:
+    def for_aten(self, op: OpOverload) -> OpSpec | None:
         """The op of an aten overload (``torch.ops.aten.add.Tensor``): listed by that overload or by its op."""
         return self._aten.get(str(op)) or self._aten.get(str(op.overloadpacket))
 
