@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import operator
 import pickle
 import zipfile
@@ -142,12 +143,19 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     return LoadedModel(model, "state_dict", digest, path, arch)
 
 
-def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
+_LOAD_WAY_OUT = "save the model as a state dict with --arch, or as a torch.export program (.pt2)"
+
+
+def torchscript_to_fx(ts: torch.jit.ScriptModule, *, way_out: str = _LOAD_WAY_OUT) -> fx.GraphModule:
     """Rebuild a TorchScript module's top-level ``forward`` as an fx graph.
 
     Submodules called from ``forward`` stay whole (TorchScript, with their own
-    train/eval behaviour), so cuts are possible after any of them; cuts inside
-    a submodule are not.
+    train/eval behaviour; ``call_module`` nodes keep their qualified names), so cuts
+    are possible after any of them; cuts inside a submodule are not. As fx traces the
+    same code: ``aten::`` nodes become ``torch.ops.aten.<op>.<overload>`` calls named after
+    the op, ``x.device`` / ``x.dtype`` ``getattr`` calls, items ``operator.getitem`` calls,
+    and calls of torch's scripted Python functions (``F.relu6``) calls of those functions.
+    Anything else is an :class:`UntraceableModelError` (one line, ending in ``way_out``).
     """
     graph = fx.Graph()
     env: dict[str, Any] = {}
@@ -168,7 +176,10 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
         elif kind == "prim::GetAttr":
             owner = arg(next(node.inputs()))
             if not (isinstance(owner, tuple) and owner[0] == "module"):
-                raise UntraceableModelError(f"TorchScript attribute access on a non-module value: {node}")
+                raise UntraceableModelError(
+                    f"the TorchScript forward reads attribute {node.s('name')!r} of a value that is not a module; "
+                    + way_out
+                )
             path = f"{owner[1]}.{node.s('name')}" if owner[1] else node.s("name")
             target = ts
             for atom in path.split("."):
@@ -178,26 +189,49 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule) -> fx.GraphModule:
             ins = list(node.inputs())
             owner = arg(ins[0])
             env[outs[0].debugName()] = graph.call_module(owner[1], tuple(arg(v) for v in ins[1:]))
+        elif kind == "prim::CallFunction":  # a scripted Python function: torch's (F.relu6, F.softmax) is called as such
+            ins = list(node.inputs())
+            fn, params = _torch_function(str(ins[0].type()), way_out)
+            values = [arg(v) for v in ins[1:]]
+            env[outs[0].debugName()] = graph.call_function(
+                fn, tuple(values[:1]), dict(zip(params[1:], values[1:])), name=fn.__name__
+            )
         elif kind == "prim::ListConstruct":
             env[outs[0].debugName()] = [arg(v) for v in node.inputs()]
-        elif kind == "prim::TupleIndex":
+        elif kind in ("prim::TupleIndex", "aten::__getitem__"):  # a tuple's, list's (x.shape[1]) or dict's item
             ins = list(node.inputs())
             env[outs[0].debugName()] = graph.call_function(operator.getitem, (arg(ins[0]), arg(ins[1])))
         elif kind == "prim::TupleUnpack":
             source = arg(next(node.inputs()))
             for i, out in enumerate(outs):
                 env[out.debugName()] = graph.call_function(operator.getitem, (source, i))
+        elif kind in ("prim::device", "prim::dtype"):  # x.device / x.dtype, as fx traces them
+            attr = kind.removeprefix("prim::")
+            env[outs[0].debugName()] = graph.call_function(getattr, (arg(next(node.inputs())), attr), name=attr)
         elif kind.startswith("aten::"):
             op, args, kwargs = _aten_call(node, [arg(v) for v in node.inputs()])
-            env[outs[0].debugName()] = graph.call_function(op, args, kwargs)
+            # named after the op (``add``, ``add_1``), not its overload: as fx names the same Python code
+            env[outs[0].debugName()] = graph.call_function(op, args, kwargs, name=kind.removeprefix("aten::"))
         else:
             raise UntraceableModelError(
-                f"the TorchScript forward uses {kind}, which splitexport cannot rebuild as a graph; "
-                "save the model as a state dict with --arch, or as a torch.export program (.pt2)"
+                f"the TorchScript forward uses {kind}, which splitexport cannot rebuild as a graph; {way_out}"
             )
     outputs = list(ts_graph.outputs())
     graph.output(arg(outputs[0]) if len(outputs) == 1 else tuple(arg(o) for o in outputs))
     return fx.GraphModule(ts, graph)
+
+
+def _torch_function(qualified: str, way_out: str) -> tuple[Callable[..., Any], list[str]]:
+    """The torch function a TorchScript ``prim::CallFunction`` calls (``__torch__.torch.nn.functional.relu6``)
+    and its parameter names."""
+    module_name, _, name = qualified.removeprefix("__torch__.").rpartition(".")
+    fn = getattr(importlib.import_module(module_name), name, None) if module_name.startswith("torch.") else None
+    if not callable(fn):
+        raise UntraceableModelError(
+            f"the TorchScript forward calls the scripted function {qualified.removeprefix('__torch__.')}, which "
+            f"splitexport cannot rebuild as a graph; {way_out}"
+        )
+    return fn, list(inspect.signature(fn).parameters)
 
 
 def _aten_call(node: Any, values: list[Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:

@@ -1,8 +1,9 @@
 """A torch segment as a small layer graph: the common IR of the Keras, TF.js and TFLite exports.
 
 Reads a segment given as a ``torch.fx.GraphModule`` (what :func:`splitexport.partition`
-returns) or as the TorchScript module a bundle stores, checks every layer against
-the supported set, and records each layer with its weights already in TensorFlow
+returns) or as the TorchScript module a bundle stores (first rebuilt as fx by
+:func:`splitexport._loading.torchscript_to_fx`, so one reader keys every graph by the
+op table), checks every layer against the supported set, and records each layer with its weights already in TensorFlow
 layout. Inside the graph image tensors are NHWC; the segment's boundary stays NCHW
 (the exporters transpose at entry and exit). Anything outside the supported set is
 an :class:`~splitexport._errors.ExportError` naming the layer.
@@ -187,7 +188,14 @@ def _module_type(m: Any) -> str:
     return type(m).__name__
 
 
+_WAY_OUT = "cut so that it runs on the server"
+
+
 def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
+    """The nodes of an fx graph keyed by the op table: modules by class, functions and tensor methods by
+    their torch forms, ``torch.ops.aten`` calls (a TorchScript segment read by ``torchscript_to_fx``)
+    by their aten op."""
+
     def conv(a: Any) -> Any:
         if isinstance(a, fx.Node):
             return _Ref(a.name)
@@ -214,17 +222,23 @@ def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
             nodes.append(_Node(n.name, "param", [], {}, path=str(n.target)))
         elif n.op == "call_module":
             nodes.append(_Node(n.name, "module", args, kwargs, gm.get_submodule(str(n.target)), str(n.target)))
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            spec = REGISTRY.for_aten(n.target)
+            if spec is None:
+                raise ExportError(f"node {n.name!r} calls {n.target}, which has no export mapping; {_WAY_OUT}")
+            nodes.append(_Node(n.name, spec.fn, *_aten_arguments(n.target, spec.aten_args, args, kwargs)))
         elif n.op == "call_function":
             spec = REGISTRY.for_function(n.target)
             if spec is None:
-                raise ExportError(
-                    f"node {n.name!r} calls {getattr(n.target, '__name__', n.target)}, which has no export mapping"
-                )
+                name = getattr(n.target, "__name__", n.target)
+                raise ExportError(f"node {n.name!r} calls {name}, which has no export mapping; {_WAY_OUT}")
             nodes.append(_Node(n.name, spec.fn, args, kwargs))
         elif n.op == "call_method":
             spec = REGISTRY.for_method(str(n.target))
             if spec is None:
-                raise ExportError(f"node {n.name!r} calls the tensor method .{n.target}(), which has no export mapping")
+                raise ExportError(
+                    f"node {n.name!r} calls the tensor method .{n.target}(), which has no export mapping; {_WAY_OUT}"
+                )
             nodes.append(_Node(n.name, spec.fn, args, kwargs))
         else:
             raise ExportError(
@@ -233,73 +247,28 @@ def _fx_nodes(gm: fx.GraphModule) -> tuple[str, list[_Node], str]:
     return inp, nodes, out
 
 
-def _script_nodes(sm: torch.jit.ScriptModule) -> tuple[str, list[_Node], str]:
-    graph = sm.graph
-    graph_inputs = list(graph.inputs())
-    if len(graph_inputs) != 2:
-        raise ExportError("the segment takes more than one input; exports need exactly one tensor input")
-    paths: dict[str, str] = {graph_inputs[0].debugName(): ""}
-    consts: dict[str, Any] = {}
-    alias: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    nodes: list[_Node] = []
+def _aten_arguments(op: torch._ops.OpOverload, names: Sequence[str], args: list[Any],
+                    kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """An aten call's arguments as the op's builder reads them: the tensor first, the others by the op table's
+    ``aten_args`` names (given in the schema's order; arguments past them are not read)."""
+    named: dict[str, Any] = {}
+    for i, (arg, name) in enumerate(zip(op._schema.arguments, names)):
+        if i < len(args):
+            named[name] = args[i]
+        elif arg.name in kwargs:
+            named[name] = kwargs[arg.name]
+    return [named.pop(names[0])], named
 
-    def value(v: torch._C.Value) -> Any:
-        name = v.debugName()
-        return consts[name] if name in consts else _Ref(alias.get(name, name))
 
-    for node in graph.nodes():
-        kind = node.kind()
-        outs = list(node.outputs())
-        ins = list(node.inputs())
-        if kind == "prim::Constant":
-            consts[outs[0].debugName()] = outs[0].toIValue()
-        elif kind == "prim::ListConstruct":
-            consts[outs[0].debugName()] = [value(v) for v in ins]
-        elif kind == "prim::GetAttr":
-            parent = paths.get(ins[0].debugName())
-            if parent is None:
-                raise ExportError(f"unsupported attribute access {node.s('name')!r} in the TorchScript segment")
-            path = f"{parent}.{node.s('name')}" if parent else node.s("name")
-            if outs[0].type().kind() == "TensorType":  # a parameter used as a tensor (e.g. a positional table)
-                alias[outs[0].debugName()] = name = path.replace(".", "_")
-                nodes.append(_Node(name, "param", [], {}, path=path))
-            else:
-                paths[outs[0].debugName()] = path
-        elif kind == "prim::TupleUnpack":  # `out, state = rnn(x)`
-            source = value(ins[0])
-            for i, o in enumerate(outs):
-                alias[o.debugName()] = name = f"{source}_item{i}"
-                nodes.append(_Node(name, "getitem", [source], {"index": i}))
-        elif kind == "prim::CallMethod":
-            mpath = paths.get(ins[0].debugName())
-            if not mpath or not node.s("name").startswith("forward"):  # RNNs script as forward__0
-                raise ExportError(f"unsupported method call {node.s('name')!r} in the TorchScript segment")
-            path = mpath
-            module: Any = sm
-            for atom in path.split("."):
-                module = getattr(module, atom)
-            name = path.replace(".", "_")
-            alias[outs[0].debugName()] = name
-            nodes.append(_Node(name, "module", [value(v) for v in ins[1:]], {}, module, path))
-        elif (kind == "aten::size" and len(ins) == 1) or kind in ("prim::device", "prim::dtype"):
-            # x.shape (scripted as size(x)), x.device, x.dtype: tensor attributes (ops.structural)
-            attr = "shape" if kind == "aten::size" else kind.removeprefix("prim::")
-            alias[outs[0].debugName()] = name = f"{attr}_{counts.get(attr, 0)}"
-            counts[attr] = counts.get(attr, 0) + 1
-            nodes.append(_Node(name, "getattr", [value(ins[0]), attr], {}))
-        elif (spec := REGISTRY.for_aten(kind)) is not None:
-            fname, names = spec.fn, spec.aten_args
-            kwargs = {names[i]: value(v) for i, v in enumerate(ins) if i < len(names)}
-            args = [kwargs.pop(names[0])]
-            count = counts.get(fname, 0)
-            counts[fname] = count + 1
-            alias[outs[0].debugName()] = name = f"{fname}_{count}" if count else fname
-            nodes.append(_Node(name, fname, args, kwargs))
-        else:
-            raise ExportError(f"TorchScript op {kind} has no export mapping")
-    (ret,) = list(graph.return_node().inputs())
-    return graph_inputs[1].debugName(), nodes, alias.get(ret.debugName(), ret.debugName())
+def _script_as_fx(sm: torch.jit.ScriptModule) -> fx.GraphModule:
+    """A TorchScript segment (what a bundle stores) as the fx graph the partitioner reads it as."""
+    from .._errors import UntraceableModelError
+    from .._loading import torchscript_to_fx
+
+    try:
+        return torchscript_to_fx(sm, way_out=_WAY_OUT)
+    except UntraceableModelError as exc:
+        raise ExportError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- building the IR
@@ -321,8 +290,8 @@ def layer_graph(module: nn.Module, input_shape: Sequence[int], dtype: str = "flo
             "inputs and N x T integer ids are supported"
         )
     if isinstance(module, torch.jit.ScriptModule):
-        inp, nodes, out = _script_nodes(module)
-    elif isinstance(module, fx.GraphModule):
+        module = _script_as_fx(module)
+    if isinstance(module, fx.GraphModule):
         inp, nodes, out = _fx_nodes(module)
     else:
         try:

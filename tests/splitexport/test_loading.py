@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from splitexport import ModelLoadError, UnsafePickleError, load_model, partition
 from splitexport.models import mlp, resnet_cnn
@@ -75,3 +76,35 @@ def test_missing_file_and_garbage(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ModelLoadError):
         load_model(tmp_path / "junk.pt")
+
+
+class _Positions(torch.nn.Module):
+    """Token ids + positions built from the ids' device and dtype (TorchScript: prim::device, prim::dtype), F.relu6
+    (prim::CallFunction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(10, 4)
+        self.pos = torch.nn.Embedding(6, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device, dtype=ids.dtype)
+        return self.head(F.relu6(self.mid(torch.relu(self.tok(ids) + self.pos(positions)))))
+
+
+def test_torchscript_tensor_attributes_and_op_names(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Positions().eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+    gm = load_model(tmp_path / "m.pt").module
+    assert isinstance(gm, torch.fx.GraphModule)
+    calls = {n.name: n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert calls["add"] is torch.ops.aten.add.Tensor and calls["relu"] is torch.ops.aten.relu.default  # op names
+    assert calls["relu6"] is F.relu6  # a scripted torch function (prim::CallFunction) is called as itself
+    assert [n.args[1] for n in gm.graph.nodes if n.target is getattr] == ["device", "dtype"]  # read, not constants
+    ids = torch.randint(0, 10, (3, 5))
+    assert torch.equal(gm(ids), model(ids))
+    part = partition(gm, ["mid"], torch.zeros(2, 5, dtype=torch.int64))
+    assert torch.equal(part.segments[1].module(part.segments[0].module(ids)), model(ids))

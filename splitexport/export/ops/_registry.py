@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..._errors import ExportError
 
 if TYPE_CHECKING:
+    from torch._ops import OpOverload
+
     from .._layergraph import Layer, _Builder, _Node
     from .._tfops import TfSegment, _Cache
 
@@ -104,9 +106,11 @@ class OpSpec:
     methods: tuple[str, ...] = ()
     """fx ``call_method`` names (``x.relu()``)."""
     aten: tuple[str, ...] = ()
-    """TorchScript node kinds (``aten::relu``)."""
+    """ATen ops, spelled as ``torch.ops`` names them: ``aten.relu`` (every overload) or ``aten.arange.default``
+    (that overload only). A bundle's TorchScript segment is read as fx with these calls
+    (:func:`splitexport._loading.torchscript_to_fx`)."""
     aten_args: tuple[str, ...] = ()
-    """Names of the TorchScript node's inputs, in order (the first is the tensor)."""
+    """Names the builder reads the aten call's arguments by, in the schema's order (the first is the tensor)."""
     build_module: ModuleBuild | None = None
     build_function: FunctionBuild | None = None
     kinds: tuple[str, ...] = ()
@@ -225,8 +229,9 @@ class Registry:
     def for_method(self, name: str) -> OpSpec | None:
         return self._methods.get(name)
 
-    def for_aten(self, kind: str) -> OpSpec | None:
-        return self._aten.get(kind)
+    def for_aten(self, op: OpOverload) -> OpSpec | None:
+        """The op of an aten overload (``torch.ops.aten.add.Tensor``): listed by that overload or by its op."""
+        return self._aten.get(str(op)) or self._aten.get(str(op.overloadpacket))
 
     def for_fn(self, fn: str) -> OpSpec | None:
         return self._fn.get(fn)

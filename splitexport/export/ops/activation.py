@@ -199,27 +199,27 @@ def _gelu_builtin(lyr: Layer) -> str | None:
 register(
     OpSpec(
         "ReLU", "activation", modules=("ReLU",), fn="relu", functions=(torch.relu, F.relu), methods=("relu",),
-        aten=("aten::relu",), aten_args=("input",),
+        aten=("aten.relu",), aten_args=("input",),
         onnx=native("Relu"), tfjs=native("ReLU"), tflite_flex=native("relu"),
         tflite_builtin=decomposed("mask multiply"),
         build_module=unary("relu"), build_function=unary_function("relu"), kinds=("relu",),
     ),
     OpSpec(
         "Sigmoid", "activation", modules=("Sigmoid",), fn="sigmoid", functions=(torch.sigmoid,),
-        methods=("sigmoid",), aten=("aten::sigmoid",), aten_args=("input",),
+        methods=("sigmoid",), aten=("aten.sigmoid",), aten_args=("input",),
         onnx=native("Sigmoid"), tfjs=native("Activation('sigmoid')"), tflite_flex=native("sigmoid"),
         tflite_builtin=decomposed("y * (1 - y)"),
         build_module=unary("sigmoid"), build_function=unary_function("sigmoid"), kinds=("sigmoid",),
     ),
     OpSpec(
         "Tanh", "activation", modules=("Tanh",), fn="tanh", functions=(torch.tanh,), methods=("tanh",),
-        aten=("aten::tanh",), aten_args=("input",),
+        aten=("aten.tanh",), aten_args=("input",),
         onnx=native("Tanh"), tfjs=native("Activation('tanh')"), tflite_flex=native("tanh"),
         tflite_builtin=decomposed("1 - y^2"),
         build_module=unary("tanh"), build_function=unary_function("tanh"), kinds=("tanh",),
     ),
     OpSpec(
-        "ReLU6", "activation", modules=("ReLU6",), fn="relu6", functions=(F.relu6,), aten=("aten::relu6",),
+        "ReLU6", "activation", modules=("ReLU6",), fn="relu6", functions=(F.relu6,), aten=("aten.relu6",),
         aten_args=("input",),
         onnx=native("Clip(0, 6)"), tfjs=native("Activation('relu6')"), tflite_flex=native("relu6"),
         tflite_builtin=decomposed("mask multiply (0 < x < 6)"),
@@ -232,7 +232,7 @@ register(
         build_module=_build_leaky, kinds=("leaky_relu",),
     ),
     OpSpec(
-        "SiLU", "activation", modules=("SiLU",), fn="silu", functions=(F.silu,), aten=("aten::silu",),
+        "SiLU", "activation", modules=("SiLU",), fn="silu", functions=(F.silu,), aten=("aten.silu",),
         aten_args=("input",),
         onnx=native("Sigmoid * x"), tfjs=native("Activation('swish')"), tflite_flex=native("x * sigmoid(x)"),
         tflite_builtin=decomposed("s * (1 + x (1 - s))"),
@@ -240,7 +240,7 @@ register(
     ),
     OpSpec(
         "Hardswish", "activation", modules=("Hardswish",), fn="hardswish", functions=(F.hardswish,),
-        aten=("aten::hardswish",), aten_args=("input",),
+        aten=("aten.hardswish",), aten_args=("input",),
         onnx=decomposed("nn.Hardswish: x * clip(x + 3, 0, 6) / 6 before export (ORT has no HardSwish gradient); F.hardswish refused"),
         tfjs=native("TorchActivation('hardswish') (custom layer, device_runtime/js/src/layers.js)"),
         tflite_flex=native("x * relu6(x + 3) / 6"), tflite_builtin=decomposed("piecewise-linear mask"),
@@ -248,7 +248,7 @@ register(
     ),
     OpSpec(
         "Hardsigmoid", "activation", modules=("Hardsigmoid",), fn="hardsigmoid", functions=(F.hardsigmoid,),
-        aten=("aten::hardsigmoid",), aten_args=("input",),
+        aten=("aten.hardsigmoid",), aten_args=("input",),
         onnx=decomposed("nn.Hardsigmoid: clip(x + 3, 0, 6) / 6 before export (ORT has no HardSigmoid gradient); F.hardsigmoid refused"),
         tfjs=native("TorchActivation('hardsigmoid') (custom layer; Keras' hard_sigmoid is 0.2x + 0.5)"),
         tflite_flex=native("relu6(x + 3) / 6"), tflite_builtin=decomposed("mask / 6"),
@@ -256,14 +256,14 @@ register(
     ),
     OpSpec(
         "Softmax", "activation", modules=("Softmax",), fn="softmax", functions=(F.softmax, torch.softmax),
-        methods=("softmax",), aten=("aten::softmax",), aten_args=("input", "dim", "dtype"),
+        methods=("softmax",), aten=("aten.softmax",), aten_args=("input", "dim", "dtype"),
         onnx=native("Softmax"), tfjs=native("Softmax(axis=-1)"), tflite_flex=native("softmax"),
         tflite_builtin=decomposed("y * (g - sum(g * y))"),
         restrictions="over the last dim of N x F or N x T x F",
         build_module=_build_softmax, build_function=_build_softmax_function, kinds=("softmax",),
     ),
     OpSpec(
-        "GELU", "activation", modules=("GELU",), fn="gelu", functions=(F.gelu,), aten=("aten::gelu",),
+        "GELU", "activation", modules=("GELU",), fn="gelu", functions=(F.gelu,), aten=("aten.gelu",),
         aten_args=("input", "approximate"),
         onnx=native("Erf / Tanh formula"),
         tfjs=native("Activation('gelu'); tanh: TorchActivation('gelu_tanh') (custom layer)"),

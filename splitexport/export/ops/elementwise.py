@@ -164,14 +164,14 @@ def _bwd_concat(seg: TfSegment, lyr: Layer, c: _Cache, g: Any, wgrads: dict[str,
 register(
     OpSpec(
         "add", "elementwise", fn="add", functions=(operator.add, torch.add), methods=("add",),
-        aten=("aten::add",), aten_args=("input", "other", "alpha"),
+        aten=("aten.add",), aten_args=("input", "other", "alpha"),
         onnx=native("Add"), tfjs=native("Add"), tflite_flex=native("add"), tflite_builtin=native("add"),
         restrictions="two tensors of the same rank, dims equal or 1 (broadcast); alpha 1",
         build_function=_build_add, kinds=("add",),
     ),
     OpSpec(
         "mul", "elementwise", fn="mul", functions=(operator.mul, torch.mul), methods=("mul",),
-        aten=("aten::mul",), aten_args=("input", "other"),
+        aten=("aten.mul",), aten_args=("input", "other"),
         onnx=native("Mul"), tfjs=native("Multiply"), tflite_flex=native("mul"),
         tflite_builtin=decomposed("products reduced over broadcast axes"),
         restrictions="two tensors of the same rank, dims equal or 1 (e.g. squeeze-excite); no constants",
@@ -179,7 +179,7 @@ register(
     ),
     OpSpec(
         "mean", "elementwise", fn="mean", functions=(torch.mean,), methods=("mean",),
-        aten=("aten::mean",), aten_args=("input", "dim", "keepdim", "dtype"),
+        aten=("aten.mean",), aten_args=("input", "dim", "keepdim", "dtype"),
         onnx=native("ReduceMean"), tfjs=native("TorchReduce('mean') (custom layer)"),
         tflite_flex=native("reduce_mean"), tflite_builtin=decomposed("broadcast of g / count"),
         restrictions="explicit non-batch dims; on images keepdim, or reduce C, or both H and W",
@@ -187,14 +187,14 @@ register(
     ),
     OpSpec(
         "sum", "elementwise", fn="sum", functions=(torch.sum,), methods=("sum",),
-        aten=("aten::sum",), aten_args=("input", "dim", "keepdim", "dtype"),
+        aten=("aten.sum",), aten_args=("input", "dim", "keepdim", "dtype"),
         onnx=native("ReduceSum"), tfjs=native("TorchReduce('sum') (custom layer)"),
         tflite_flex=native("reduce_sum"), tflite_builtin=decomposed("broadcast of g"),
         restrictions="as mean",
         build_function=_build_reduce("sum"), kinds=("sum",),
     ),
     OpSpec(
-        "cat", "elementwise", fn="cat", functions=(torch.cat, torch.concat), aten=("aten::cat", "aten::concat"),
+        "cat", "elementwise", fn="cat", functions=(torch.cat, torch.concat), aten=("aten.cat", "aten.concat"),
         aten_args=("tensors", "dim"),
         onnx=native("Concat"), tfjs=native("Concatenate"), tflite_flex=native("concat"),
         tflite_builtin=decomposed("split of the gradient"),

@@ -90,7 +90,7 @@ register(
     ),
     OpSpec(
         "matmul", "linear", fn="matmul", functions=(torch.matmul, torch.bmm, operator.matmul), methods=("matmul",),
-        aten=("aten::matmul", "aten::bmm"), aten_args=("input", "other"),
+        aten=("aten.matmul", "aten.bmm"), aten_args=("input", "other"),
         onnx=native("MatMul"), tfjs=native("Dot(axes=(2, 1))"), tflite_flex=native("batch_matmul"),
         tflite_builtin=decomposed("batch_matmul with transposes"),
         restrictions="two batched 3-D tensors (N x T x F @ N x F x S)",

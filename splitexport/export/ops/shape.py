@@ -51,10 +51,13 @@ class Size:
 def _build_size(b: _Builder, node: _Node) -> None:
     args, kw = node.args, dict(node.kwargs)
     dim = kw.pop("dim", args[1] if len(args) > 1 else None)
-    if dim is None:
-        raise ExportError(f"{node.describe()}: only x.size(dim) with a dim is supported")
     x = b.ref(args[0], node)
     torch_shape = _torch_shape(x)
+    if dim is None:  # x.size() is x.shape (ops.structural)
+        b.values[node.name] = ("shape", (None, *torch_shape))
+        return
+    if not isinstance(dim, int):
+        raise ExportError(f"{node.describe()}: only x.size() and x.size(dim) with an int dim are supported")
     d = int(dim) + len(torch_shape) + 1 if int(dim) < 0 else int(dim)
     b.values[node.name] = Size(d, None if d == 0 else torch_shape[d - 1])
 
@@ -174,7 +177,7 @@ def _backward(seg: TfSegment, lyr: Layer, c: _Cache, g: Any, wgrads: dict[str, A
 register(
     OpSpec(
         "Flatten", "shape", modules=("Flatten",), fn="flatten", functions=(torch.flatten,), methods=("flatten",),
-        aten=("aten::flatten",), aten_args=("input", "start_dim", "end_dim"),
+        aten=("aten.flatten",), aten_args=("input", "start_dim", "end_dim"),
         onnx=native("Flatten / Reshape"), tfjs=native("Permute to C,H,W + Flatten"),
         tflite_flex=native("transpose + reshape"), tflite_builtin=decomposed("reshape + transpose back"),
         restrictions="start_dim=1, end_dim=-1 (torch's C,H,W order is kept)",
@@ -187,15 +190,15 @@ register(
         build_module=_build_identity,
     ),
     OpSpec(
-        "size", "shape", fn="size", methods=("size",), aten=("aten::size",), aten_args=("input", "dim"),
+        "size", "shape", fn="size", methods=("size",), aten=("aten.size",), aten_args=("input", "dim"),
         onnx=native("Shape + Gather"), tfjs=native("(folded into view/reshape)"),
         tflite_flex=native("(folded)"), tflite_builtin=native("(folded)"),
-        restrictions="x.size(dim) feeding a view/reshape",
+        restrictions="x.size(dim) feeding a view/reshape; x.size() as x.shape",
         build_function=_build_size,
     ),
     OpSpec(
         "view / reshape", "shape", fn="view", functions=(torch.reshape,), methods=("view", "reshape"),
-        aten=("aten::view", "aten::reshape"), aten_args=("input", "shape"),
+        aten=("aten.view", "aten.reshape"), aten_args=("input", "shape"),
         onnx=native("Reshape"), tfjs=native("Reshape (Permute to NCHW first for images)"),
         tflite_flex=native("reshape"), tflite_builtin=native("reshape"),
         restrictions="batch kept first (x.size(0) or -1); result rank 2 to 4",
@@ -203,7 +206,7 @@ register(
     ),
     OpSpec(
         "permute", "shape", fn="permute", functions=(torch.permute,), methods=("permute",),
-        aten=("aten::permute",), aten_args=("input", "dims"),
+        aten=("aten.permute",), aten_args=("input", "dims"),
         onnx=native("Transpose"), tfjs=native("Permute"), tflite_flex=native("transpose"),
         tflite_builtin=native("inverse transpose"),
         restrictions="batch dim stays first",
@@ -211,7 +214,7 @@ register(
     ),
     OpSpec(
         "transpose", "shape", fn="transpose", functions=(torch.transpose,), methods=("transpose",),
-        aten=("aten::transpose",), aten_args=("input", "dim0", "dim1"),
+        aten=("aten.transpose",), aten_args=("input", "dim0", "dim1"),
         onnx=native("Transpose"), tfjs=native("Permute"), tflite_flex=native("transpose"),
         tflite_builtin=native("inverse transpose"),
         restrictions="batch dim stays first",

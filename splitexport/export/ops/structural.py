@@ -81,13 +81,12 @@ register(
     ),
     OpSpec(
         "getitem", "structural", fn="getitem", functions=(operator.getitem,),
-        aten=("aten::__getitem__", "prim::TupleIndex"), aten_args=("input", "index"),
         onnx=_CONST, tfjs=_CONST, tflite_flex=_CONST, tflite_builtin=_CONST,
         restrictions="item 0 of an RNN / attention output tuple; an item of a shape",
         build_function=_build_getitem,
     ),
     OpSpec(
-        "arange", "structural", fn="arange", functions=(torch.arange,), aten=("aten::arange",), aten_args=("input",),
+        "arange", "structural", fn="arange", functions=(torch.arange,), aten=("aten.arange.default",), aten_args=("input",),
         onnx=_CONST, tfjs=_CONST, tflite_flex=_CONST, tflite_builtin=_CONST,
         restrictions="torch.arange(T) feeding an Embedding (positional rows)",
         build_function=_build_arange,

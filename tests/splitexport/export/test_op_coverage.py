@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from tests.op_models import MODELS, TwoDropouts
+from tests.op_models import BATCH, MODELS, TwoDropouts
 from tests.tf_reference import STATS_TOL, TOL, Case, Reference, reference
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -50,6 +51,54 @@ def _ref(case: Case) -> Reference:
     if case.name not in _REFS:
         _REFS[case.name] = reference(case)
     return _REFS[case.name]
+
+
+class _Functional(nn.Module):
+    """The functional forms the op models call as modules (TorchScript: aten.relu6, aten.silu, aten.softmax, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        with torch.no_grad():
+            self.fc.weight.mul_(8)  # outputs over the activations' kinks (+-3, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        a = torch.concat([F.relu6(h), F.silu(h)], dim=2)
+        b = torch.cat([F.hardswish(h), F.hardsigmoid(h)], -1)
+        return F.gelu(F.softmax(torch.bmm(a, b.transpose(1, 2)), dim=-1), approximate="tanh")
+
+
+_SCRIPTED = {**MODELS, "functional": (_Functional, (BATCH, 5, 6))}
+
+
+@pytest.mark.parametrize("name", sorted(_SCRIPTED))
+def test_the_torchscript_copy_of_every_op_model_maps_like_fx(name: str) -> None:
+    """A bundle stores TorchScript, which the exports read as fx (``torchscript_to_fx``: aten overloads, kept
+    submodules): every op must give the layers, attributes, wiring and weights of the traced module, and compute
+    torch's function."""
+    from splitexport.export._keras import keras_model
+    from splitexport.export._layergraph import LayerGraph, layer_graph
+    from tests.splitexport.export.test_seq_ops_errors import _scripted
+
+    factory, shape = _SCRIPTED[name]
+    torch.manual_seed(0)
+    module = fx.symbolic_trace(factory()).eval()
+
+    def summary(graph: LayerGraph) -> list[tuple[object, ...]]:
+        index = {lyr.name: i for i, lyr in enumerate(graph.layers)}
+        return [(lyr.kind, lyr.shape, lyr.attrs, [index[i] for i in lyr.inputs], lyr.torch_names)
+                for lyr in graph.layers]
+
+    eager, scripted = layer_graph(module, shape), layer_graph(_scripted(module), shape)
+    assert summary(scripted) == summary(eager)
+    assert scripted.output_shape == eager.output_shape
+    for a, b in zip(scripted.layers, eager.layers):
+        assert a.weights.keys() == b.weights.keys() and all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    assert np.abs(keras_model(scripted)(x.numpy(), training=False).numpy() - ref).max() < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["flex", "builtin"])

@@ -70,3 +70,23 @@ def test_zoo_table_equals_its_results_file(tmp_path) -> None:  # type: ignore[no
     proc = subprocess.run([sys.executable, str(script), "--check", "--results", str(changed)], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 1 and "differs" in proc.stderr
+
+
+def test_every_aten_key_is_a_torch_op_the_lookup_finds() -> None:
+    """``aten`` keys match the ``torch.ops.aten`` calls of a TorchScript segment read as fx: each names a real op (or
+    overload), every overload it covers is found by ``for_aten``, and ``aten_args`` fits one of their schemas."""
+    import torch
+
+    keyed = [op for op in REGISTRY.ops if op.aten]
+    assert keyed
+    for op in keyed:
+        assert op.aten_args, op.name
+        for key in op.aten:
+            namespace, name, *overload = key.split(".")
+            assert namespace == "aten" and len(overload) <= 1, key
+            packet = getattr(torch.ops.aten, name)
+            overloads = [getattr(packet, o) for o in (overload or packet.overloads())]
+            assert all(REGISTRY.for_aten(o) is op for o in overloads), key
+            assert any(len(o._schema.arguments) >= len(op.aten_args) for o in overloads), key
+    assert REGISTRY.for_aten(torch.ops.aten.arange.start) is None  # only the overloads a key names
+    assert REGISTRY.for_aten(torch.ops.aten.softplus.default) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,13 +96,49 @@ def test_unsupported_layers_are_export_errors_naming_the_layer(layer: nn.Module,
         export_tfjs_segment(fx.symbolic_trace(_Wrap(layer)), (2, 1, 8, 8), tmp_path, is_last=True)
 
 
-def test_unmapped_functional_ops_are_refused(tmp_path: Path) -> None:
-    class Mul(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.softplus(x) * 2
+class _Softplus(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(x) * 2
 
-    with pytest.raises(ExportError, match="softplus"):
-        export_tfjs_segment(fx.symbolic_trace(Mul()), (2, 1, 8, 8), tmp_path, is_last=True)
+
+class _Branch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if x.shape[1] > 3:
+            x = x * x
+        return self.fc(x)
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x + x
+
+
+class _UserFunction(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _double(x)
+
+
+@pytest.mark.parametrize(("segment", "message"), [
+    (lambda: fx.symbolic_trace(_Softplus()), (r"^node 'softplus' calls softplus, which has no export mapping; cut so "
+                                              "that it runs on the server$")),
+    # a bundle's TorchScript copy, read as fx with aten overloads: the same node, named by its aten op
+    (lambda: torch.jit.script(_Softplus()), (r"^node 'softplus' calls aten\.softplus\.default, which has no export "
+                                             "mapping; cut so that it runs on the server$")),
+    (lambda: torch.jit.script(_Branch()), (r"^the TorchScript forward uses prim::If, which splitexport cannot rebuild "
+                                          "as a graph; cut so that it runs on the server$")),
+    (lambda: torch.jit.script(_UserFunction()), (r"^the TorchScript forward calls the scripted function "
+                                                 r"tests\.splitexport\.export\.test_tfjs_export\._double, which "
+                                                 "splitexport cannot rebuild as a graph; cut so that it runs on the "
+                                                 "server$")),
+], ids=["fx", "torchscript", "torchscript_control_flow", "torchscript_user_function"])
+def test_unmapped_functional_ops_are_refused(segment: Callable[[], nn.Module], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=message):
+        export_tfjs_segment(segment(), (2, 1, 8, 8), tmp_path, is_last=True)
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
 
 
 def test_dropout_is_a_seeded_dropout_layer_in_every_segment(tmp_path: Path) -> None:
