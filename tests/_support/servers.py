@@ -8,12 +8,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from server import ServerSettings, ServerState, create_app
 from splitexport._demo import free_port
@@ -24,11 +25,15 @@ __all__ = ["TOKEN", "ServerProcess", "free_port", "threaded_server", "wait_until
 
 
 @contextmanager
-def threaded_server(bundle: Path, state_dir: Path, **kw: object) -> Iterator[tuple[str, ServerState]]:
-    """The app on uvicorn in a daemon thread, accepting :data:`TOKEN`; ``kw`` are :class:`ServerSettings`."""
+def threaded_server(bundle: Path, state_dir: Path, prepare: Callable[[FastAPI], None] | None = None,
+                    **kw: object) -> Iterator[tuple[str, ServerState]]:
+    """The app on uvicorn in a daemon thread, accepting :data:`TOKEN`; ``kw`` are :class:`ServerSettings`;
+    ``prepare`` may change the app before it serves (e.g. its middleware stack)."""
     port = free_port()
     settings = ServerSettings(bundle=bundle, state_dir=state_dir, port=port, tokens=TOKEN, **kw)  # type: ignore[arg-type]
     app = create_app(settings)
+    if prepare is not None:
+        prepare(app)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

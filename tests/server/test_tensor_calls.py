@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +17,20 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
+from fastapi import FastAPI
 from safetensors.numpy import save
 
 import server._tensor_calls as tensor_calls
-from server import ServerSettings, ServerState, create_app
+from server import ServerState
 from server._tensor_calls import TensorCalls
-from tests._support import TOKEN, free_port
+from tests._support import TOKEN, threaded_server
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ST = {**AUTH, "Content-Type": "application/vnd.safetensors"}
 
 
-@contextmanager
-def _server(bundle: Path, state_dir: Path, lean: bool) -> Iterator[tuple[str, ServerState]]:
-    port = free_port()
-    app = create_app(ServerSettings(bundle=bundle, state_dir=state_dir, port=port, tokens=TOKEN, max_body_bytes=1 << 16))
-    if not lean:
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not TensorCalls]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app.state.server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+def _without_lean_path(app: FastAPI) -> None:
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not TensorCalls]
 
 
 def _calls(sid: str, shapes: dict[str, Any]) -> list[tuple[str, str, dict[str, str], bytes]]:
@@ -108,10 +90,10 @@ def test_lean_path_answers_what_the_routes_answer(mlp_bundle: Path, tmp_path: Pa
         return await read(*args)
 
     monkeypatch.setattr(tensor_calls, "tensor_call", counted)
-    with _server(mlp_bundle, tmp_path / "lean", lean=True) as (url, state):
+    with threaded_server(mlp_bundle, tmp_path / "lean", max_body_bytes=1 << 16) as (url, state):
         lean, lean_b = _run(url, state)
     assert len(served) == 17  # every matching POST took the lean path
-    with _server(mlp_bundle, tmp_path / "routes", lean=False) as (url, state):
+    with threaded_server(mlp_bundle, tmp_path / "routes", _without_lean_path, max_body_bytes=1 << 16) as (url, state):
         routes, routes_b = _run(url, state)
     assert len(served) == 17  # and none of the second server's
     for a, b in zip(lean, routes, strict=True):
