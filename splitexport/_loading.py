@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ._errors import ModelLoadError, UnsafePickleError, UntraceableModelError
@@ -223,10 +224,11 @@ def torchscript_to_fx(ts: torch.jit.ScriptModule, *, way_out: str = _LOAD_WAY_OU
 
 def _torch_function(qualified: str, way_out: str) -> tuple[Callable[..., Any], list[str]]:
     """The torch function a TorchScript ``prim::CallFunction`` calls (``__torch__.torch.nn.functional.relu6``)
-    and its parameter names."""
+    and its parameter names. Only ``torch.nn.functional``'s: the name comes from the file, and a file may define
+    a function of its own under any name (``torch.hub.load``), which must not become a call of torch's."""
     module_name, _, name = qualified.removeprefix("__torch__.").rpartition(".")
-    fn = getattr(importlib.import_module(module_name), name, None) if module_name.startswith("torch.") else None
-    if not callable(fn):
+    fn = getattr(F, name, None) if module_name == "torch.nn.functional" and not name.startswith("_") else None
+    if not callable(fn) or getattr(fn, "__module__", None) != "torch.nn.functional":
         raise UntraceableModelError(
             f"the TorchScript forward calls the scripted function {qualified.removeprefix('__torch__.')}, which "
             f"splitexport cannot rebuild as a graph; {way_out}"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitexport import ModelLoadError, UnsafePickleError, load_model, partition
+from splitexport import ModelLoadError, UnsafePickleError, UntraceableModelError, load_model, partition
 from splitexport.models import mlp, resnet_cnn
 
 
@@ -108,3 +108,23 @@ def test_torchscript_tensor_attributes_and_op_names(tmp_path: Path) -> None:
     assert torch.equal(gm(ids), model(ids))
     part = partition(gm, ["mid"], torch.zeros(2, 5, dtype=torch.int64))
     assert torch.equal(part.segments[1].module(part.segments[0].module(ids)), model(ids))
+
+
+def _hub_load(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+class _CallsOwnFunction(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _hub_load(x) + 1
+
+
+def test_a_scripted_function_of_the_files_own_is_never_mapped_to_torchs(tmp_path: Path) -> None:
+    """A file names its own functions: one scripted as ``torch.hub.load`` must not become a call of torch's."""
+    _hub_load.__module__, _hub_load.__name__, _hub_load.__qualname__ = "torch.hub", "load", "load"
+    try:
+        torch.jit.save(torch.jit.script(_CallsOwnFunction()), str(tmp_path / "m.pt"))
+    finally:
+        _hub_load.__module__, _hub_load.__name__, _hub_load.__qualname__ = __name__, "_hub_load", "_hub_load"
+    with pytest.raises(UntraceableModelError, match=r"calls the scripted function torch\.hub\.load, which splitexport cannot"):
+        load_model(tmp_path / "m.pt")
