@@ -200,7 +200,7 @@ def large_weights_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         OptimizerSpec(name="adam", lr=0.01), sample_shape=(4,)).path
 
 
-ADASPLIT = {"num_clients": 2, "eta": 1.0, "kappa": 0.0}
+ADASPLIT: dict[str, Any] = {"num_clients": 2, "eta": 1.0, "kappa": 0.0}
 """Both clients in every iteration, from the first round."""
 
 
