@@ -309,7 +309,7 @@ def bench_store(root: Path, steps: int) -> list[dict[str, Any]]:
     """One step's commit to the server's store (session row, response, logged inputs; the MLP's batch-32 sizes),
     CPU and wall time, with the server's ``synchronous=FULL`` (an fsync per commit) and, for reference,
     ``NORMAL`` (fsync at WAL checkpoints only: safe against a killed process, not against power loss)."""
-    from server._store import StepRecord, Store
+    from server._store import SessionWrite, StepRecord, Store
 
     rng = np.random.default_rng(0)
     inputs = save({"activation": rng.standard_normal((BATCH, 64)).astype(np.float32),
@@ -318,7 +318,7 @@ def bench_store(root: Path, steps: int) -> list[dict[str, Any]]:
     rows = []
     for sync in ("FULL", "NORMAL"):
         store = Store(root / f"store-{sync}", "full" if sync == "FULL" else "normal")
-        store.open_session("s", "t")
+        store.write_sessions([SessionWrite.open("s", "t")])
         cpu, wall = [], []
         for n in range(steps + 5):
             c0, t0 = time.process_time(), time.perf_counter()

@@ -238,12 +238,6 @@ class Store:
                     out[sid].idempotency_key = key
         return list(out.values())
 
-    def open_session(self, session_id: str, token_hash: str, idempotency_key: str | None = None) -> None:
-        self.write_sessions([SessionWrite.open(session_id, token_hash, idempotency_key)])
-
-    def delete_sessions(self, session_ids: list[str]) -> None:
-        self.write_sessions([SessionWrite.delete(session_ids)])
-
     def write_sessions(self, writes: list[SessionWrite], before_commit: Callable[[], None] | None = None) -> None:
         """Opens and deletes of sessions, in order, in one transaction (``._session_writer`` groups them)."""
         with self._txn() as db:

@@ -246,12 +246,13 @@ def test_damaged_state_is_refused_in_one_line(mlp_bundle: Path, tmp_path: Path) 
 
 def test_start_logs_fresh_start_then_resumed(mlp_bundle: Path, tmp_path: Path, caplog) -> None:
     from server import ServerSettings, ServerState
+    from server._store import SessionWrite
 
     settings = ServerSettings(bundle=mlp_bundle, state_dir=tmp_path / "s")
     with caplog.at_level("WARNING", logger="splitexport.server"):
         state = ServerState(settings)
     assert "fresh start" in caplog.text and state.resumed_from is None
-    state.store.open_session("abc", "h")
+    state.store.write_sessions([SessionWrite.open("abc", "h")])
     state.store.close()
     caplog.clear()
     with caplog.at_level("WARNING", logger="splitexport.server"):
