@@ -16,6 +16,7 @@ server's 500 handler as from a route.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable
 
@@ -46,21 +47,18 @@ class TensorCalls:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        step_call = _STEP.fullmatch(path)
-        evaluate = None if step_call is not None else _EVALUATE.fullmatch(path)
-        if step_call is None and evaluate is None:
+        call: Callable[[TensorCall], Awaitable[Response]]
+        if (step_call := _STEP.fullmatch(path)) is not None:
+            session_id, step, kind = step_call.groups()
+            call = functools.partial(_STEP_CALLS[kind], int(step))
+        elif (evaluate := _EVALUATE.fullmatch(path)) is not None:
+            session_id, call = evaluate.group(1), sessions.evaluate
+        else:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
         try:
-            if step_call is not None:
-                session_id, step, kind = step_call.groups()
-                t = await tensor_call(request, session_id, request.headers.get("authorization"))
-                response = await _STEP_CALLS[kind](int(step), t)
-            else:
-                assert evaluate is not None
-                t = await tensor_call(request, evaluate.group(1), request.headers.get("authorization"))
-                response = await sessions.evaluate(t)
+            response = await call(await tensor_call(request, session_id, request.headers.get("authorization")))
         except APIError as exc:
             response = api_error_response(exc)
         await response(scope, receive, send)
